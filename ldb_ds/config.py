@@ -1,0 +1,184 @@
+"""The ``layer_drop_back`` section of a DeepSpeed JSON config.
+
+This module is pure Python (no torch, no DeepSpeed) and is the one source of
+LDB defaults. DeepSpeed ignores unknown *top-level* keys, so the section lives
+beside ``zero_optimization`` in the same file the user already passes to
+``deepspeed.initialize``::
+
+    "layer_drop_back": {"enabled": true, "drop_rate": 0.3, "sampling_rate": 2}
+
+Every key is validated; an unknown key (a typo such as ``drop_rte``) or a bad
+value raises :class:`LDBConfigError` naming the key, the value and what is
+allowed. Defaults follow the paper's experiments (Section 4: p = 0.3, kappa = 2
+for learning rate and batch size, keep the first 4 layers and the last one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+SECTION = "layer_drop_back"
+
+GRANULARITIES = ("param", "module", "block")
+RESAMPLE_POLICIES = ("step", "epoch")
+LR_POLICIES = ("kappa", "inverse_keep", "none")
+BATCH_SCALING = ("micro_batch", "accumulation")
+
+
+class LDBConfigError(ValueError):
+    """A bad ``layer_drop_back`` section: the message names key, value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class LDBConfig:
+    """Validated LayerDropBack settings (the ``layer_drop_back`` JSON section)."""
+
+    enabled: bool = False
+    """Turn LDB on. Absent section or ``false``: plain DeepSpeed behind the same API."""
+
+    drop_rate: float = 0.3
+    """p: probability that a sampleable unit is dropped in a DROP step (paper: 0.3).
+    Allowed: 0 <= p < 1."""
+
+    sampling_rate: int = 2
+    """s: epoch e is a DROP epoch when ``e % s == 0 and e > 0`` (paper/authors: 2).
+    ``1`` makes every epoch after the first a DROP epoch."""
+
+    granularity: str = "module"
+    """What one LDB unit is: ``param`` (each parameter tensor, as the authors' code),
+    ``module`` (each module that owns parameters directly, e.g. a conv, or a norm
+    with weight and bias) or ``block`` (timm's ``group_matcher`` blocks)."""
+
+    keep_first: int = 4
+    """Units at the start that are never dropped (paper: the first 4 layers)."""
+
+    keep_last: int = 1
+    """Units at the end that are never dropped (paper: the last layer; at ``param``
+    granularity use 2 to keep the classifier's weight and bias as the authors do)."""
+
+    resample: str = "step"
+    """``step``: a new mask every optimizer step (authors' code); ``epoch``: one
+    mask per DROP epoch."""
+
+    lr_policy: str = "kappa"
+    """DROP-epoch learning-rate factor: ``kappa`` (x kappa, the paper's experiments
+    and the authors' default "double"), ``inverse_keep`` (x 1/(1-p), the authors'
+    "relative" policy; the paper's eta/p is read as a typo of this keep-probability
+    form) or ``none``."""
+
+    kappa: float = 2.0
+    """Learning-rate factor for ``lr_policy="kappa"`` (paper: 2). Must be > 0."""
+
+    batch_kappa: int = 2
+    """Batch-size factor in DROP epochs (paper: 2; authors' from-scratch script: 1)."""
+
+    batch_scaling: str = "micro_batch"
+    """How the DROP batch grows: ``micro_batch`` (the dataloader yields batches
+    batch_kappa times larger, fewer steps per epoch: where the paper's speed comes
+    from; needs the memory) or ``accumulation`` (gradient accumulation steps x
+    batch_kappa through ``engine.set_train_batch_size``: same memory, same number of
+    backward passes)."""
+
+    seed: int = 1234
+    """Seed of the mask generator. Only rank 0's generator is used; its draw is
+    broadcast, so ranks agree even if their seeds or other RNGs differ."""
+
+    def __post_init__(self) -> None:
+        _check_type("enabled", self.enabled, bool)
+        _check_type("drop_rate", self.drop_rate, (int, float))
+        if not 0.0 <= float(self.drop_rate) < 1.0:
+            _fail("drop_rate", self.drop_rate, "a probability with 0 <= drop_rate < 1")
+        _check_type("sampling_rate", self.sampling_rate, int)
+        if self.sampling_rate < 1:
+            _fail("sampling_rate", self.sampling_rate, "an integer >= 1")
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        for key in ("keep_first", "keep_last"):
+            value = getattr(self, key)
+            _check_type(key, value, int)
+            if value < 0:
+                _fail(key, value, "an integer >= 0")
+        _check_choice("resample", self.resample, RESAMPLE_POLICIES)
+        _check_choice("lr_policy", self.lr_policy, LR_POLICIES)
+        _check_type("kappa", self.kappa, (int, float))
+        if not float(self.kappa) > 0.0:
+            _fail("kappa", self.kappa, "a number > 0")
+        _check_type("batch_kappa", self.batch_kappa, int)
+        if self.batch_kappa < 1:
+            _fail("batch_kappa", self.batch_kappa, "an integer >= 1")
+        _check_choice("batch_scaling", self.batch_scaling, BATCH_SCALING)
+        _check_type("seed", self.seed, int)
+        if self.seed < 0:
+            _fail("seed", self.seed, "an integer >= 0")
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any] | None) -> "LDBConfig":
+        """Build from the JSON section; ``None`` (section absent) means disabled."""
+        if section is None:
+            return cls(enabled=False)
+        if not isinstance(section, Mapping):
+            raise LDBConfigError(
+                f"'{SECTION}' must be a JSON object, got {type(section).__name__}: {section!r}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise LDBConfigError(
+                f"unknown key(s) in '{SECTION}': {', '.join(repr(k) for k in unknown)}; "
+                f"allowed keys: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(section))
+
+    @classmethod
+    def from_ds_config(cls, ds_config: str | os.PathLike | Mapping[str, Any] | None) -> "LDBConfig":
+        """Read the section from a DeepSpeed config given as a dict or a JSON file path."""
+        return cls.from_dict(load_ds_config(ds_config).get(SECTION))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_ds_config(ds_config: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A DeepSpeed config as a dict: from a dict, a JSON path, or ``None`` (empty)."""
+    if ds_config is None:
+        return {}
+    if isinstance(ds_config, Mapping):
+        return dict(ds_config)
+    path = os.fspath(ds_config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise LDBConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise LDBConfigError(f"{SECTION}.{key} = {value!r} is not allowed: expected {allowed}")
+
+
+def _check_type(key: str, value: Any, types: type | tuple[type, ...]) -> None:
+    # bool is a subclass of int in Python; JSON true must not pass as a number.
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in wanted:
+        ok = False
+    else:
+        ok = isinstance(value, wanted)
+    if not ok:
+        names = " or ".join(t.__name__ for t in wanted)
+        _fail(key, value, f"a value of type {names}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+DEFAULTS = LDBConfig(enabled=True)
+"""The paper's setting with LDB switched on (what the README's table lists)."""
+
+__all__ = ["LDBConfig", "LDBConfigError", "SECTION", "DEFAULTS", "load_ds_config"]

@@ -1,0 +1,203 @@
+"""How a model is cut into LDB units, and one optimizer param group per unit.
+
+A *unit* is what LDB drops or keeps as a whole in a DROP step. Three
+granularities (``LDBConfig.granularity``):
+
+* ``param``  - every parameter tensor is a unit (what the authors' code does).
+* ``module`` - every module that *directly* owns parameters is a unit, e.g. a
+  conv (weight), a norm layer (weight and bias), a linear head (weight and
+  bias), or a ViT's root module (cls_token and pos_embed). The default.
+* ``block``  - timm's ``model.group_matcher(coarse=False)`` groups (stem,
+  each block, head). Only for models that define ``group_matcher``.
+
+Units are ordered by the first appearance of their parameters in
+``model.named_parameters()``, i.e. from input to output for the usual models,
+so ``keep_first``/``keep_last`` mean "the first/last layers".
+
+Only trainable parameters take part: those with ``requires_grad=True`` when
+ldb_ds is initialised and (if the user passes param groups) in one of the user's
+groups. Parameters the user froze stay frozen and are never toggled.
+
+Why one param group per unit: under ZeRO 1/2 each param group becomes one
+flat fp32 partition and under ZeRO 3 one or more sub-groups, and DeepSpeed
+steps them group by group. With a group per unit, "do not update a dropped
+unit" becomes "do not step its group", exact at every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import LDBConfig, LDBConfigError
+from .schedule import sampleable_range
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """Read-only description of one unit (what ``engine.ldb.units`` returns)."""
+
+    name: str
+    param_names: tuple[str, ...]
+    numel: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    param_names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def info(self) -> UnitInfo:
+        return UnitInfo(self.name, self.param_names, self.numel)
+
+
+def build_units(model: nn.Module, granularity: str, trainable: Iterable[nn.Parameter] | None = None) -> list[Unit]:
+    """Cut ``model`` into ordered units over its trainable parameters.
+
+    ``trainable``: the parameters that will be optimized (default: all with
+    ``requires_grad=True``). Parameters outside it belong to no unit.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.numel() > 0]
+    allowed = {id(p) for p in (trainable if trainable is not None else (p for _, p in named if p.requires_grad))}
+    named = [(n, p) for n, p in named if id(p) in allowed]
+    if not named:
+        raise LDBConfigError(f"{type(model).__name__} has no trainable parameters to cut into LDB units")
+
+    if granularity == "param":
+        groups = [(n, [n]) for n, _ in named]
+    elif granularity == "module":
+        groups = _group_by_owning_module(model, [n for n, _ in named])
+    elif granularity == "block":
+        groups = _group_by_timm_matcher(model, [n for n, _ in named])
+    else:
+        raise LDBConfigError(f"layer_drop_back.granularity = {granularity!r} is not allowed: "
+                             "expected one of 'param', 'module', 'block'")
+
+    by_name = dict(named)
+    return [Unit(name, tuple(names), tuple(by_name[n] for n in names)) for name, names in groups]
+
+
+def _group_by_owning_module(model: nn.Module, names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    # "model.layer1.0.conv1.weight" is owned by module "layer1.0.conv1".
+    order: dict[str, list[str]] = {}
+    for n in names:
+        owner = n.rpartition(".")[0]
+        order.setdefault(owner, []).append(n)
+    return [(owner or "<root>", members) for owner, members in order.items()]
+
+
+def _group_by_timm_matcher(model: nn.Module, names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
+        raise LDBConfigError(
+            f"layer_drop_back.granularity = 'block' needs a timm model with group_matcher(); "
+            f"{type(model).__name__} has none. Use granularity 'module' or 'param'.")
+    from timm.models import group_parameters  # timm is only needed for this granularity
+
+    layer_to_names = group_parameters(model, matcher(coarse=False))
+    wanted = set(names)
+    groups = []
+    for layer_id in sorted(layer_to_names):
+        members = [n for n in layer_to_names[layer_id] if n in wanted]
+        if members:
+            groups.append((f"block{layer_id}:{_common_prefix(members)}", members))
+    covered = {n for _, members in groups for n in members}
+    missing = [n for n in names if n not in covered]
+    if missing:  # defensive: timm matchers map unmatched names to the last group
+        groups.append(("block_unmatched", missing))
+    # Keep input-to-output order by first appearance, like the other granularities.
+    position = {n: i for i, n in enumerate(names)}
+    groups.sort(key=lambda g: min(position[n] for n in g[1]))
+    return groups
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    prefix = []
+    for level in zip(*parts):
+        if all(x == level[0] for x in level):
+            prefix.append(level[0])
+        else:
+            break
+    return ".".join(prefix) or names[0].rpartition(".")[0] or names[0]
+
+
+def check_sampleable(units: Sequence[Unit], cfg: LDBConfig, model_name: str = "model") -> None:
+    """A model with nothing left to drop after keep_first/keep_last is a config error."""
+    if cfg.enabled and len(sampleable_range(len(units), cfg)) == 0:
+        raise LDBConfigError(
+            f"{model_name} has {len(units)} LDB unit(s) at granularity {cfg.granularity!r}; with "
+            f"keep_first = {cfg.keep_first} and keep_last = {cfg.keep_last} none is left to drop. "
+            f"Lower keep_first/keep_last or use a finer granularity.")
+
+
+def normalise_param_groups(model: nn.Module, model_parameters: Any) -> list[dict[str, Any]]:
+    """The user's ``model_parameters`` as a list of param-group dicts.
+
+    Accepts what ``deepspeed.initialize`` accepts: None (all trainable
+    parameters of the model), an iterable of tensors, or an iterable of dicts
+    (param groups, e.g. timm's ``param_groups_weight_decay``).
+    """
+    if model_parameters is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    items = list(model_parameters)
+    if not items:
+        raise ValueError("model_parameters is empty: nothing to optimize")
+    if all(isinstance(g, Mapping) for g in items):
+        groups = []
+        for i, g in enumerate(items):
+            if "params" not in g:
+                raise ValueError(f"param group {i} has no 'params' key")
+            params = g["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            groups.append({**g, "params": params})
+        return groups
+    if all(isinstance(p, torch.Tensor) for p in items):
+        return [{"params": items}]
+    raise TypeError("model_parameters must be tensors or param-group dicts, not a mix")
+
+
+def split_groups_by_unit(units: Sequence[Unit], user_groups: Sequence[Mapping[str, Any]]
+                         ) -> tuple[list[dict[str, Any]], list[int]]:
+    """One param group per (unit, user group) pair that has parameters.
+
+    Each new group keeps all hyperparameters of the user group it came from
+    (weight decay, lr scale, ...), so splitting changes nothing but the
+    grouping. Returns the groups and, for each group, the index of its unit.
+    Groups come in unit order: DeepSpeed keeps this order, which is how a ZeRO
+    flat group is mapped back to its unit.
+    """
+    group_of_param: dict[int, int] = {}
+    for gi, g in enumerate(user_groups):
+        for p in g["params"]:
+            if id(p) in group_of_param:
+                raise ValueError("a parameter appears in more than one param group")
+            group_of_param[id(p)] = gi
+
+    groups: list[dict[str, Any]] = []
+    unit_of_group: list[int] = []
+    for ui, unit in enumerate(units):
+        per_user_group: dict[int, list[nn.Parameter]] = {}
+        for p in unit.params:
+            per_user_group.setdefault(group_of_param[id(p)], []).append(p)
+        for gi in sorted(per_user_group):
+            hyper = {k: v for k, v in user_groups[gi].items() if k != "params"}
+            groups.append({**hyper, "params": per_user_group[gi]})
+            unit_of_group.append(ui)
+    return groups, unit_of_group
+
+
+def trainable_params(user_groups: Sequence[Mapping[str, Any]]) -> list[nn.Parameter]:
+    return [p for g in user_groups for p in g["params"] if p.requires_grad and p.numel() > 0]
+
+
+__all__ = ["Unit", "UnitInfo", "build_units", "check_sampleable", "normalise_param_groups",
+           "split_groups_by_unit", "trainable_params"]

@@ -1,0 +1,162 @@
+"""The only place where ldb_ds reaches into DeepSpeed's internals (deepspeed==0.19.8).
+
+A DeepSpeed upgrade should be a change to this file alone; tests/test_core_dist.py
+checks every function here at ZeRO stages 0-3.
+
+How a dropped unit is kept bitwise unchanged at each stage
+----------------------------------------------------------
+Every stage ends in the *basic* optimizer (the torch or DeepSpeed optimizer the
+user configured) being stepped over param groups:
+
+* stage 0, fp32: ``engine.optimizer`` *is* the basic optimizer, stepped once
+  over all groups (``engine._take_model_step``);
+* stage 0, bf16: ``BF16_Optimizer`` keeps one flat fp32 group per param group
+  and steps the basic optimizer once over all of them;
+* stages 1/2: ``DeepSpeedZeroOptimizer._optimizer_step(i)`` swaps
+  ``param_groups`` to ``[group i]`` (one flat fp32 partition) and steps;
+* stage 3: ``_optimizer_step(sub_group)`` puts the sub-group's flat partition
+  into its group's ``params`` (all other groups empty) and steps.
+
+In every case the group *dicts* are the ones ldb_ds created, in the same order
+(DeepSpeed swaps their ``params`` for flat partitions but keeps the dicts).
+So :func:`install_group_step_filter` wraps the basic optimizer's ``step`` and,
+for the duration of one call, hides the dicts of dropped units from
+``param_groups``. Hidden groups are not looked at at all: no momentum, no
+weight decay, no Adam moment, no per-group ``step`` counter moves. Without it,
+ZeRO would move dropped units: it turns missing gradients into zeros and steps
+the whole flat group, and momentum and weight decay move parameters even with
+a zero gradient (design.md section 3).
+
+The same wrapper applies the DROP-epoch learning-rate factor, only inside the
+step, and puts the scheduler's value back afterwards, so any LR scheduler
+(DeepSpeed's or torch's) keeps owning ``lr``.
+
+Stages 1/2 then all-gather every group's partition after the step.
+:func:`skip_zero12_allgather` removes dropped groups from that all-gather: their
+values did not change on any rank (every rank skipped the same groups), so each
+rank's full copy is already current. That is pure saving, not a correctness need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+
+def zero_stage(ds_engine: Any) -> int:
+    return int(ds_engine.zero_optimization_stage())
+
+
+def basic_optimizer(ds_engine: Any) -> torch.optim.Optimizer:
+    """The user-level optimizer that DeepSpeed wrapped (set in ``_configure_optimizer``)."""
+    opt = getattr(ds_engine, "basic_optimizer", None)
+    if opt is None:
+        raise RuntimeError("ldb_ds needs an optimizer: give one in the DeepSpeed config "
+                           "('optimizer' section) or to ldb_ds.initialize(optimizer=...)")
+    return opt
+
+
+def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[torch.nn.Parameter]]) -> None:
+    """Fail loudly if DeepSpeed's groups are not ldb_ds's groups in ldb_ds's order.
+
+    The unit of group i is looked up by index; a DeepSpeed change that dropped,
+    merged or reordered groups would silently mask the wrong parameters.
+    """
+    opt = basic_optimizer(ds_engine)
+    stage = zero_stage(ds_engine)
+    n = len(expected_param_groups)
+    if len(opt.param_groups) != n:
+        raise RuntimeError(f"DeepSpeed has {len(opt.param_groups)} param groups, ldb_ds made {n}")
+    if stage in (1, 2):
+        actual = ds_engine.optimizer.bit16_groups  # model params of flat group i, in order
+    elif stage == 3:
+        # Stage 3 keeps the model params of group i in optimizer.fp16_groups via sub-groups.
+        z = ds_engine.optimizer
+        actual = [[] for _ in range(n)]
+        for sub_group, params in enumerate(z.fp16_groups):
+            actual[z.sub_group_to_group_id[sub_group]].extend(params)
+    elif hasattr(ds_engine.optimizer, "bf16_groups"):  # stage 0 with BF16_Optimizer
+        actual = ds_engine.optimizer.bf16_groups
+    else:
+        actual = [g["params"] for g in opt.param_groups]
+    for i, (want, got) in enumerate(zip(expected_param_groups, actual)):
+        if {id(p) for p in want} != {id(p) for p in got}:
+            raise RuntimeError(f"DeepSpeed param group {i} does not hold the parameters ldb_ds put there "
+                               f"(ZeRO stage {stage}); ldb_ds supports deepspeed==0.19.8")
+
+
+def install_group_step_filter(optimizer: torch.optim.Optimizer,
+                              hidden_groups: Callable[[], set[int]],
+                              lr_factor: Callable[[], float]) -> None:
+    """Wrap ``optimizer.step`` to skip hidden groups and scale ``lr`` of the others.
+
+    ``hidden_groups()`` returns the ``id()`` of the group dicts to hide in the
+    coming step; ``lr_factor()`` the multiplier for the visible ones. Both are
+    read at every call, so the engine only has to update its own state.
+    """
+    if getattr(optimizer, "_ldb_wrapped", False):
+        raise RuntimeError("optimizer already wrapped by ldb_ds")
+    original_step = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        hidden = hidden_groups()
+        factor = lr_factor()
+        if not hidden and factor == 1.0:
+            return original_step(*args, **kwargs)
+        all_groups = optimizer.param_groups
+        visible = [g for g in all_groups if id(g) not in hidden]
+        if not any(len(g["params"]) for g in visible):
+            return None  # e.g. ZeRO's per-group call for a dropped group: nothing to do
+        saved_lr = [g["lr"] for g in visible]
+        try:
+            optimizer.param_groups = visible
+            if factor != 1.0:
+                for g in visible:
+                    g["lr"] = g["lr"] * factor
+            return original_step(*args, **kwargs)
+        finally:
+            # Restore the scheduler's own lr values (not lr / factor: that would not be
+            # bitwise exact for factors that are not powers of two).
+            for g, lr in zip(visible, saved_lr):
+                g["lr"] = lr
+            optimizer.param_groups = all_groups
+
+    optimizer.step = step
+    optimizer._ldb_wrapped = True
+
+
+@contextlib.contextmanager
+def skip_zero12_allgather(ds_engine: Any, skipped_group_indices: set[int]) -> Iterator[None]:
+    """During one ZeRO-1/2 ``step()``, leave dropped groups out of the post-step all-gather.
+
+    ``DeepSpeedZeroOptimizer.step`` calls the module-level function
+    ``deepspeed.runtime.zero.stage_1_and_2.all_gather_dp_groups`` once with the
+    lists of all groups; we substitute a version that passes on only the kept
+    groups. Exact because the skipped groups were not stepped on any rank (the
+    mask is identical everywhere), so their partitions equal every rank's copy.
+    """
+    if zero_stage(ds_engine) not in (1, 2) or not skipped_group_indices:
+        yield
+        return
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    original = stage_1_and_2.all_gather_dp_groups
+
+    def all_gather_kept_groups(groups_flat, partitioned_param_groups, dp_process_group, **kwargs):
+        keep = [i for i in range(len(groups_flat)) if i not in skipped_group_indices]
+        return original(groups_flat=[groups_flat[i] for i in keep],
+                        partitioned_param_groups=[partitioned_param_groups[i] for i in keep],
+                        dp_process_group=[dp_process_group[i] for i in keep],
+                        **kwargs)
+
+    stage_1_and_2.all_gather_dp_groups = all_gather_kept_groups
+    try:
+        yield
+    finally:
+        stage_1_and_2.all_gather_dp_groups = original
+
+
+__all__ = ["zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
+           "skip_zero12_allgather"]

@@ -1,0 +1,65 @@
+"""Run a function on N real processes with a real gloo process group (no mocks).
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, each
+sets the usual torch.distributed environment, calls
+``deepspeed.init_distributed("gloo")`` and then ``fn(rank, *args)``; each
+rank's return value is saved with ``torch.save`` and handed back as a list.
+A rank that fails or a run past ``timeout`` fails the test (no hangs): all
+processes are killed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import deepspeed.comm as dist
+
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        result = fn(rank, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int = 2, *args, timeout: float = 600.0) -> list:
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed run of {fn.__name__} exceeded {timeout:.0f}s")
+        except Exception as err:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
+                      if f.endswith(".err")]
+            raise RuntimeError(f"{fn.__name__} failed on some rank:\n" + "\n".join(errors)) from err
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
