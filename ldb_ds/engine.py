@@ -35,7 +35,7 @@ from deepspeed.accelerator import get_accelerator
 from . import zero_hooks
 from .config import LDBConfig, load_ds_config
 from .schedule import Mode, batch_factor, draw_dropped, epoch_mode, kept_fraction, lr_factor
-from .units import (Unit, UnitInfo, build_units, check_sampleable, normalise_param_groups,
+from .units import (Unit, UnitInfo, build_units, check_sampleable, normalise_param_groups, param_numel,
                     split_groups_by_unit, trainable_params)
 
 CLIENT_STATE_KEY = "layer_drop_back"
@@ -213,7 +213,7 @@ class LDBEngine:
         boundary = self.ds_engine.is_gradient_accumulation_boundary()
         if boundary and self._cfg.enabled:
             skipped = {gi for gi, ui in enumerate(self._unit_of_group) if self._dropped[ui]}
-            with zero_hooks.skip_zero12_allgather(self.ds_engine, skipped):
+            with zero_hooks.skip_allgather_of_dropped(self.ds_engine, skipped):
                 result = self.ds_engine.step(**kwargs)
         else:
             result = self.ds_engine.step(**kwargs)
@@ -297,9 +297,11 @@ class LDBEngine:
         return lr_factor(self._mode, self._cfg)
 
     def _grad_bytes(self, unit: Unit) -> int:
-        dtype = getattr(self.ds_engine, "communication_data_type", None)
-        return sum(p.numel() * (torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype)
-                                else p.element_size()) for p in unit.params)
+        # Gradients travel in DeepSpeed's communication dtype (the model dtype unless configured).
+        comm_dtype = getattr(self.ds_engine, "communication_data_type", None)
+        size = lambda p: torch.empty((), dtype=comm_dtype).element_size() if isinstance(
+            comm_dtype, torch.dtype) else p.element_size()
+        return sum(param_numel(p) * size(p) for p in unit.params)
 
     # -- checkpoints ----------------------------------------------------------
 

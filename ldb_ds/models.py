@@ -125,17 +125,32 @@ def create_model(
     return model
 
 
+def check_model_name(name: str) -> None:
+    """Raise :class:`ModelError` (with close matches) if ``name`` names no timm/torchvision model."""
+    if name.startswith(TV_PREFIX):
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if name[len(TV_PREFIX):] not in known:
+            raise ModelError(_unknown_message(name, [TV_PREFIX + k for k in known], "torchvision",
+                                              "torchvision.models.list_models(torchvision.models)"))
+        return
+    import timm
+
+    if not timm.models.is_model(name):
+        raise ModelError(_unknown_message(name, timm.list_models(), "timm",
+                                          "timm.list_models('*pattern*')"))
+
+
 # --------------------------------------------------------------------------------------------
 # timm
 
 def _create_timm(name, num_classes, img_size, in_chans, pretrained, pretrained_path, small,
                  **kwargs) -> nn.Module:
     import timm
-    from timm.models import is_model, is_model_in_modules
+    from timm.models import is_model_in_modules
 
-    if not is_model(name):
-        raise ModelError(_unknown_message(name, timm.list_models(), "timm",
-                                          "timm.list_models('*pattern*')"))
+    check_model_name(name)
     if pretrained_path:
         kwargs["pretrained_cfg_overlay"] = dict(file=pretrained_path)
         pretrained = True
@@ -189,11 +204,7 @@ def _adapt_timm_stem(name: str, model: nn.Module) -> None:
 def _create_torchvision(name, num_classes, img_size, pretrained, small, **kwargs) -> nn.Module:
     import torchvision
 
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        raise ModelError(_unknown_message(TV_PREFIX + name, [TV_PREFIX + k for k in known],
-                                          "torchvision",
-                                          "torchvision.models.list_models(torchvision.models)"))
+    check_model_name(TV_PREFIX + name)
     if name.startswith("vit_"):
         kwargs.setdefault("image_size", img_size)
     if pretrained:
@@ -270,4 +281,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["create_model", "ModelError", "PAPER_MODELS", "TV_PREFIX", "STEMS", "count_parameters"]
+__all__ = ["create_model", "check_model_name", "ModelError", "PAPER_MODELS", "TV_PREFIX", "STEMS", "count_parameters"]

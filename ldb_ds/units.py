@@ -45,6 +45,11 @@ class UnitInfo:
     numel: int
 
 
+def param_numel(p: torch.Tensor) -> int:
+    """Full element count, also for a ZeRO-3 partitioned parameter (whose local numel is 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 @dataclass(frozen=True)
 class Unit:
     name: str
@@ -53,7 +58,7 @@ class Unit:
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        return sum(param_numel(p) for p in self.params)
 
     def info(self) -> UnitInfo:
         return UnitInfo(self.name, self.param_names, self.numel)
@@ -65,7 +70,7 @@ def build_units(model: nn.Module, granularity: str, trainable: Iterable[nn.Param
     ``trainable``: the parameters that will be optimized (default: all with
     ``requires_grad=True``). Parameters outside it belong to no unit.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.numel() > 0]
+    named = [(n, p) for n, p in model.named_parameters() if param_numel(p) > 0]
     allowed = {id(p) for p in (trainable if trainable is not None else (p for _, p in named if p.requires_grad))}
     named = [(n, p) for n, p in named if id(p) in allowed]
     if not named:
@@ -196,8 +201,8 @@ def split_groups_by_unit(units: Sequence[Unit], user_groups: Sequence[Mapping[st
 
 
 def trainable_params(user_groups: Sequence[Mapping[str, Any]]) -> list[nn.Parameter]:
-    return [p for g in user_groups for p in g["params"] if p.requires_grad and p.numel() > 0]
+    return [p for g in user_groups for p in g["params"] if p.requires_grad and param_numel(p) > 0]
 
 
-__all__ = ["Unit", "UnitInfo", "build_units", "check_sampleable", "normalise_param_groups",
+__all__ = ["param_numel", "Unit", "UnitInfo", "build_units", "check_sampleable", "normalise_param_groups",
            "split_groups_by_unit", "trainable_params"]

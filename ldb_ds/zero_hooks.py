@@ -10,8 +10,11 @@ user configured) being stepped over param groups:
 
 * stage 0, fp32: ``engine.optimizer`` *is* the basic optimizer, stepped once
   over all groups (``engine._take_model_step``);
-* stage 0, bf16: ``BF16_Optimizer`` keeps one flat fp32 group per param group
-  and steps the basic optimizer once over all of them;
+* stage 0, bf16: ``FP16_UnfusedOptimizer`` keeps an fp32 copy of each parameter
+  and steps the basic optimizer once over all groups;
+* stage 1, bf16 (fp32 gradient accumulation, DeepSpeed's default): ``BF16_Optimizer``
+  keeps one flat fp32 partition per param group and steps the basic optimizer
+  once over all of them;
 * stages 1/2: ``DeepSpeedZeroOptimizer._optimizer_step(i)`` swaps
   ``param_groups`` to ``[group i]`` (one flat fp32 partition) and steps;
 * stage 3: ``_optimizer_step(sub_group)`` puts the sub-group's flat partition
@@ -31,8 +34,8 @@ The same wrapper applies the DROP-epoch learning-rate factor, only inside the
 step, and puts the scheduler's value back afterwards, so any LR scheduler
 (DeepSpeed's or torch's) keeps owning ``lr``.
 
-Stages 1/2 then all-gather every group's partition after the step.
-:func:`skip_zero12_allgather` removes dropped groups from that all-gather: their
+ZeRO-1/2 and BF16_Optimizer then all-gather every group's partition after the step.
+:func:`skip_allgather_of_dropped` removes dropped groups from that all-gather: their
 values did not change on any rank (every rank skipped the same groups), so each
 rank's full copy is already current. That is pure saving, not a correctness need.
 """
@@ -40,6 +43,7 @@ rank's full copy is already current. That is pure saving, not a correctness need
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -66,20 +70,22 @@ def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[t
     """
     opt = basic_optimizer(ds_engine)
     stage = zero_stage(ds_engine)
+    wrapper = ds_engine.optimizer
     n = len(expected_param_groups)
     if len(opt.param_groups) != n:
         raise RuntimeError(f"DeepSpeed has {len(opt.param_groups)} param groups, ldb_ds made {n}")
-    if stage in (1, 2):
-        actual = ds_engine.optimizer.bit16_groups  # model params of flat group i, in order
-    elif stage == 3:
-        # Stage 3 keeps the model params of group i in optimizer.fp16_groups via sub-groups.
-        z = ds_engine.optimizer
+    # The model parameters of group i, as each optimizer wrapper keeps them:
+    if hasattr(wrapper, "sub_group_to_group_id"):  # ZeRO-3: sub-groups of param groups
         actual = [[] for _ in range(n)]
-        for sub_group, params in enumerate(z.fp16_groups):
-            actual[z.sub_group_to_group_id[sub_group]].extend(params)
-    elif hasattr(ds_engine.optimizer, "bf16_groups"):  # stage 0 with BF16_Optimizer
-        actual = ds_engine.optimizer.bf16_groups
-    else:
+        for sub_group, params in enumerate(wrapper.fp16_groups):
+            actual[wrapper.sub_group_to_group_id[sub_group]].extend(params)
+    elif hasattr(wrapper, "bit16_groups"):  # ZeRO-1/2 (DeepSpeedZeroOptimizer)
+        actual = wrapper.bit16_groups
+    elif hasattr(wrapper, "bf16_groups"):  # BF16_Optimizer (bf16 at stage 0/1 with fp32 grad accumulation)
+        actual = wrapper.bf16_groups
+    elif hasattr(wrapper, "fp16_groups"):  # FP16_(Unfused)Optimizer (fp16, or bf16 at stage 0)
+        actual = wrapper.fp16_groups
+    else:  # fp32 at stage 0: the basic optimizer itself
         actual = [g["params"] for g in opt.param_groups]
     for i, (want, got) in enumerate(zip(expected_param_groups, actual)):
         if {id(p) for p in want} != {id(p) for p in got}:
@@ -128,21 +134,23 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer,
 
 
 @contextlib.contextmanager
-def skip_zero12_allgather(ds_engine: Any, skipped_group_indices: set[int]) -> Iterator[None]:
-    """During one ZeRO-1/2 ``step()``, leave dropped groups out of the post-step all-gather.
+def skip_allgather_of_dropped(ds_engine: Any, skipped_group_indices: set[int]) -> Iterator[None]:
+    """During one ``step()``, leave dropped groups out of the post-step all-gather.
 
-    ``DeepSpeedZeroOptimizer.step`` calls the module-level function
-    ``deepspeed.runtime.zero.stage_1_and_2.all_gather_dp_groups`` once with the
-    lists of all groups; we substitute a version that passes on only the kept
-    groups. Exact because the skipped groups were not stepped on any rank (the
+    ``DeepSpeedZeroOptimizer.step`` (ZeRO-1/2) and ``BF16_Optimizer.step`` call
+    the module-level function ``all_gather_dp_groups`` of their own module once
+    with the lists of all groups; we substitute a version that passes on only
+    the kept groups. Exact because the skipped groups were not stepped on any rank (the
     mask is identical everywhere), so their partitions equal every rank's copy.
     """
-    if zero_stage(ds_engine) not in (1, 2) or not skipped_group_indices:
+    # DeepSpeedZeroOptimizer (stage_1_and_2) and BF16_Optimizer each import the function into
+    # their own module and call it once per step with the lists of all groups.
+    module = sys.modules[type(ds_engine.optimizer).__module__]
+    if not skipped_group_indices or not callable(getattr(module, "all_gather_dp_groups", None)) \
+            or zero_stage(ds_engine) == 3:
         yield
         return
-    from deepspeed.runtime.zero import stage_1_and_2
-
-    original = stage_1_and_2.all_gather_dp_groups
+    original = module.all_gather_dp_groups
 
     def all_gather_kept_groups(groups_flat, partitioned_param_groups, dp_process_group, **kwargs):
         keep = [i for i in range(len(groups_flat)) if i not in skipped_group_indices]
@@ -151,12 +159,12 @@ def skip_zero12_allgather(ds_engine: Any, skipped_group_indices: set[int]) -> It
                         dp_process_group=[dp_process_group[i] for i in keep],
                         **kwargs)
 
-    stage_1_and_2.all_gather_dp_groups = all_gather_kept_groups
+    module.all_gather_dp_groups = all_gather_kept_groups
     try:
         yield
     finally:
-        stage_1_and_2.all_gather_dp_groups = original
+        module.all_gather_dp_groups = original
 
 
 __all__ = ["zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
-           "skip_zero12_allgather"]
+           "skip_allgather_of_dropped"]

@@ -1,0 +1,244 @@
+"""Code that runs inside each rank of the core distributed tests (tests/test_core_dist.py).
+
+Real ldb_ds engines over real DeepSpeed engines on a real gloo group. The
+test process gets back plain data: masks per step, final weights, bitwise
+checks of dropped units, and gradient bytes counted at the collectives.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IN_DIM, HIDDEN, CLASSES, LAYERS = 8, 16, 4, 6
+MICRO_BATCH = 4
+
+
+def make_model() -> nn.Module:
+    """Six Linear layers, no BatchNorm (per-rank batch statistics would break exact parity)."""
+    torch.manual_seed(0)
+    dims = [IN_DIM] + [HIDDEN] * (LAYERS - 1) + [CLASSES]
+    layers: list[nn.Module] = []
+    for i in range(LAYERS):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < LAYERS - 1:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def window_batch(step: int, micro: int, per_rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of micro step ``micro`` of optimizer step ``step`` (same on every rank)."""
+    g = torch.Generator().manual_seed(10_000 + 100 * step + micro)
+    x = torch.randn(per_rank * world_size, IN_DIM, generator=g)
+    y = torch.randint(0, CLASSES, (per_rank * world_size,), generator=g)
+    return x, y
+
+
+def ds_config(case: dict[str, Any]) -> dict[str, Any]:
+    if case["optimizer"] == "sgd":
+        opt = {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01,
+                                          "nesterov": case.get("nesterov", False)}}
+    else:
+        opt = {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
+                                            "torch_adam": case.get("torch_adam", True)}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": case.get("gas", 1),
+        "gradient_clipping": case.get("clip", 0.0),
+        "zero_optimization": {"stage": case["stage"]},
+        "zero_allow_untested_optimizer": True,
+        "optimizer": opt,
+        "steps_per_print": 10_000,
+        "layer_drop_back": {"enabled": True, "drop_rate": 0.5, "sampling_rate": 2, "granularity": "module",
+                            "keep_first": 1, "keep_last": 1, "kappa": 2.0, "batch_kappa": 2, "seed": 7,
+                            **case.get("ldb", {})},
+    }
+    if case.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def gathered_params(engine, params):
+    """Full values of ``params``; at ZeRO-3 they are gathered (a collective: all ranks call it)."""
+    import deepspeed
+
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(params)):
+            return [p.detach().float().clone() for p in params]
+    return [p.detach().float().clone() for p in params]
+
+
+def master_tensors(engine, group_index: int) -> list[torch.Tensor]:
+    """The fp32 tensors the basic optimizer steps for param group ``group_index``, per stage."""
+    zopt = engine.ds_engine.optimizer
+    if hasattr(zopt, "sub_group_to_group_id"):  # ZeRO-3
+        return [flat for sg, flat in enumerate(zopt.fp32_partitioned_groups_flat)
+                if zopt.sub_group_to_group_id[sg] == group_index]
+    if hasattr(zopt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return [zopt.single_partition_of_fp32_groups[group_index]]
+    if hasattr(zopt, "fp32_groups_flat_partition"):  # BF16_Optimizer
+        return [zopt.fp32_groups_flat_partition[group_index]]
+    if hasattr(zopt, "fp32_groups"):  # FP16_UnfusedOptimizer (bf16 at stage 0)
+        return list(zopt.fp32_groups[group_index])
+    return list(engine._group_dicts[group_index]["params"])
+
+
+def unit_snapshot(engine, unit_index: int) -> dict[str, torch.Tensor]:
+    """Everything a step could change for one unit: full params, fp32 masters, optimizer state."""
+    unit = engine._units[unit_index]
+    snap: dict[str, Any] = {}
+    for name, value in zip(unit.param_names, gathered_params(engine, unit.params)):
+        snap[f"param/{name}"] = value
+    basic = engine.ds_engine.basic_optimizer
+    for gi, ui in enumerate(engine._unit_of_group):
+        if ui != unit_index:
+            continue
+        group = engine._group_dicts[gi]
+        for k, v in group.items():
+            if k not in ("params", "lr") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                snap[f"group{gi}/{k}"] = torch.tensor(float(v), dtype=torch.float64)
+        for mi, master in enumerate(master_tensors(engine, gi)):
+            snap[f"group{gi}/master{mi}"] = master.detach().clone()
+            for k, v in engine.ds_engine.basic_optimizer.state.get(master, {}).items():
+                snap[f"group{gi}/master{mi}/state/{k}"] = (v.detach().clone() if torch.is_tensor(v)
+                                                          else torch.tensor(float(v), dtype=torch.float64))
+    return snap
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class ReductionCounter:
+    """Counts bytes handed to gradient *reductions* by DeepSpeed's communication backend.
+
+    Every DeepSpeed collective goes through the backend object
+    ``deepspeed.comm.comm.cdb`` (ZeRO-3 even keeps its own reference to torch's
+    reduce_scatter_tensor, so wrapping torch.distributed would miss it). We wrap
+    that object's reduction methods: real traffic, counted, not changed.
+    Reductions of fewer than 16 elements are scalar norm/overflow checks, not
+    gradients, and are not counted.
+    """
+
+    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce",
+             "inference_all_reduce")
+
+    def __init__(self) -> None:
+        from deepspeed.comm import comm as ds_comm
+
+        self.bytes = 0
+        self.calls: list[tuple[str, int]] = []
+        self._backend = ds_comm.cdb
+        self._originals = {n: getattr(self._backend, n) for n in self.NAMES if hasattr(self._backend, n)}
+        for name, fn in self._originals.items():
+            setattr(self._backend, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            if name == "reduce_scatter_tensor":  # (output, input): the payload is the input
+                payload = args[1] if len(args) > 1 else kwargs["input_tensor"]
+            elif name == "reduce_scatter":  # (output, input_list)
+                payload = args[1] if len(args) > 1 else kwargs["input_list"]
+            else:
+                payload = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
+            tensors = list(payload) if isinstance(payload, (list, tuple)) else [payload]
+            numel = sum(t.numel() for t in tensors)
+            if numel >= 16:
+                self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+                self.calls.append((name, numel))
+            return fn(*args, **kwargs)
+        return counted
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.calls = []
+
+    def close(self) -> None:
+        for name in self._originals:
+            delattr(self._backend, name)  # drop the instance attribute: the class method shows again
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
+    """Train ``case`` for a few FULL and DROP epochs and record everything the tests check."""
+    import deepspeed.comm as dist
+
+    import ldb_ds
+
+    world = dist.get_world_size()
+    cfg = ds_config(case)
+    if case.get("rank_seeds"):  # ranks with different seeds and RNG states must still agree
+        cfg["layer_drop_back"]["seed"] = 1000 + 17 * rank
+        random.seed(rank)
+        torch.manual_seed(100 + rank)
+    model = make_model()
+    if case.get("bf16"):
+        model = model.bfloat16()
+    engine, _, _, _ = ldb_ds.initialize(model=model, config=cfg)
+    counter = ReductionCounter() if case.get("count_bytes") else None
+    records: list[dict[str, Any]] = []
+    step = 0
+    for epoch in range(case.get("epochs", 3)):
+        engine.set_epoch(epoch)
+        for _ in range(case.get("steps_per_epoch", 3)):
+            per_rank = engine.micro_batch_size
+            gas = engine.gradient_accumulation_steps()  # grows in DROP epochs with batch_scaling="accumulation"
+            if counter:
+                counter.reset()
+            micro_masks, micro_flags = [], []
+            for micro in range(gas):
+                x, y = window_batch(step, micro, per_rank, world)
+                x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+                if case.get("bf16"):
+                    x = x.bfloat16()
+                loss = F.cross_entropy(engine(x).float(), y)
+                micro_masks.append(engine.ldb.dropped_units)
+                micro_flags.append([p.requires_grad for p in engine.module.parameters()])
+                engine.backward(loss)
+                if micro == gas - 1:
+                    dropped = engine.ldb.dropped_units
+                    kept = [i for i in range(len(engine.ldb.units)) if i not in dropped][:2]
+                    before = {u: unit_snapshot(engine, u) for u in dropped + tuple(kept)} \
+                        if case.get("snapshots") else {}
+                engine.step()
+            record = {"epoch": epoch, "mode": engine.ldb.mode.value, "dropped": engine.ldb.dropped_units,
+                      "per_rank_batch": per_rank, "micro_masks": micro_masks, "micro_flags": micro_flags,
+                      "grad_bytes_expected": engine.ldb.grad_bytes_step,
+                      "kept_param_fraction": engine.ldb.kept_param_fraction}
+            if counter:
+                record["grad_bytes_counted"] = counter.bytes
+                record["reduction_calls"] = list(counter.calls)
+            if before:
+                after = {u: unit_snapshot(engine, u) for u in before}
+                record["dropped_untouched"] = {u: bitwise_equal(before[u], after[u]) for u in dropped}
+                record["kept_changed"] = {u: not bitwise_equal(before[u], after[u]) for u in kept}
+                record["snapshot_keys"] = {u: sorted(before[u]) for u in dropped}
+            records.append(record)
+            step += 1
+    if counter:
+        counter.close()
+    units = engine.ldb.units
+    final = dict(zip([n for n, _ in engine.module.named_parameters()],
+                     gathered_params(engine, list(engine.module.parameters()))))
+    own_draw = None
+    if case.get("rank_seeds"):
+        from ldb_ds.schedule import draw_dropped
+        own_draw = draw_dropped(random.Random(cfg["layer_drop_back"]["seed"]), len(units), engine.ldb.config)
+    result = {"records": records, "final": final, "units": units, "own_first_draw": own_draw,
+              "counts": (engine.ldb.steps, engine.ldb.drop_steps, engine.ldb.dropped_unit_steps)}
+    engine.destroy()
+    return result
+
+
+def run_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several cases in one process group: process start-up dominates these tiny runs."""
+    return [train_case(rank, case) for case in cases]

@@ -1,0 +1,100 @@
+"""A plain single-process PyTorch implementation of LDB, written for the tests.
+
+It shares no code with ldb_ds: the mode rule, the mask draw (Python's
+``random.Random(seed)``, one ``u < p`` per sampleable unit, in unit order), the
+LR/batch scaling and the optimizer updates are written out here from the paper
+and from torch's documented update rules. ldb_ds at ZeRO 0-3 on 2 ranks must
+end with the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core_workers import MICRO_BATCH, make_model, window_batch
+
+
+def reference_run(case: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
+    ldb = {"drop_rate": 0.5, "sampling_rate": 2, "keep_first": 1, "keep_last": 1, "kappa": 2.0,
+           "batch_kappa": 2, "seed": 7, **case.get("ldb", {})}
+    model = make_model()
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    units = [[m.weight, m.bias] for m in linears]  # module granularity: one Linear = one unit
+    rng = random.Random(ldb["seed"])
+    state: dict[torch.Tensor, dict[str, Any]] = {}
+    masks = []
+    gas = case.get("gas", 1)
+    step = 0
+    for epoch in range(case.get("epochs", 3)):
+        drop_epoch = epoch > 0 and epoch % ldb["sampling_rate"] == 0
+        for _ in range(case.get("steps_per_epoch", 3)):
+            dropped = [False] * len(units)
+            if drop_epoch:
+                for i in range(ldb["keep_first"], len(units) - ldb["keep_last"]):
+                    dropped[i] = rng.random() < ldb["drop_rate"]
+            masks.append(tuple(i for i, d in enumerate(dropped) if d))
+            per_rank = MICRO_BATCH * (ldb["batch_kappa"] if drop_epoch else 1)
+            lr_scale = ldb["kappa"] if drop_epoch else 1.0
+            for unit, d in zip(units, dropped):
+                for p in unit:
+                    p.requires_grad_(not d)
+            # DeepSpeed averages over ranks and divides each micro loss by gas:
+            # the gradient of the mean loss over the whole global window batch.
+            for micro in range(gas):
+                x, y = window_batch(step, micro, per_rank, world_size)
+                (F.cross_entropy(model(x), y) / gas).backward()
+            kept = [p for unit, d in zip(units, dropped) if not d for p in unit]
+            if case.get("clip", 0.0) > 0:
+                clip_by_global_norm(kept, case["clip"])
+            for p in kept:
+                if case["optimizer"] == "sgd":
+                    sgd_update(p, state.setdefault(p, {}), lr=0.1 * lr_scale, momentum=0.9, weight_decay=0.01,
+                               nesterov=case.get("nesterov", False))
+                else:
+                    adamw_update(p, state.setdefault(p, {}), lr=0.01 * lr_scale, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=0.01)
+                p.grad = None
+            for unit in units:
+                for p in unit:
+                    p.requires_grad_(True)
+            step += 1
+    return {"masks": masks, "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def clip_by_global_norm(params, max_norm: float) -> None:
+    total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1:
+        for p in params:
+            p.grad.mul_(coef)
+
+
+@torch.no_grad()
+def sgd_update(p, st, lr, momentum, weight_decay, nesterov) -> None:
+    """torch.optim.SGD's documented rule (dampening 0)."""
+    d = p.grad + weight_decay * p
+    if "buf" not in st:
+        st["buf"] = d.clone()
+    else:
+        st["buf"].mul_(momentum).add_(d)
+    d = d + momentum * st["buf"] if nesterov else st["buf"]
+    p.sub_(lr * d)
+
+
+@torch.no_grad()
+def adamw_update(p, st, lr, betas, eps, weight_decay) -> None:
+    """Decoupled weight decay Adam (Loshchilov & Hutter), as torch.optim.AdamW documents it."""
+    st["t"] = st.get("t", 0) + 1
+    st.setdefault("m", torch.zeros_like(p))
+    st.setdefault("v", torch.zeros_like(p))
+    p.mul_(1 - lr * weight_decay)
+    st["m"].mul_(betas[0]).add_(p.grad, alpha=1 - betas[0])
+    st["v"].mul_(betas[1]).addcmul_(p.grad, p.grad, value=1 - betas[1])
+    m_hat = st["m"] / (1 - betas[0] ** st["t"])
+    v_hat = st["v"] / (1 - betas[1] ** st["t"])
+    p.sub_(lr * m_hat / (v_hat.sqrt() + eps))

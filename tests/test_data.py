@@ -1,0 +1,125 @@
+"""Datasets through their real loading code: bundled digits, CIFAR via torchvision, ImageFolder."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_utils  # noqa: E402
+
+from ldb_ds.data import (DatasetError, ShardedEval, SyntheticDataset,  # noqa: E402
+                         build_datasets, digits_path)
+
+
+def test_digits_bundled_real_data():
+    data = build_datasets("digits")
+    assert data.num_classes == 10 and data.img_size == 32 and data.in_chans == 3
+    assert (len(data.train), len(data.test)) == (1437, 360)  # all 1797 sklearn digits
+    x, y = data.test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grey repeated into RGB
+    # The split is fixed: the file is the source of truth, labels balanced per class.
+    z = np.load(digits_path())
+    assert np.bincount(z["y_test"]).min() >= 35
+    # The test split is not augmented (deterministic); the training split shifts images.
+    assert torch.equal(data.test[5][0], data.test[5][0])
+    torch.manual_seed(0)
+    shifted = [data.train[3][0] for _ in range(8)]
+    assert any(not torch.equal(shifted[0], s) for s in shifted[1:])
+
+
+def test_digits_match_sklearn():
+    """The bundled file is sklearn's digits, resized: regenerate and compare."""
+    sys.path.insert(0, os.path.join(train_utils.REPO, "launch"))
+    import make_digits
+
+    fresh = make_digits.build()
+    z = np.load(digits_path())
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(fresh[key], z[key], err_msg=key)
+
+
+def test_digits_resized():
+    data = build_datasets("digits", img_size=48, augment=False)
+    assert data.train[0][0].shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_folder_through_torchvision(tmp_path, name, classes):
+    train_utils.write_cifar_folder(str(tmp_path), name, n_train=25, n_test=7)
+    data = build_datasets(name, tmp_path, verify=False)
+    assert (len(data.train), len(data.test), data.num_classes) == (25, 7, classes)
+    x, y = data.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < classes
+    assert "torchvision.datasets.CIFAR" in data.source
+    # The official MD5 sums are checked by default: a home-made folder fails them, clearly.
+    with pytest.raises(DatasetError, match="MD5.*--no-verify-data"):
+        build_datasets(name, tmp_path)
+
+
+def test_cifar_missing_dir_says_where_and_how(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError) as err:
+        build_datasets("cifar10", missing)
+    msg = str(err.value)
+    assert os.path.join(str(missing), "cifar-10-batches-py") in msg
+    assert "--download" in msg and "cifar-10-python.tar.gz" in msg
+    with pytest.raises(DatasetError, match="--data-dir"):
+        build_datasets("cifar100", None)
+
+
+def test_cifar_incomplete_and_malformed(tmp_path):
+    folder = train_utils.write_cifar_folder(str(tmp_path), "cifar10", n_train=10, n_test=4)
+    os.remove(os.path.join(folder, "test_batch"))
+    with pytest.raises(DatasetError, match="missing test_batch"):
+        build_datasets("cifar10", tmp_path, verify=False)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        f.write(b"this is not a pickle")
+    with pytest.raises(DatasetError, match="malformed"):
+        build_datasets("cifar10", tmp_path, verify=False)
+
+
+def test_imagefolder(tmp_path):
+    train_utils.write_image_folder(str(tmp_path), classes=("a", "b", "c"), per_class=2)
+    data = build_datasets("imagefolder", tmp_path, img_size=32)
+    assert data.num_classes == 3 and data.classes == ["a", "b", "c"]
+    assert (len(data.train), len(data.test)) == (6, 6)
+    x, y = data.test[0]
+    assert x.shape == (3, 32, 32) and y == 0
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="train.*val"):
+        build_datasets("imagefolder", tmp_path / "missing")
+    train_utils.write_image_folder(str(tmp_path / "x"), classes=("a", "b"), per_class=1,
+                                   splits=("train",))
+    with pytest.raises(DatasetError, match="val"):
+        build_datasets("imagefolder", tmp_path / "x")
+    (tmp_path / "y" / "train").mkdir(parents=True)
+    (tmp_path / "y" / "val").mkdir()
+    with pytest.raises(DatasetError, match="malformed"):
+        build_datasets("imagefolder", tmp_path / "y")
+
+
+def test_synthetic_is_deterministic():
+    a = SyntheticDataset(100, 7, 16, seed=3)
+    b = SyntheticDataset(100, 7, 16, seed=3)
+    assert torch.equal(a[42][0], b[42][0]) and a[42][1] == b[42][1]
+    data = build_datasets("synthetic", synthetic_train_size=64, synthetic_test_size=16,
+                          synthetic_num_classes=5)
+    assert data.num_classes == 5 and len(data.train) == 64
+
+
+def test_sharded_eval_covers_each_image_once():
+    ds = SyntheticDataset(11, 2, 8)
+    shards = [ShardedEval(ds, r, 3) for r in range(3)]
+    idx = sorted(i for s in shards for i in s.indices)
+    assert idx == list(range(11))
+
+
+def test_unknown_dataset():
+    with pytest.raises(DatasetError, match="unknown dataset 'mnist'.*digits"):
+        build_datasets("mnist")

@@ -1,0 +1,167 @@
+"""Helpers for the training-script tests (test_train*.py, test_data*.py).
+
+Real launchers, real processes, real files: the tests start ``launch/train.py`` through the
+``deepspeed`` launcher, ``torchrun`` or ``mpirun`` in a subprocess with CPU settings, write
+datasets in the formats torchvision reads, and read TensorBoard's event files back with
+TensorBoard's own reader.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Sequence
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "launch", "train.py")
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    """A free TCP port: other test runs on the same machine must not collide on 29500."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR",
+                                            os.path.join(REPO, ".torch_extensions")),
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def tool(name: str) -> str:
+    """The console script ``name`` of this virtualenv (deepspeed, torchrun), else from PATH."""
+    local = os.path.join(BIN, name)
+    return local if os.path.exists(local) else (shutil.which(name) or name)
+
+
+def run(cmd: Sequence[str], timeout: float = 300, env: dict | None = None,
+        cwd: str = REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env or cpu_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def run_deepspeed(args: Sequence[str], nproc: int = 2, timeout: float = 300
+                  ) -> subprocess.CompletedProcess:
+    cmd = [tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           TRAIN, *args]
+    return run(cmd, timeout=timeout)
+
+
+def run_torchrun(args: Sequence[str], nproc: int = 2, timeout: float = 300
+                 ) -> subprocess.CompletedProcess:
+    cmd = [tool("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           TRAIN, *args]
+    return run(cmd, timeout=timeout)
+
+
+def run_mpirun(args: Sequence[str], nproc: int = 2, timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+    port = str(free_port())
+    env = cpu_env(MASTER_PORT=port)
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(nproc),
+           "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", "-x", "TORCH_EXTENSIONS_DIR",
+           "-x", "PYTHONPATH", "-x", "MASTER_PORT", "-x", "PATH",
+           sys.executable, TRAIN, *args]
+    return run(cmd, timeout=timeout, env=env)
+
+
+def explain(proc: subprocess.CompletedProcess, lines: int = 60) -> str:
+    out = (proc.stdout or "").splitlines()[-lines:] + (proc.stderr or "").splitlines()[-lines:]
+    return f"exit code {proc.returncode}\n" + "\n".join(out)
+
+
+def write_config(path: str, base: str = "zero0_ldb.json", ldb: dict | None = None,
+                 train: dict | None = None, **top: object) -> str:
+    """A DeepSpeed JSON derived from ``ds_configs/<base>`` with sections overridden."""
+    with open(os.path.join(REPO, "ds_configs", base)) as f:
+        cfg = json.load(f)
+    if ldb is not None:
+        cfg.setdefault("layer_drop_back", {}).update(ldb)
+    if train is not None:
+        cfg.setdefault("train", {}).update(train)
+    cfg.update(top)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path
+
+
+def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of the event file(s) in ``run_dir``, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")))
+    assert files, f"no TensorBoard event file in {run_dir}: {os.listdir(run_dir)}"
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in files:
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def write_cifar_folder(root: str, name: str = "cifar10", n_train: int = 50, n_test: int = 20,
+                       num_classes: int | None = None, seed: int = 0) -> str:
+    """Write a small dataset in torchvision's CIFAR python format under ``root``.
+
+    Same file names and pickle layout as the official release (``data``: uint8 (N, 3072) in
+    CHW order; ``labels`` for CIFAR-10, ``fine_labels`` for CIFAR-100; a meta pickle with the
+    class names), so torchvision's own loader reads it; only the official MD5 sums differ.
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    base = CIFAR10 if name == "cifar10" else CIFAR100
+    num_classes = num_classes or (10 if name == "cifar10" else 100)
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, base.base_folder)
+    os.makedirs(folder, exist_ok=True)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def batch(n: int) -> dict:
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                label_key: [int(v) for v in rng.integers(0, num_classes, n)],
+                "batch_label": "synthetic test batch"}
+
+    per = [n_train // len(base.train_list)] * len(base.train_list)
+    per[-1] += n_train - sum(per)
+    for (fname, _), n in zip(base.train_list, per):
+        with open(os.path.join(folder, fname), "wb") as f:
+            pickle.dump(batch(n), f)
+    for fname, _ in base.test_list:
+        with open(os.path.join(folder, fname), "wb") as f:
+            pickle.dump(batch(n_test), f)
+    with open(os.path.join(folder, base.meta["filename"]), "wb") as f:
+        pickle.dump({base.meta["key"]: [f"class{i}" for i in range(num_classes)]}, f)
+    return folder
+
+
+def write_image_folder(root: str, classes: Sequence[str] = ("cat", "dog", "fox"),
+                       per_class: int = 3, size: int = 40, splits=("train", "val")) -> str:
+    """PNG files in the ImageNet layout ``root/<split>/<class>/<i>.png``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            d = os.path.join(root, split, c)
+            os.makedirs(d, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(os.path.join(d, f"{i}.png"))
+    return root
