@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldb_ds.comm_count import ReductionCounter
+
 IN_DIM, HIDDEN, CLASSES, LAYERS = 8, 16, 4, 6
 MICRO_BATCH = 4
 
@@ -114,55 +116,6 @@ def unit_snapshot(engine, unit_index: int) -> dict[str, torch.Tensor]:
 
 def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-class ReductionCounter:
-    """Counts bytes handed to gradient *reductions* by DeepSpeed's communication backend.
-
-    Every DeepSpeed collective goes through the backend object
-    ``deepspeed.comm.comm.cdb`` (ZeRO-3 even keeps its own reference to torch's
-    reduce_scatter_tensor, so wrapping torch.distributed would miss it). We wrap
-    that object's reduction methods: real traffic, counted, not changed.
-    Reductions of fewer than 16 elements are scalar norm/overflow checks, not
-    gradients, and are not counted.
-    """
-
-    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce",
-             "inference_all_reduce")
-
-    def __init__(self) -> None:
-        from deepspeed.comm import comm as ds_comm
-
-        self.bytes = 0
-        self.calls: list[tuple[str, int]] = []
-        self._backend = ds_comm.cdb
-        self._originals = {n: getattr(self._backend, n) for n in self.NAMES if hasattr(self._backend, n)}
-        for name, fn in self._originals.items():
-            setattr(self._backend, name, self._wrap(name, fn))
-
-    def _wrap(self, name, fn):
-        def counted(*args, **kwargs):
-            if name == "reduce_scatter_tensor":  # (output, input): the payload is the input
-                payload = args[1] if len(args) > 1 else kwargs["input_tensor"]
-            elif name == "reduce_scatter":  # (output, input_list)
-                payload = args[1] if len(args) > 1 else kwargs["input_list"]
-            else:
-                payload = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
-            tensors = list(payload) if isinstance(payload, (list, tuple)) else [payload]
-            numel = sum(t.numel() for t in tensors)
-            if numel >= 16:
-                self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-                self.calls.append((name, numel))
-            return fn(*args, **kwargs)
-        return counted
-
-    def reset(self) -> None:
-        self.bytes = 0
-        self.calls = []
-
-    def close(self) -> None:
-        for name in self._originals:
-            delattr(self._backend, name)  # drop the instance attribute: the class method shows again
 
 
 # --------------------------------------------------------------------------- the worker
