@@ -212,6 +212,7 @@ class LDBEngine:
         # DeepSpeed increments micro_steps inside step(); ask before calling it.
         boundary = self.ds_engine.is_gradient_accumulation_boundary()
         if boundary and self._cfg.enabled:
+            self._refresh_group_dicts()
             skipped = {gi for gi, ui in enumerate(self._unit_of_group) if self._dropped[ui]}
             with zero_hooks.skip_allgather_of_dropped(self.ds_engine, skipped):
                 result = self.ds_engine.step(**kwargs)
@@ -292,6 +293,14 @@ class LDBEngine:
 
     def _hidden_group_ids(self) -> set[int]:
         return {id(self._group_dicts[gi]) for gi, ui in enumerate(self._unit_of_group) if self._dropped[ui]}
+
+    def _refresh_group_dicts(self) -> None:
+        # torch's Optimizer.load_state_dict (DeepSpeed's checkpoint loading calls it) replaces the
+        # group dicts with new ones; the step filter recognises groups by identity, so re-capture.
+        # Between steps param_groups is the full list, so this is the right moment to look.
+        current = self._optimizer.param_groups
+        if len(current) != len(self._group_dicts) or any(a is not b for a, b in zip(current, self._group_dicts)):
+            self._group_dicts = list(current)
 
     def _step_lr_factor(self) -> float:
         return lr_factor(self._mode, self._cfg)

@@ -195,3 +195,50 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
 def run_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Several cases in one process group: process start-up dominates these tiny runs."""
     return [train_case(rank, case) for case in cases]
+
+
+def _train_epochs(engine, epochs, rank, world, masks):
+    import torch.nn.functional as F
+
+    for epoch in epochs:
+        engine.set_epoch(epoch)
+        for _ in range(2):
+            per_rank = engine.micro_batch_size
+            x, y = window_batch(engine.ldb.steps, 0, per_rank, world)
+            x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+            engine.backward(F.cross_entropy(engine(x), y))
+            engine.step()
+            masks.append(engine.ldb.dropped_units)
+
+
+def checkpoint_case(rank: int, stage: int, ckpt_dir: str) -> dict[str, Any]:
+    """Uninterrupted 4 epochs vs. 2 epochs + save + fresh engine + load + 2 epochs."""
+    import deepspeed.comm as dist
+
+    import ldb_ds
+
+    world = dist.get_world_size()
+    case = {"stage": stage, "optimizer": "sgd", "ldb": {"sampling_rate": 1}}
+
+    engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config(case))
+    masks_a: list = []
+    _train_epochs(engine, range(2), rank, world, masks_a)
+    mask_at_save = engine.ldb.dropped_units
+    engine.save_checkpoint(ckpt_dir, tag="epoch1")
+    # The save made every unit trainable for DeepSpeed and then put the mask back.
+    flags_after_save = [p.requires_grad for u in engine._units for p in u.params]
+    _train_epochs(engine, range(2, 4), rank, world, masks_a)
+    final_a = gathered_params(engine, list(engine.module.parameters()))
+    engine.destroy()
+
+    engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config(case))
+    _, client_state = engine.load_checkpoint(ckpt_dir, tag="epoch1")
+    resumed_epoch = engine.ldb.epoch
+    masks_b: list = []
+    _train_epochs(engine, range(resumed_epoch + 1, 4), rank, world, masks_b)
+    final_b = gathered_params(engine, list(engine.module.parameters()))
+    counts_b = (engine.ldb.steps, engine.ldb.drop_steps)
+    engine.destroy()
+    return {"masks_a": masks_a, "masks_b": masks_b, "final_a": final_a, "final_b": final_b,
+            "mask_at_save": mask_at_save, "flags_after_save": flags_after_save, "resumed_epoch": resumed_epoch,
+            "counts_b": counts_b, "client_keys": sorted(client_state or {})}

@@ -144,3 +144,19 @@ def test_running_counts(results):
     assert dropped_unit_steps == sum(len(rec["dropped"]) for rec in r0["records"])
     for rec in r0["records"]:
         assert (rec["kept_param_fraction"] < 1.0) == bool(rec["dropped"])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, stage):
+    from core_workers import checkpoint_case
+
+    r0, r1 = run_distributed(checkpoint_case, 2, stage, str(tmp_path), timeout=600)
+    for r in (r0, r1):
+        assert r["resumed_epoch"] == 1 and "layer_drop_back" in r["client_keys"]
+        assert r["masks_b"] == r["masks_a"][4:], "resumed run drew other masks"
+        assert any(r["masks_b"]), "no drops after resume: the test would not exercise the generator state"
+        for a, b in zip(r["final_a"], r["final_b"]):
+            assert torch.equal(a, b)
+        assert r["counts_b"] == (8, 6)
+        # After the save the dropped units are frozen again (the mask survives the save).
+        assert r["mask_at_save"] and not all(r["flags_after_save"])

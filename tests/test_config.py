@@ -1,0 +1,72 @@
+"""The layer_drop_back section: defaults, and an error naming key, value and what is allowed."""
+
+import json
+
+import pytest
+
+from ldb_ds.config import DEFAULTS, LDBConfig, LDBConfigError
+
+
+def test_absent_section_means_disabled():
+    assert LDBConfig.from_ds_config({"train_batch_size": 8}).enabled is False
+    assert LDBConfig.from_dict(None).enabled is False
+
+
+def test_paper_defaults():
+    cfg = LDBConfig.from_dict({"enabled": True})
+    assert cfg == DEFAULTS
+    assert (cfg.drop_rate, cfg.sampling_rate, cfg.keep_first, cfg.keep_last) == (0.3, 2, 4, 1)
+    assert (cfg.lr_policy, cfg.kappa, cfg.batch_kappa, cfg.resample, cfg.granularity) == \
+        ("kappa", 2.0, 2, "step", "module")
+
+
+def test_reads_json_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"layer_drop_back": {"enabled": True, "drop_rate": 0.5}}))
+    assert LDBConfig.from_ds_config(str(path)).drop_rate == 0.5
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        LDBConfig.from_ds_config(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(LDBConfigError, match="not valid JSON"):
+        LDBConfig.from_ds_config(str(bad))
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(LDBConfigError, match=r"'drop_rte'.*allowed keys:.*drop_rate"):
+        LDBConfig.from_dict({"enabled": True, "drop_rte": 0.3})
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(LDBConfigError, match="must be a JSON object"):
+        LDBConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("enabled", "yes", "bool"),
+    ("drop_rate", 1.0, "0 <= drop_rate < 1"),
+    ("drop_rate", -0.1, "0 <= drop_rate < 1"),
+    ("drop_rate", "0.3", "int or float"),
+    ("drop_rate", True, "int or float"),
+    ("sampling_rate", 0, ">= 1"),
+    ("sampling_rate", 2.5, "int"),
+    ("granularity", "layer", "'param', 'module', 'block'"),
+    ("keep_first", -1, ">= 0"),
+    ("keep_last", 1.0, "int"),
+    ("resample", "batch", "'step', 'epoch'"),
+    ("lr_policy", "double", "'kappa', 'inverse_keep', 'none'"),
+    ("kappa", 0, "> 0"),
+    ("batch_kappa", 0, ">= 1"),
+    ("batch_kappa", 1.5, "int"),
+    ("batch_scaling", "both", "'micro_batch', 'accumulation'"),
+    ("seed", -3, ">= 0"),
+])
+def test_bad_values_name_key_value_and_allowed(key, value, allowed):
+    with pytest.raises(LDBConfigError) as err:
+        LDBConfig.from_dict({"enabled": True, key: value})
+    message = str(err.value)
+    assert f"layer_drop_back.{key} = {value!r}" in message
+    assert allowed in message

@@ -1,0 +1,181 @@
+"""launch/train.py end to end: real launchers, real gloo ranks, the bundled digits data.
+
+Each test starts 2 CPU ranks in subprocesses (about 15-40 s each on 2 cores). The model is
+timm's ``test_efficientnet`` (0.1 M parameters, a real timm EfficientNet), which reaches
+~95% on the digits test split in two epochs.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_utils as tu  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MODEL = "test_efficientnet"
+
+STEP_TAGS = [
+    "Train/loss", "Train/lr", "Train/samples_per_sec", "Train/samples_per_sec_per_rank",
+    "Train/micro_batch_per_rank", "Time/step_ms", "Time/data_ms", "Time/forward_ms",
+    "Time/backward_ms", "Time/optimizer_step_ms", "LDB/mode", "LDB/kept_unit_fraction",
+    "LDB/kept_param_fraction", "LDB/lr_factor", "LDB/batch_factor", "Comm/grad_bytes",
+    "Comm/grad_bytes_saved",
+]
+EPOCH_TAGS = [
+    "Time/epoch_s", "Time/epoch_train_s", "Train/epoch_loss", "Train/epoch_samples_per_sec",
+    "Comm/epoch_grad_bytes", "Comm/epoch_grad_bytes_saved", "LDB/epoch_mode", "Run/world_size",
+    "Run/epoch", "Eval/top1", "Eval/top5", "Eval/loss",
+]
+
+
+def _by_step(scalars, tag):
+    return dict(scalars[tag])
+
+
+def test_deepspeed_launcher_end_to_end(tmp_path):
+    """2 ranks, ZeRO-2 + LDB, 3 epochs (FULL, FULL, DROP) on digits: accuracy and TensorBoard."""
+    # Options from the JSON's "train" section; the command line overrides one of them.
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero2_ldb.json",
+                          train={"model": MODEL, "epochs": 7, "log_every": 1,
+                                 "no_progress": True})
+    out = tmp_path / "runs"
+    proc = tu.run_deepspeed(["--deepspeed_config", cfg, "--epochs", "3", "--output", str(out),
+                             "--experiment", "e2e"], timeout=400)
+    assert proc.returncode == 0, tu.explain(proc)
+    run_dir = out / "e2e"
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == [0, 1, 2]
+    assert results["final_top1"] > 60.0, results  # chance is 10%
+    assert results["ldb_drop_steps"] > 0
+
+    args = yaml.safe_load((run_dir / "args.yaml").read_text())
+    assert args["model"] == MODEL and args["epochs"] == 3 and args["log_every"] == 1
+    assert args["world_size"] == 2 and args["ldb"]["enabled"] is True
+    ds_cfg = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds_cfg["tensorboard"]["output_path"] == str(out)
+    assert ds_cfg["tensorboard"]["job_name"] == "e2e"
+
+    s = tu.read_scalars(str(run_dir))
+    missing = [t for t in STEP_TAGS + EPOCH_TAGS if t not in s]
+    assert not missing, f"missing tags {missing}; have {sorted(s)}"
+    for tag in ("Train/samples_per_sec", "Train/samples_per_sec_per_rank", "Time/step_ms",
+                "Time/forward_ms", "Time/backward_ms", "Time/epoch_s"):
+        assert all(v > 0 for _, v in s[tag]), tag
+    # The x axis is the number of samples seen by all ranks: strictly increasing.
+    steps = [x for x, _ in s["Train/loss"]]
+    assert steps == sorted(set(steps)) and steps[0] > 0
+    assert all(v == 2 for _, v in s["Run/world_size"])
+
+    mode = _by_step(s, "LDB/mode")
+    kept = _by_step(s, "LDB/kept_param_fraction")
+    kept_units = _by_step(s, "LDB/kept_unit_fraction")
+    micro = _by_step(s, "Train/micro_batch_per_rank")
+    saved = _by_step(s, "Comm/grad_bytes_saved")
+    full = [x for x, m in mode.items() if m == 0]
+    drop = [x for x, m in mode.items() if m == 1]
+    assert full and drop
+    assert all(kept[x] == 1.0 and kept_units[x] == 1.0 and saved[x] == 0 for x in full)
+    assert all(kept[x] < 1.0 for x in drop)
+    assert sum(kept[x] for x in drop) / len(drop) < 0.95
+    assert all(saved[x] > 0 for x in drop)
+    # DROP epochs double the micro batch (batch_kappa=2; the last batch of an epoch may be
+    # smaller) and the LR factor is kappa=2.
+    assert max(micro[x] for x in full) == 32.0 and max(micro[x] for x in drop) == 64.0
+    lr_factor = _by_step(s, "LDB/lr_factor")
+    assert {lr_factor[x] for x in drop} == {2.0} and {lr_factor[x] for x in full} == {1.0}
+    assert [v for _, v in s["LDB/epoch_mode"]] == [0.0, 0.0, 1.0]
+    top1 = [v for _, v in s["Eval/top1"]]
+    assert len(top1) == 3 and top1[-1] == pytest.approx(results["final_top1"], abs=1e-3)
+
+
+def _final_module_state(run_dir, tag):
+    state = torch.load(os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt"),
+                       map_location="cpu", weights_only=False)
+    return state["module"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_matches_uninterrupted_run(tmp_path, stage):
+    """Stop after epoch 1, resume: same masks and bitwise the same weights as one run."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base=f"zero{stage}_ldb.json",
+                          ldb={"sampling_rate": 1})  # epochs 1 and 2 are DROP epochs
+    common = ["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "3",
+              "--max-steps-per-epoch", "4", "--log-every", "1", "--log-masks", "--no-progress",
+              "--sched", "cosine", "--output", str(tmp_path)]
+    whole = tu.run_deepspeed(common + ["--experiment", "whole"])
+    assert whole.returncode == 0, tu.explain(whole)
+    part = tu.run_deepspeed(common + ["--experiment", "part", "--stop-after-epoch", "1"])
+    assert part.returncode == 0, tu.explain(part)
+    assert not (tmp_path / "part" / "checkpoints" / "epoch2").exists()
+    resumed = tu.run_deepspeed(common + ["--experiment", "part", "--resume"])
+    assert resumed.returncode == 0, tu.explain(resumed)
+    assert "resumed from" in resumed.stdout
+
+    masks_whole = (tmp_path / "whole" / "masks.jsonl").read_text().splitlines()
+    masks_part = (tmp_path / "part" / "masks.jsonl").read_text().splitlines()
+    assert len(masks_whole) == 12 and masks_part == masks_whole
+    assert any(json.loads(line)["dropped"] for line in masks_whole if '"epoch": 2' in line)
+
+    a = _final_module_state(str(tmp_path / "whole"), "epoch2")
+    b = _final_module_state(str(tmp_path / "part"), "epoch2")
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"weights differ after resume: {differ[:5]}"
+    ra = json.loads((tmp_path / "whole" / "results.json").read_text())
+    rb = json.loads((tmp_path / "part" / "results.json").read_text())
+    assert ra["final_top1"] == rb["final_top1"] and rb["epochs_run"] == [0, 1, 2]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
+def test_mpirun_two_ranks(tmp_path):
+    pytest.importorskip("mpi4py")
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero1_ldb.json",
+                          ldb={"sampling_rate": 1})
+    proc = tu.run_mpirun(["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "2",
+                          "--max-steps-per-epoch", "3", "--no-progress", "--ckpt-every", "0",
+                          "--output", str(tmp_path), "--experiment", "mpi"])
+    assert proc.returncode == 0, tu.explain(proc)
+    results = json.loads((tmp_path / "mpi" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["ldb_drop_steps"] == 3
+
+
+def test_torchrun_two_ranks(tmp_path):
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_baseline.json")
+    proc = tu.run_torchrun(["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "1",
+                            "--max-steps-per-epoch", "3", "--no-progress", "--ckpt-every", "0",
+                            "--output", str(tmp_path), "--experiment", "tr"])
+    assert proc.returncode == 0, tu.explain(proc)
+    results = json.loads((tmp_path / "tr" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["ldb_drop_steps"] == 0
+    s = tu.read_scalars(str(tmp_path / "tr"))
+    assert all(v == 1.0 for _, v in s["LDB/kept_param_fraction"])  # baseline: nothing dropped
+
+
+def test_clear_errors_before_any_rank_starts(tmp_path):
+    """A bad model name or a missing dataset fails fast, with the reason and the remedy."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
+    python = [sys.executable, tu.TRAIN, "--deepspeed_config", cfg, "--output", str(tmp_path)]
+    bad_model = tu.run(python + ["--model", "resnet5O"], timeout=120)
+    assert bad_model.returncode == 2
+    assert "unknown model 'resnet5O'" in bad_model.stderr and "resnet50" in bad_model.stderr
+    missing = tmp_path / "no_such_dir"
+    no_data = tu.run(python + ["--dataset", "cifar10", "--data-dir", str(missing)], timeout=120)
+    assert no_data.returncode == 2
+    assert os.path.join(str(missing), "cifar-10-batches-py") in no_data.stderr
+    assert "--download" in no_data.stderr
+    bad_key = tu.write_config(str(tmp_path / "bad.json"), base="zero0_ldb.json",
+                              ldb={"drop_rte": 0.3})
+    bad = tu.run([sys.executable, tu.TRAIN, "--deepspeed_config", bad_key], timeout=120)
+    assert bad.returncode == 2 and "drop_rte" in bad.stderr
+    bad_train = tu.write_config(str(tmp_path / "bad2.json"), base="zero0_ldb.json",
+                                train={"epoch": 3})
+    bad2 = tu.run([sys.executable, tu.TRAIN, "--deepspeed_config", bad_train], timeout=120)
+    assert bad2.returncode == 2 and "'train' section" in bad2.stderr and "epoch" in bad2.stderr

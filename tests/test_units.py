@@ -1,0 +1,112 @@
+"""Cutting real timm/torchvision models into LDB units, and one param group per unit."""
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.optim import param_groups_weight_decay
+
+from ldb_ds.config import LDBConfig, LDBConfigError
+from ldb_ds.units import build_units, check_sampleable, normalise_param_groups, split_groups_by_unit
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {
+        "resnet": timm.create_model("resnet18", num_classes=10),
+        "vit": timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4),
+        "efficientnet": timm.create_model("efficientnet_b0", num_classes=10),
+    }
+
+
+def _covers_each_trainable_param_once(model, units):
+    seen = [n for u in units for n in u.param_names]
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert len(seen) == len(set(seen))
+    assert sum(u.numel for u in units) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit", "efficientnet"])
+@pytest.mark.parametrize("granularity", ["param", "module", "block"])
+def test_every_granularity_covers_the_model(models, name, granularity):
+    model = models[name]
+    units = build_units(model, granularity)
+    _covers_each_trainable_param_once(model, units)
+    n_params = len(list(model.parameters()))
+    if granularity == "param":
+        assert len(units) == n_params
+    else:
+        assert 1 < len(units) < n_params
+    # Input to output: the classifier comes last at every granularity.
+    assert units[-1].param_names[-1] in ("fc.bias", "head.bias", "classifier.bias")
+
+
+def test_resnet_module_units(models):
+    units = build_units(models["resnet"], "module")
+    assert [u.name for u in units[:3]] == ["conv1", "bn1", "layer1.0.conv1"]
+    assert units[1].param_names == ("bn1.weight", "bn1.bias")  # a norm layer is one unit: weight and bias
+    assert units[-1].name == "fc" and units[-1].param_names == ("fc.weight", "fc.bias")
+    assert len(units) == 41  # 20 convs + 20 norms + fc
+
+
+def test_resnet_blocks_follow_timm_group_matcher(models):
+    units = build_units(models["resnet"], "block")
+    assert units[0].param_names == ("conv1.weight", "bn1.weight", "bn1.bias")  # the stem
+    assert all(n.startswith("layer1.0.") for n in units[1].param_names)
+    assert len(units) == 10  # stem, 8 basic blocks, head
+
+
+def test_vit_module_units_start_with_tokens(models):
+    units = build_units(models["vit"], "module")
+    assert units[0].name == "<root>" and set(units[0].param_names) == {"cls_token", "pos_embed"}
+    assert units[1].name == "patch_embed.proj"
+    assert units[-1].name == "head"
+
+
+def test_block_needs_group_matcher():
+    with pytest.raises(LDBConfigError, match="group_matcher"):
+        build_units(torchvision.models.resnet18(num_classes=10), "block")
+
+
+def test_frozen_parameters_belong_to_no_unit(models):
+    model = timm.create_model("resnet18", num_classes=10)
+    model.conv1.weight.requires_grad_(False)
+    units = build_units(model, "module")
+    assert all("conv1.weight" != n for u in units for n in u.param_names)
+
+
+def test_nothing_to_sample_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    units = build_units(model, "module")
+    with pytest.raises(LDBConfigError, match="none is left to drop"):
+        check_sampleable(units, LDBConfig(enabled=True, keep_first=1, keep_last=1), "Sequential")
+    check_sampleable(units, LDBConfig(enabled=True, keep_first=1, keep_last=0))
+
+
+def test_user_param_groups_are_split_by_unit_keeping_hyperparameters(models):
+    model = models["resnet"]
+    user_groups = normalise_param_groups(model, param_groups_weight_decay(model, weight_decay=0.05))
+    units = build_units(model, "module")
+    groups, unit_of_group = split_groups_by_unit(units, user_groups)
+    assert len(groups) == len(unit_of_group)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    names = dict((id(p), n) for n, p in model.named_parameters())
+    for pid, g in by_id.items():
+        # timm: no weight decay for biases and 1-d (norm) parameters.
+        expected = 0.0 if (names[pid].endswith(".bias") or model.get_parameter(names[pid]).ndim <= 1) else 0.05
+        assert g["weight_decay"] == expected, names[pid]
+    # Each group's params lie in one unit; the fc unit gets two groups (weight decays, bias doesn't).
+    fc = len(units) - 1
+    assert [len(groups[i]["params"]) for i, u in enumerate(unit_of_group) if u == fc] == [1, 1]
+    assert sorted(unit_of_group) == unit_of_group
+
+
+def test_model_parameters_forms():
+    model = torch.nn.Linear(2, 2)
+    assert len(normalise_param_groups(model, None)[0]["params"]) == 2
+    assert len(normalise_param_groups(model, model.parameters())[0]["params"]) == 2
+    with pytest.raises(ValueError, match="empty"):
+        normalise_param_groups(model, [])
+    with pytest.raises(ValueError, match="no 'params'"):
+        normalise_param_groups(model, [{"lr": 1}])
