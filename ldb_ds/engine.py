@@ -181,6 +181,7 @@ class LDBEngine:
         # The group dicts, captured once: ZeRO swaps optimizer.param_groups to a one-group list
         # inside its per-group step, but keeps these dict objects.
         self._group_dicts = list(self._optimizer.param_groups) if cfg.enabled else []
+        self._hidden_ids: set[int] = set()  # id() of the group dicts of dropped units, set in step()
         if cfg.enabled:
             zero_hooks.install_group_step_filter(self._optimizer, self._hidden_group_ids, self._step_lr_factor)
 
@@ -213,7 +214,9 @@ class LDBEngine:
         boundary = self.ds_engine.is_gradient_accumulation_boundary()
         if boundary and self._cfg.enabled:
             self._refresh_group_dicts()
+            # Computed once per step: DeepSpeed calls the optimizer once per group at ZeRO 1-3.
             skipped = {gi for gi, ui in enumerate(self._unit_of_group) if self._dropped[ui]}
+            self._hidden_ids = {id(self._group_dicts[gi]) for gi in skipped}
             with zero_hooks.skip_allgather_of_dropped(self.ds_engine, skipped):
                 result = self.ds_engine.step(**kwargs)
         else:
@@ -292,7 +295,7 @@ class LDBEngine:
                 p.requires_grad_(not is_dropped)
 
     def _hidden_group_ids(self) -> set[int]:
-        return {id(self._group_dicts[gi]) for gi, ui in enumerate(self._unit_of_group) if self._dropped[ui]}
+        return self._hidden_ids
 
     def _refresh_group_dicts(self) -> None:
         # torch's Optimizer.load_state_dict (DeepSpeed's checkpoint loading calls it) replaces the
