@@ -199,21 +199,45 @@ def main(argv: list[str] | None = None) -> int:
     args, ds_config_in = parse_args(argv)
     threads = set_threads(args)
 
-    import deepspeed
-    import deepspeed.comm as dist
     import torch
     import yaml
-    from deepspeed.accelerator import get_accelerator
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from ldb_ds.config import LDBConfig, LDBConfigError
+    from ldb_ds.data import DatasetError, ShardedEval, build_datasets
+    from ldb_ds.models import ModelError, check_model_name, create_model
+
+    # ---- data and model, before any process group exists ------------------------------------
+    # Every rank builds the same dataset and model; a bad name or a missing dataset then fails
+    # on every rank alike with a clear message, instead of hanging the others in a collective.
+    def make_data(download: bool):
+        return build_datasets(args.dataset, args.data_dir, img_size=args.img_size,
+                              augment=not args.no_aug, download=download,
+                              verify=not args.no_verify_data,
+                              synthetic_train_size=args.synthetic_size,
+                              synthetic_test_size=max(args.synthetic_size // 5, 1),
+                              synthetic_num_classes=args.num_classes or 10, seed=args.seed)
+
+    try:
+        LDBConfig.from_ds_config(ds_config_in)  # a bad layer_drop_back section fails here
+        check_model_name(args.model)
+        data = None if args.download else make_data(False)
+    except (DatasetError, ModelError, LDBConfigError) as err:
+        print(f"[train.py] error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+    import deepspeed  # slow to import: only once the arguments are known to be good
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
     import ldb_ds
-    from ldb_ds.data import ShardedEval, build_datasets
-    from ldb_ds.models import create_model
     from ldb_ds.monitor import TrainMonitor, evaluate
 
-    # deepspeed / torchrun set RANK etc.; under plain mpirun, mpi4py discovery fills them in.
-    deepspeed.init_distributed(auto_mpi_discovery=True)
+    # deepspeed / torchrun set RANK etc.; under plain mpirun, mpi4py discovery fills them in
+    # (it would always use port 29500: pass MASTER_PORT through to pick another).
+    deepspeed.init_distributed(auto_mpi_discovery=True,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
     accel = get_accelerator()
@@ -244,22 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
     ds_config = resolve_ds_config(ds_config_in, args, world_size)
-
-    # ---- data and model -------------------------------------------------------------------
-    def make_data(download: bool):
-        return build_datasets(args.dataset, args.data_dir, img_size=args.img_size,
-                              augment=not args.no_aug, download=download,
-                              verify=not args.no_verify_data,
-                              synthetic_train_size=args.synthetic_size,
-                              synthetic_test_size=max(args.synthetic_size // 5, 1),
-                              synthetic_num_classes=args.num_classes or 10, seed=args.seed)
-
-    if args.download:  # one rank downloads, the others wait and read
+    if data is None:  # --download: one rank downloads, the others wait and read
         data = make_data(True) if is_main else None
         dist.barrier()
         data = data or make_data(False)
-    else:
-        data = make_data(False)
     num_classes = args.num_classes or data.num_classes
     torch.manual_seed(args.seed)  # same initial weights on every rank
     extra = {} if args.drop_path is None else {"drop_path_rate": args.drop_path}
@@ -270,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
         f"parameters, {num_classes} classes, world size {world_size}, {threads} thread(s)/rank")
 
+
     engine, optimizer, train_loader, _ = ldb_ds.initialize(
-        model=model, model_parameters=model.parameters(), training_data=data.train,
+        model=model, model_parameters=list(model.parameters()), training_data=data.train,
         config=ds_config, num_workers=args.workers)
     device = engine.device
     in_dtype = (torch.bfloat16 if engine.bfloat16_enabled()
