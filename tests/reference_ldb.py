@@ -21,7 +21,7 @@ from core_workers import MICRO_BATCH, make_model, window_batch
 
 def reference_run(case: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
     ldb = {"drop_rate": 0.5, "sampling_rate": 2, "keep_first": 1, "keep_last": 1, "kappa": 2.0,
-           "batch_kappa": 2, "seed": 7, **case.get("ldb", {})}
+           "batch_kappa": 2, "seed": 7, "lr_policy": "kappa", "resample": "step", **case.get("ldb", {})}
     model = make_model()
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     units = [[m.weight, m.bias] for m in linears]  # module granularity: one Linear = one unit
@@ -32,14 +32,19 @@ def reference_run(case: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
     step = 0
     for epoch in range(case.get("epochs", 3)):
         drop_epoch = epoch > 0 and epoch % ldb["sampling_rate"] == 0
+        epoch_mask = None
         for _ in range(case.get("steps_per_epoch", 3)):
             dropped = [False] * len(units)
-            if drop_epoch:
+            if drop_epoch and (ldb["resample"] == "step" or epoch_mask is None):
                 for i in range(ldb["keep_first"], len(units) - ldb["keep_last"]):
                     dropped[i] = rng.random() < ldb["drop_rate"]
+                epoch_mask = dropped
+            elif drop_epoch:
+                dropped = epoch_mask
             masks.append(tuple(i for i, d in enumerate(dropped) if d))
             per_rank = MICRO_BATCH * (ldb["batch_kappa"] if drop_epoch else 1)
-            lr_scale = ldb["kappa"] if drop_epoch else 1.0
+            lr_scale = {"kappa": ldb["kappa"], "inverse_keep": 1 / (1 - ldb["drop_rate"]), "none": 1.0
+                        }[ldb["lr_policy"]] if drop_epoch else 1.0
             for unit, d in zip(units, dropped):
                 for p in unit:
                     p.requires_grad_(not d)

@@ -1,0 +1,139 @@
+"""The benchmark runs end to end at a tiny size and writes well-formed JSON, Markdown, PNG and
+TensorBoard files. No timing is asserted: timings on a shared CI machine mean nothing.
+
+Two subprocesses (about 15 s and 60 s on 2 cores): every measuring mode at world size 1 in one
+process, then the scaling driver at world sizes 1 and 2 through the real deepspeed launcher.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from ldb_ds import bench, bench_report  # noqa: E402
+
+TINY = ["--model", "test_efficientnet", "--img-size", "16", "--batch-size", "4", "--zero-stage", "2",
+        "--warmup-rounds", "1", "--rounds", "1", "--steps-per-round", "1", "--byte-steps", "2", "--dw-reps", "1",
+        "--samples-per-rank", "16", "--periods", "1", "--reps", "2", "--warmup-steps", "1",
+        "--drop-rates", "0.3,0.6", "--sampling-rates", "1,2", "--sweep-reps", "1", "--acc-epochs", "2",
+        "--acc-limit", "32", "--quiet"]
+MEASURING = ["step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions")),
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.pop("RANK", None)
+    return env
+
+
+def _run(args: list[str], timeout: float) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ldb_ds.bench", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_files(out: str, mode: str) -> dict:
+    path = os.path.join(out, f"{mode}.json")
+    with open(path) as f:
+        res = json.load(f)  # well-formed JSON
+    assert res["schema"] == bench_report.SCHEMA and res["mode"] == mode
+    c = res["conditions"]
+    for key in ("device", "cpu_model", "world_size", "model", "micro_batch_per_rank", "precision", "zero_stage",
+                "backend", "timing", "versions", "command"):
+        assert c.get(key) not in (None, ""), f"{mode}: condition {key} missing"
+    md = open(os.path.join(out, f"{mode}.md")).read()
+    assert md.startswith(f"### ldb_ds benchmark: {mode}") and "Conditions:" in md
+    assert md.count("\n|") >= 3, md  # at least one table with a header, a rule and a row
+    with open(os.path.join(out, f"{mode}.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(os.path.join(out, f"{mode}.png"))
+    assert img.shape[0] > 100 and img.shape[1] > 100
+    assert glob.glob(os.path.join(out, "tb", mode, "events.out.tfevents.*")), f"{mode}: no TensorBoard file"
+    return res
+
+
+@pytest.fixture(scope="module")
+def ws1_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench_ws1"))
+    _run([",".join(MEASURING), *TINY, "--profile", "--out", out], timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("mode", MEASURING)
+def test_mode_writes_well_formed_outputs(ws1_results, mode):
+    res = _check_files(ws1_results, mode)
+    r = res["results"]
+    assert res["conditions"]["world_size"] == 1
+    if mode == "step":
+        assert set(r["variants"]) == set(bench.VARIANTS)
+        for v in r["variants"].values():
+            assert v["total_s"]["n"] >= 1 and _finite(v["total_s"]["median"])
+        k = r["key_figures"]
+        for key in ("drop_over_full_measured", "drop_over_full_predicted_dw", "dw_share_of_full"):
+            assert _finite(k[key]), key
+        assert k["drop_over_oracle"]["n"] >= 1
+        b = r["bytes"]
+        assert b["full_counted"] == b["full_expected"] > 0  # counted, not estimated
+        assert b["drop_counted_mean"] == b["drop_expected_mean"] < b["full_counted"]
+        assert r["profile"] and r["profile"]["ldb_drop"]
+    elif mode == "epochs":
+        assert r["modes"] == ["FULL", "DROP"] and len(r["per_rep"]["speedup"]) == 2
+        assert _finite(r["speedup"]["median"]) and r["steps"]["ldb"] < r["steps"]["baseline"]  # 2x DROP batches
+    elif mode.startswith("sweep"):
+        assert [row["value"] for row in r["rows"]] == ([0.3, 0.6] if mode == "sweep-drop-rate" else [1, 2])
+        assert all(_finite(row["speedup"]["median"]) for row in r["rows"])
+    elif mode == "accuracy":
+        assert r["epochs"] == 2 and len(r["per_epoch"]) == 2
+        assert 0.0 <= r["baseline"]["final_top1"] <= 100.0 and 0.0 <= r["ldb"]["final_top1"] <= 100.0
+        assert _finite(r["speedup"])
+
+
+def test_report_rerenders_from_json(ws1_results, tmp_path):
+    import shutil
+
+    shutil.copy(os.path.join(ws1_results, "step.json"), tmp_path / "step.json")
+    assert bench.main(["report", str(tmp_path), "--no-tensorboard"]) == 0
+    assert (tmp_path / "step.md").read_text() == open(os.path.join(ws1_results, "step.md")).read()
+    assert (tmp_path / "step.png").exists()
+
+
+def test_scaling_world_sizes_1_and_2_through_deepspeed_launcher(tmp_path):
+    out = str(tmp_path / "scaling")
+    _run(["scaling", "--world-sizes", "1,2", *TINY, "--reps", "1", "--out", out], timeout=400)
+    res = _check_files(out, "scaling")
+    rows = res["results"]["rows"]
+    assert [row["world_size"] for row in rows] == [1, 2]
+    for row in rows:
+        assert _finite(row["speedup"]["median"]) and row["bytes_full"] > row["bytes_drop_mean"] > 0
+    ws2 = json.load(open(os.path.join(out, "ws2", "step.json")))
+    assert ws2["conditions"]["world_size"] == 2 and ws2["conditions"]["backend"] == "gloo"
+
+
+def test_helpers():
+    s = bench_report.stats([3.0, 1.0, 2.0, 4.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0 and s["q1"] == 1.75 and s["n"] == 4
+    assert bench_report.stats([])["n"] == 0
+    argv = ["scaling", "--world-sizes", "1,2", "--model", "m", "--out=x", "--launcher", "torchrun", "--profile"]
+    assert bench.strip_options(argv, bench.SCALING_ONLY) == ["--model", "m", "--profile"]
+    assert bench.steady_epochs(2, 2) == [1, 2, 3, 4]
+    assert bench.parse_modes("step,epochs") == ["step", "epochs"]
+    with pytest.raises(SystemExit):
+        bench.parse_modes("step,bogus")
