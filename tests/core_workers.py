@@ -61,6 +61,9 @@ def ds_config(case: dict[str, Any]) -> dict[str, Any]:
     }
     if case.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    if case.get("warmup"):  # DeepSpeed's own scheduler; the LDB factor must compose with it
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.02, "warmup_max_lr": 0.1,
+                                                            "warmup_num_steps": 4, "warmup_type": "linear"}}
     return cfg
 
 
@@ -148,6 +151,7 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
             if counter:
                 counter.reset()
             micro_masks, micro_flags = [], []
+            scheduler_lr = engine.get_lr()[0]
             for micro in range(gas):
                 x, y = window_batch(step, micro, per_rank, world)
                 x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
@@ -164,7 +168,7 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
                         if case.get("snapshots") else {}
                 engine.step()
             record = {"epoch": epoch, "mode": engine.ldb.mode.value, "dropped": engine.ldb.dropped_units,
-                      "per_rank_batch": per_rank, "micro_masks": micro_masks, "micro_flags": micro_flags,
+                      "per_rank_batch": per_rank, "scheduler_lr": scheduler_lr, "micro_masks": micro_masks, "micro_flags": micro_flags,
                       "grad_bytes_expected": engine.ldb.grad_bytes_step,
                       "kept_param_fraction": engine.ldb.kept_param_fraction}
             if counter:

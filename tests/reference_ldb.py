@@ -28,6 +28,7 @@ def reference_run(case: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
     rng = random.Random(ldb["seed"])
     state: dict[torch.Tensor, dict[str, Any]] = {}
     masks = []
+    lrs: list = []  # the scheduler's (unscaled) lr per step, when a schedule is used
     gas = case.get("gas", 1)
     step = 0
     for epoch in range(case.get("epochs", 3)):
@@ -42,7 +43,9 @@ def reference_run(case: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
             elif drop_epoch:
                 dropped = epoch_mask
             masks.append(tuple(i for i, d in enumerate(dropped) if d))
+            lrs.append(0.02 + 0.08 * min(1.0, max(0, step - 1) / 4) if case.get("warmup") else None)
             per_rank = MICRO_BATCH * (ldb["batch_kappa"] if drop_epoch else 1)
+            lr_base = (0.02 + 0.08 * min(1.0, max(0, step - 1) / 4)) if case.get("warmup") else None
             lr_scale = {"kappa": ldb["kappa"], "inverse_keep": 1 / (1 - ldb["drop_rate"]), "none": 1.0
                         }[ldb["lr_policy"]] if drop_epoch else 1.0
             for unit, d in zip(units, dropped):
@@ -58,17 +61,17 @@ def reference_run(case: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
                 clip_by_global_norm(kept, case["clip"])
             for p in kept:
                 if case["optimizer"] == "sgd":
-                    sgd_update(p, state.setdefault(p, {}), lr=0.1 * lr_scale, momentum=0.9, weight_decay=0.01,
+                    sgd_update(p, state.setdefault(p, {}), lr=(lr_base or 0.1) * lr_scale, momentum=0.9, weight_decay=0.01,
                                nesterov=case.get("nesterov", False))
                 else:
-                    adamw_update(p, state.setdefault(p, {}), lr=0.01 * lr_scale, betas=(0.9, 0.999), eps=1e-8,
+                    adamw_update(p, state.setdefault(p, {}), lr=(lr_base or 0.01) * lr_scale, betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=0.01)
                 p.grad = None
             for unit in units:
                 for p in unit:
                     p.requires_grad_(True)
             step += 1
-    return {"masks": masks, "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {"masks": masks, "scheduler_lrs": lrs, "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
 def clip_by_global_norm(params, max_norm: float) -> None:

@@ -22,6 +22,7 @@ EXTRA = [
     {"stage": 2, "optimizer": "sgd", "clip": 0.05},   # clipping on: dropped units add nothing to the norm
     {"stage": 0, "optimizer": "sgd", "ldb": {"lr_policy": "inverse_keep", "resample": "epoch"}},
     {"stage": 1, "optimizer": "adamw", "ldb": {"batch_scaling": "accumulation"}},
+    {"stage": 3, "optimizer": "sgd", "warmup": True},  # DeepSpeed's WarmupLR x the DROP factor
 ]
 # DeepSpeed's own (C++) Adam in AdamW mode, stage 0 and 2: matches torch's documented AdamW rule
 # to ~3e-7 after 9 steps (fp32 rounding of a fused kernel), and keeps a per-*group* step counter,
@@ -35,7 +36,7 @@ for c in CASES:
 
 
 def case_id(c):
-    extra = [k for k in ("nesterov", "gas", "clip", "bf16", "rank_seeds", "ldb") if k in c]
+    extra = [k for k in ("nesterov", "gas", "clip", "bf16", "rank_seeds", "ldb", "warmup") if k in c]
     if c.get("torch_adam") is False:
         extra.append("fused")
     return f"zero{c['stage']}-{c['optimizer']}" + "".join(f"-{k}{c[k] if k == 'gas' else ''}" for k in extra)
@@ -51,13 +52,16 @@ def _get(results, case):
     return results[case_id(case)]
 
 
-@pytest.mark.parametrize("case", PARITY + EXTRA[:5] + FUSED_ADAM, ids=case_id)
+@pytest.mark.parametrize("case", PARITY + EXTRA[:5] + EXTRA[6:] + FUSED_ADAM, ids=case_id)
 def test_parity_with_plain_pytorch_reference(results, case):
     _, r0, r1 = _get(results, case)
     ref = reference_run(case)
     got_masks = [rec["dropped"] for rec in r0["records"]]
     assert got_masks == ref["masks"], "ldb_ds drew other masks than the paper's rule with the same seed"
     assert any(got_masks), "no unit was ever dropped: the test would not exercise LDB"
+    if case.get("warmup"):
+        # The scheduler keeps its own (unscaled) values; the factor lives only inside the step.
+        assert [rec["scheduler_lr"] for rec in r0["records"]] == pytest.approx(ref["scheduler_lrs"])
     for name, want in ref["final"].items():
         torch.testing.assert_close(r0["final"][name], want, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
         assert torch.equal(r0["final"][name], r1["final"][name]), f"ranks disagree on {name}"
