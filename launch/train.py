@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed", action="store_true", help="accepted for compatibility; ignored")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet18",
+    g.add_argument("--model", default="mobilenetv2_050",
                    help="timm model name, or tv:<name> for a torchvision model")
     g.add_argument("--pretrained", action="store_true",
                    help="load the library's pretrained weights (from its local cache)")
@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro batch per rank (overrides train_micro_batch_size_per_gpu and "
                         "drops train_batch_size from the config)")
     g.add_argument("--lr", type=float, default=None, help="overrides optimizer.params.lr")
-    g.add_argument("--sched", default="none", choices=["none", "cosine"],
+    g.add_argument("--sched", default=None, choices=["none", "cosine"],
                    help="epoch-wise LR schedule set by this script (cosine: annealed to "
-                        "--min-lr over --epochs, after --warmup-epochs of linear warm-up); "
-                        "use 'none' with a DeepSpeed 'scheduler' section")
+                        "--min-lr over --epochs, after --warmup-epochs of linear warm-up). "
+                        "Default: cosine, or none when the config has a DeepSpeed 'scheduler' "
+                        "section (which then steps the LR every optimizer step)")
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--warmup-epochs", type=int, default=0)
     g.add_argument("--seed", type=int, default=42)
@@ -136,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
                      f"{', '.join(unknown)}; allowed: {', '.join(sorted(dests))}")
     parser.set_defaults(**section)
     args = parser.parse_args(argv)
+    if args.sched is None:
+        args.sched = "none" if "scheduler" in ds_config else "cosine"
+    elif args.sched != "none" and "scheduler" in ds_config:
+        parser.error(f"--sched {args.sched} and the 'scheduler' section of "
+                     f"{args.deepspeed_config} would both set the learning rate; use one")
     return args, ds_config
 
 
@@ -208,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     from ldb_ds.data import DatasetError, ShardedEval, build_datasets
     from ldb_ds.models import ModelError, check_model_name, create_model
 
-    # ---- data and model, before any process group exists ------------------------------------
-    # Every rank builds the same dataset and model; a bad name or a missing dataset then fails
-    # on every rank alike with a clear message, instead of hanging the others in a collective.
+    # ---- data and model name, checked before any process group exists -------------------------
+    # Every rank builds the same dataset and checks the same names; a bad name or a missing
+    # dataset then fails on every rank alike with a clear message, before DeepSpeed starts.
     def make_data(download: bool):
         return build_datasets(args.dataset, args.data_dir, img_size=args.img_size,
                               augment=not args.no_aug, download=download,
@@ -281,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{data.describe()}")
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
         f"parameters, {num_classes} classes, world size {world_size}, {threads} thread(s)/rank")
-
 
     engine, optimizer, train_loader, _ = ldb_ds.initialize(
         model=model, model_parameters=list(model.parameters()), training_data=data.train,
