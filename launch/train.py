@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "local ranks); the deepspeed launcher does not set OMP_NUM_THREADS")
 
     g = p.add_argument_group("evaluation")
+    g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", "none"],
+                   help="before each evaluation and checkpoint, make BatchNorm running statistics "
+                        "equal on all ranks: average them (reduce) or copy rank 0's (broadcast)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)")
     g.add_argument("--eval", action="store_true",
                    help="only evaluate (with --resume: the checkpoint) and exit")
@@ -199,6 +202,28 @@ def epoch_lr_scale(epoch: int, args: argparse.Namespace, base_lr: float) -> floa
     span = max(args.epochs - args.warmup_epochs, 1)
     t = (epoch - args.warmup_epochs) / span
     return args.min_lr + 0.5 * (base_lr - args.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def distribute_bn(module, how: str) -> None:
+    """Make BatchNorm running statistics equal on every rank (timm's ``distribute_bn``).
+
+    Every rank updates its own running mean/variance from its own batches and DeepSpeed never
+    synchronises buffers, so without this each rank would evaluate with different statistics
+    and the checkpoint would keep only rank 0's (a resumed run would then evaluate differently).
+    """
+    import deepspeed.comm as dist
+
+    if how == "none" or dist.get_world_size() == 1:
+        return
+    for name, buf in module.named_buffers(recurse=True):
+        if ("running_mean" in name or "running_var" in name) and buf.is_floating_point():
+            t = buf.detach().float().clone()  # reduce in fp32 (bf16 buffers with bf16 configs)
+            if how == "reduce":
+                dist.all_reduce(t)
+                t /= dist.get_world_size()
+            else:
+                dist.broadcast(t, src=0)
+            buf.data.copy_(t.to(buf.dtype))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                                 mode=stats["mode_name"], refresh=False)
         bar.close()
         do_eval = (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch == last_epoch
+        distribute_bn(engine.module, args.dist_bn)
         res = evaluate(engine, eval_loader) if do_eval else None
         ep = mon.end_epoch(res)
         ep.update(mode_name=mode_name, lr=epoch_lr_scale(epoch, args, base_lrs[0]) * ldb.lr_factor)

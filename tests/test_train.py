@@ -95,6 +95,13 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     top1 = [v for _, v in s["Eval/top1"]]
     assert len(top1) == 3 and top1[-1] == pytest.approx(results["final_top1"], abs=1e-3)
 
+    # The last checkpoint evaluates to the same accuracy (BatchNorm statistics are made equal
+    # on all ranks before evaluating and saving, so rank 0's checkpoint is everybody's model).
+    again = tu.run_deepspeed(["--deepspeed_config", cfg, "--output", str(out), "--experiment",
+                              "e2e", "--resume", "--eval"])
+    assert again.returncode == 0, tu.explain(again)
+    assert f"eval: top1 {results['final_top1']:.2f}%" in again.stdout, tu.explain(again)
+
 
 def _final_module_state(run_dir, tag):
     state = torch.load(os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt"),
