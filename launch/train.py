@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run from a checkout without installing the package
@@ -275,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     is_main = rank == 0
+    # DeepSpeed 0.19.8's ZeRO calls a torch collective that torch marks deprecated; the warning
+    # is about DeepSpeed's code, not ours, and would repeat on every rank.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
+    if not is_main:  # other ranks stay quiet: DeepSpeed's INFO lines come from rank 0 only
+        import logging
+
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
 
     def log(msg: str) -> None:
         if is_main:
