@@ -43,6 +43,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_bin() -> str:
+    """The deepspeed launcher of this Python environment (also when it is not on PATH)."""
+    local = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return local if os.path.exists(local) else "deepspeed"
+
+
 def device_slots() -> tuple[int, str]:
     """How many ranks this machine can run without oversubscribing: GPUs, else CPU cores."""
     if os.environ.get("DS_ACCELERATOR", "") != "cpu":
@@ -109,7 +115,7 @@ def main() -> int:
             env = dict(os.environ)
             if what == "CPU cores":
                 env["OMP_NUM_THREADS"] = str(max(1, slots // ws))
-            cmd = ["deepspeed", "--num_gpus", str(ws), "--master_port", str(free_port()),
+            cmd = [deepspeed_bin(), "--num_gpus", str(ws), "--master_port", str(free_port()),
                    os.path.join(HERE, "train.py"), "--deepspeed_config", cfg,
                    "--output", args.log_root, "--experiment", exp, "--overwrite",
                    "--ckpt-every", "0", "--no-progress", *extra]

@@ -186,3 +186,21 @@ def test_clear_errors_before_any_rank_starts(tmp_path):
                                 train={"epoch": 3})
     bad2 = tu.run([sys.executable, tu.TRAIN, "--deepspeed_config", bad_train], timeout=120)
     assert bad2.returncode == 2 and "'train' section" in bad2.stderr and "epoch" in bad2.stderr
+
+
+def test_scaling_sweep_overlays_world_sizes(tmp_path):
+    """launch/sweep.py: baseline and LDB at world sizes 1 and 2 in one log root, plus a summary."""
+    root = tmp_path / "sweep"
+    proc = tu.run([sys.executable, os.path.join(tu.REPO, "launch", "sweep.py"),
+                   "--log-root", str(root), "--world-sizes", "1", "2",
+                   "--configs", "ds_configs/zero0_baseline.json", "ds_configs/zero0_ldb.json",
+                   "--", "--model", MODEL, "--epochs", "3", "--max-steps-per-epoch", "2"],
+                  timeout=400)
+    assert proc.returncode == 0, tu.explain(proc)
+    summary = (root / "summary.csv").read_text().splitlines()
+    assert len(summary) == 5 and all(",ok," in row for row in summary[1:]), summary
+    assert "speedup_vs_baseline" in (root / "summary.md").read_text()
+    for ws in (1, 2):
+        for name in ("zero0_baseline", "zero0_ldb"):
+            s = tu.read_scalars(str(root / f"{name}-ws{ws}"))
+            assert {v for _, v in s["Run/world_size"]} == {float(ws)}
