@@ -395,6 +395,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     ds_config = load_ds_config(config)
     cfg = LDBConfig.from_ds_config(ds_config)
 
+    if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):
+        # model.parameters() is a generator: read it once, hand the same list to DeepSpeed.
+        model_parameters = list(model_parameters)
     user_groups = normalise_param_groups(model, model_parameters if model_parameters is not None
                                          else _params_of(optimizer))
     # Every unit is trainable here (requires_grad=True by construction): DeepSpeed fixes the

@@ -246,3 +246,23 @@ def checkpoint_case(rank: int, stage: int, ckpt_dir: str) -> dict[str, Any]:
     return {"masks_a": masks_a, "masks_b": masks_b, "final_a": final_a, "final_b": final_b,
             "mask_at_save": mask_at_save, "flags_after_save": flags_after_save, "resumed_epoch": resumed_epoch,
             "counts_b": counts_b, "client_keys": sorted(client_state or {})}
+
+
+def baseline_case(rank: int) -> dict[str, Any]:
+    """LDB disabled: plain DeepSpeed behind the same API, with model.parameters() as a generator."""
+    import ldb_ds
+
+    cfg = ds_config({"stage": 2, "optimizer": "sgd"})
+    cfg["layer_drop_back"] = {"enabled": False}
+    model = make_model()
+    engine, _, _, _ = ldb_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    groups = len(engine.ds_engine.basic_optimizer.param_groups)
+    modes = []
+    for epoch in range(3):
+        engine.set_epoch(epoch)
+        x, y = window_batch(epoch, 0, engine.micro_batch_size, 2)
+        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        engine.step()
+        modes.append((engine.ldb.mode.value, engine.ldb.dropped_units, engine.micro_batch_size))
+    engine.destroy()
+    return {"groups": groups, "modes": modes}

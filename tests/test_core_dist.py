@@ -167,3 +167,11 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, stage):
         assert r["counts_b"] == (8, 6)
         # After the save the dropped units are frozen again (the mask survives the save).
         assert r["mask_at_save"] and not all(r["flags_after_save"])
+
+
+def test_disabled_is_plain_deepspeed_with_the_same_api():
+    from core_workers import baseline_case
+
+    r0, _ = run_distributed(baseline_case, 2, timeout=300)
+    assert r0["groups"] == 1  # the user's single group, not split by unit
+    assert r0["modes"] == [("FULL", (), 4)] * 3
