@@ -16,16 +16,17 @@ class ReductionCounter:
     ``deepspeed.comm.comm.cdb`` (ZeRO-3 even keeps its own reference to torch's
     reduce_scatter_tensor, so wrapping torch.distributed would miss it). We wrap
     that object's reduction methods: real traffic, counted, not changed.
-    Reductions of fewer than 16 elements are scalar norm/overflow checks, not
-    gradients, and are not counted.
+    Reductions of fewer than ``min_numel`` (16) elements are scalar norm/overflow
+    checks, not gradients, and are not counted.
     """
 
     NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce",
              "inference_all_reduce")
 
-    def __init__(self) -> None:
+    def __init__(self, min_numel: int = 16) -> None:
         from deepspeed.comm import comm as ds_comm
 
+        self.min_numel = min_numel
         self.bytes = 0
         self.calls: list[tuple[str, int]] = []
         self._backend = ds_comm.cdb
@@ -43,7 +44,7 @@ class ReductionCounter:
                 payload = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
             tensors = list(payload) if isinstance(payload, (list, tuple)) else [payload]
             numel = sum(t.numel() for t in tensors)
-            if numel >= 16:
+            if numel >= self.min_numel:
                 self.bytes += sum(t.numel() * t.element_size() for t in tensors)
                 self.calls.append((name, numel))
             return fn(*args, **kwargs)

@@ -182,8 +182,11 @@ class LDBEngine:
         # inside its per-group step, but keeps these dict objects.
         self._group_dicts = list(self._optimizer.param_groups) if cfg.enabled else []
         self._hidden_ids: set[int] = set()  # id() of the group dicts of dropped units, set in step()
+        self._skipped_groups: set[int] = set()  # their indices, set in step()
         if cfg.enabled:
             zero_hooks.install_group_step_filter(self._optimizer, self._hidden_group_ids, self._step_lr_factor)
+            # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step.
+            zero_hooks.install_batched_grad_norm(ds_engine, lambda: self._skipped_groups)
 
     # -- pass-through ---------------------------------------------------------
 
@@ -216,6 +219,7 @@ class LDBEngine:
             self._refresh_group_dicts()
             # Computed once per step: DeepSpeed calls the optimizer once per group at ZeRO 1-3.
             skipped = {gi for gi, ui in enumerate(self._unit_of_group) if self._dropped[ui]}
+            self._skipped_groups = skipped
             self._hidden_ids = {id(self._group_dicts[gi]) for gi in skipped}
             with zero_hooks.skip_allgather_of_dropped(self.ds_engine, skipped):
                 result = self.ds_engine.step(**kwargs)

@@ -166,5 +166,70 @@ def skip_allgather_of_dropped(ds_engine: Any, skipped_group_indices: set[int]) -
         module.all_gather_dp_groups = original
 
 
+def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[int]]) -> bool:
+    """ZeRO-1/2: one all-reduce for all group norms instead of one per group.
+
+    ``DeepSpeedZeroOptimizer.scaled_global_norm`` calls ``get_grad_norm_direct``
+    per param group, and each call all-reduces one scalar. With one group per
+    unit that is hundreds of tiny collectives per step (the benchmark counted
+    42 per step for resnet18 against 2 for the baseline). This replacement
+    does the same arithmetic - per group the sum over its gradients of
+    ``vector_norm(g.double())**2``, summed over ranks, square-rooted, inf/NaN
+    masked to -1, then ``combine_grad_norm_groups`` - but sums all groups in one
+    all-reduce of a vector, so each group's value is the same number DeepSpeed
+    computes. Dropped groups' gradients are DeepSpeed's zero fill: their
+    contribution is 0 and is not computed.
+
+    Installed only where the plain path applies (no CPU offload, MoE, model or
+    pipeline parallelism, Muon); elsewhere DeepSpeed's own method stays.
+    Returns whether it was installed.
+    """
+    z = ds_engine.optimizer
+    if not hasattr(z, "scaled_global_norm") or not hasattr(z, "bit16_groups"):
+        return False
+    from deepspeed import comm as dist
+    from deepspeed.runtime.utils import combine_grad_norm_groups, is_model_parallel_parameter
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    plain = (not z.cpu_offload and not z.has_moe_layers and not getattr(z, "use_muon", False)
+             and z.mpu is None and getattr(z, "model_parallel_rank", 0) == 0
+             and not any(hasattr(p, "ds_pipe_replicated") or is_model_parallel_parameter(p)
+                         for group in z.bit16_groups for p in group))
+    if not plain:
+        return False
+    original = z.scaled_global_norm
+    device = get_accelerator_device()
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        if norm_type != 2:
+            return original(norm_type)
+        dropped = dropped_groups()
+        sums = []
+        for i in range(len(z.bit16_groups)):
+            grads = [g for g in z.averaged_gradients[i] if not getattr(g, "_zero_padding", False)] \
+                if i not in dropped else []
+            if grads:
+                norms = [torch.linalg.vector_norm(g.data.to(get_norm_dtype()).detach(), ord=2).to(device)
+                         for g in grads]
+                sums.append(torch.stack(norms).pow(2).sum().float())
+            else:
+                sums.append(torch.tensor(0.0, dtype=torch.float32, device=device))
+        stacked = torch.stack(sums)
+        # One collective for all groups; every rank contributes its partition's sums.
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=z.dp_process_group)
+        norms = stacked.pow(0.5)
+        norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, -1.0))
+        return combine_grad_norm_groups(list(norms.unbind(0)), norm_type=2)
+
+    z.scaled_global_norm = scaled_global_norm
+    return True
+
+
+def get_accelerator_device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
 __all__ = ["zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
-           "skip_allgather_of_dropped"]
+           "skip_allgather_of_dropped", "install_batched_grad_norm"]

@@ -266,3 +266,30 @@ def baseline_case(rank: int) -> dict[str, Any]:
         modes.append((engine.ldb.mode.value, engine.ldb.dropped_units, engine.micro_batch_size))
     engine.destroy()
     return {"groups": groups, "modes": modes}
+
+
+def grad_norm_case(rank: int) -> dict[str, Any]:
+    """ZeRO-2: ldb_ds's batched group-norm equals DeepSpeed's per-group method, in 1 collective."""
+    import ldb_ds
+
+    engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config({"stage": 2, "optimizer": "sgd",
+                                                                                 "clip": 0.05}))
+    z = engine.ds_engine.optimizer
+    deepspeed_method = type(z).scaled_global_norm.__get__(z)  # the class's own, unpatched
+    out = []
+    for epoch in (0, 2):  # a FULL and a DROP epoch
+        engine.set_epoch(epoch)
+        x, y = window_batch(epoch, 0, engine.micro_batch_size, 2)
+        per_rank = engine.micro_batch_size
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        # What step() sets up before DeepSpeed's step, then both norms on the same gradients.
+        engine._skipped_groups = {gi for gi, ui in enumerate(engine._unit_of_group) if engine._dropped[ui]}
+        # DeepSpeed's backward epilogue has filled averaged_gradients (zeros for dropped groups).
+        with ReductionCounter(min_numel=1) as counter:
+            ours = z.scaled_global_norm()
+        theirs = deepspeed_method()
+        out.append((float(ours), float(theirs), len(counter.calls), engine.ldb.dropped_units))
+        engine.step()
+    engine.destroy()
+    return {"norms": out}

@@ -175,3 +175,14 @@ def test_disabled_is_plain_deepspeed_with_the_same_api():
     r0, _ = run_distributed(baseline_case, 2, timeout=300)
     assert r0["groups"] == 1  # the user's single group, not split by unit
     assert r0["modes"] == [("FULL", (), 4)] * 3
+
+
+def test_batched_group_norm_equals_deepspeeds_per_group_norm():
+    from core_workers import grad_norm_case
+
+    r0, r1 = run_distributed(grad_norm_case, 2, timeout=300)
+    for r in (r0, r1):
+        (full_ours, full_ds, full_calls, full_dropped), (drop_ours, drop_ds, drop_calls, drop_dropped) = r["norms"]
+        assert full_dropped == () and drop_dropped != ()
+        assert full_ours == full_ds and drop_ours == drop_ds  # bitwise: same arithmetic, one collective
+        assert full_calls == drop_calls == 1
