@@ -223,6 +223,22 @@ def sync() -> None:
     get_accelerator().synchronize()
 
 
+def timed_step(forward_loss: Any, backward: Any, optimizer_step: Any) -> tuple[float, float, float]:
+    """Seconds of (forward + loss, backward, optimizer step), the device synchronised around each."""
+    sync()
+    t0 = time.perf_counter()
+    loss = forward_loss()
+    sync()
+    t1 = time.perf_counter()
+    backward(loss)
+    sync()
+    t2 = time.perf_counter()
+    optimizer_step()
+    sync()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2
+
+
 def barrier(ctx: Ctx) -> None:
     import deepspeed.comm as dist
 
@@ -369,19 +385,8 @@ class EngineRunner:
     def step(self, x: Any, y: Any) -> tuple[float, float, float]:
         import torch.nn.functional as F
 
-        sync()
-        t0 = time.perf_counter()
-        out = self.engine(x)
-        loss = F.cross_entropy(out.float(), y)
-        sync()
-        t1 = time.perf_counter()
-        self.engine.backward(loss)
-        sync()
-        t2 = time.perf_counter()
-        self.engine.step()
-        sync()
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        return timed_step(lambda: F.cross_entropy(self.engine(x).float(), y), self.engine.backward,
+                          self.engine.step)
 
 
 class OracleRunner:
@@ -411,20 +416,12 @@ class OracleRunner:
     def step(self, x: Any, y: Any) -> tuple[float, float, float]:
         import torch.nn.functional as F
 
-        sync()
-        t0 = time.perf_counter()
-        out = self.model(x)
-        loss = F.cross_entropy(out.float(), y)
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        sync()
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        def optimizer_step() -> None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+        return timed_step(lambda: F.cross_entropy(self.model(x).float(), y), lambda loss: loss.backward(),
+                          optimizer_step)
 
 
 def weight_grad_costs(model: Any, x: Any, reps: int = 5) -> tuple[dict[str, float], list[str]]:

@@ -16,19 +16,23 @@ class ReductionCounter:
     ``deepspeed.comm.comm.cdb`` (ZeRO-3 even keeps its own reference to torch's
     reduce_scatter_tensor, so wrapping torch.distributed would miss it). We wrap
     that object's reduction methods: real traffic, counted, not changed.
-    Reductions of fewer than ``min_numel`` (16) elements are scalar norm/overflow
-    checks, not gradients, and are not counted.
+    Reductions of fewer than ``MIN_NUMEL`` (16) elements are scalar norm/overflow
+    checks, not gradients, and are not counted; nor is ldb_ds's own batched
+    gradient-norm vector (one element per group, so possibly longer), which
+    ``zero_hooks`` marks with the attribute ``ldb_not_a_gradient``.
     """
 
     NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce",
              "inference_all_reduce")
 
-    def __init__(self, min_numel: int = 16) -> None:
+    MIN_NUMEL = 16
+
+    def __init__(self) -> None:
         from deepspeed.comm import comm as ds_comm
 
-        self.min_numel = min_numel
         self.bytes = 0
-        self.calls: list[tuple[str, int]] = []
+        self.calls: list[tuple[str, int]] = []  # the gradient reductions: (op, elements)
+        self.all_calls: list[tuple[str, int]] = []  # every reduction, gradients or not
         self._backend = ds_comm.cdb
         self._originals = {n: getattr(self._backend, n) for n in self.NAMES if hasattr(self._backend, n)}
         for name, fn in self._originals.items():
@@ -44,7 +48,8 @@ class ReductionCounter:
                 payload = args[0] if args else kwargs.get("tensor", kwargs.get("tensors"))
             tensors = list(payload) if isinstance(payload, (list, tuple)) else [payload]
             numel = sum(t.numel() for t in tensors)
-            if numel >= self.min_numel:
+            self.all_calls.append((name, numel))
+            if numel >= self.MIN_NUMEL and not any(getattr(t, "ldb_not_a_gradient", False) for t in tensors):
                 self.bytes += sum(t.numel() * t.element_size() for t in tensors)
                 self.calls.append((name, numel))
             return fn(*args, **kwargs)
@@ -53,6 +58,7 @@ class ReductionCounter:
     def reset(self) -> None:
         self.bytes = 0
         self.calls = []
+        self.all_calls = []
 
     def close(self) -> None:
         for name in self._originals:

@@ -215,6 +215,7 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
             else:
                 sums.append(torch.tensor(0.0, dtype=torch.float32, device=device))
         stacked = torch.stack(sums)
+        stacked.ldb_not_a_gradient = True  # so ldb_ds.comm_count does not count it as gradient bytes
         # One collective for all groups; every rank contributes its partition's sums.
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=z.dp_process_group)
         norms = stacked.pow(0.5)

@@ -286,10 +286,11 @@ def grad_norm_case(rank: int) -> dict[str, Any]:
         # What step() sets up before DeepSpeed's step, then both norms on the same gradients.
         engine._skipped_groups = {gi for gi, ui in enumerate(engine._unit_of_group) if engine._dropped[ui]}
         # DeepSpeed's backward epilogue has filled averaged_gradients (zeros for dropped groups).
-        with ReductionCounter(min_numel=1) as counter:
+        with ReductionCounter() as counter:
             ours = z.scaled_global_norm()
         theirs = deepspeed_method()
-        out.append((float(ours), float(theirs), len(counter.calls), engine.ldb.dropped_units))
+        # all_calls: every reduction; bytes: gradient traffic only (the norm vector is not).
+        out.append((float(ours), float(theirs), len(counter.all_calls), engine.ldb.dropped_units, counter.bytes))
         engine.step()
     engine.destroy()
     return {"norms": out}

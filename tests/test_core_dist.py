@@ -182,7 +182,9 @@ def test_batched_group_norm_equals_deepspeeds_per_group_norm():
 
     r0, r1 = run_distributed(grad_norm_case, 2, timeout=300)
     for r in (r0, r1):
-        (full_ours, full_ds, full_calls, full_dropped), (drop_ours, drop_ds, drop_calls, drop_dropped) = r["norms"]
+        (full_ours, full_ds, full_calls, full_dropped, full_grad_bytes), \
+            (drop_ours, drop_ds, drop_calls, drop_dropped, drop_grad_bytes) = r["norms"]
         assert full_dropped == () and drop_dropped != ()
+        assert full_grad_bytes == drop_grad_bytes == 0
         assert full_ours == full_ds and drop_ours == drop_ds  # bitwise: same arithmetic, one collective
         assert full_calls == drop_calls == 1
