@@ -294,3 +294,33 @@ def grad_norm_case(rank: int) -> dict[str, Any]:
         engine.step()
     engine.destroy()
     return {"norms": out}
+
+
+def naive_freeze_case(rank: int, stage: int) -> dict[str, Any]:
+    """Plain DeepSpeed, the naive way: freeze a layer after initialize by requires_grad=False.
+
+    The control experiment for the untouched tests: it shows that what ldb_ds prevents really
+    happens without it (DeepSpeed zero-fills the missing gradient and steps the whole group, and
+    momentum and weight decay move the frozen layer).
+    """
+    import deepspeed
+
+    cfg = ds_config({"stage": stage, "optimizer": "sgd"})
+    del cfg["layer_drop_back"]
+    model = make_model()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+    frozen = engine.module[2]  # the second Linear layer
+    moved = []
+    for step in range(2):
+        if step == 1:
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+        x, y = window_batch(step, 0, MICRO_BATCH, 2)
+        x, y = x[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+        before = gathered_params(engine, list(frozen.parameters()))
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+        after = gathered_params(engine, list(frozen.parameters()))
+        moved.append(any(not torch.equal(a, b) for a, b in zip(before, after)))
+    engine.destroy()
+    return {"moved": moved}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -33,17 +34,24 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     import deepspeed
     import deepspeed.comm as dist
 
+    exit_code = 1
     try:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         result = fn(rank, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        exit_code = 0
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Leave without interpreter teardown: a gloo/ZeRO-3 helper thread still being destroyed
+        # there sometimes aborts the process ("terminate called without an active exception")
+        # after all its work is done and saved. The result (or the error) is on disk already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def run_distributed(fn, world_size: int = 2, *args, timeout: float = 600.0) -> list:

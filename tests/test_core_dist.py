@@ -188,3 +188,16 @@ def test_batched_group_norm_equals_deepspeeds_per_group_norm():
         assert full_grad_bytes == drop_grad_bytes == 0
         assert full_ours == full_ds and drop_ours == drop_ds  # bitwise: same arithmetic, one collective
         assert full_calls == drop_calls == 1
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_control_naive_freeze_moves_the_layer_under_zero(stage):
+    """Without ldb_ds, freezing after initialize does not keep a layer still at ZeRO 1-3.
+
+    This is why the untouched tests above can fail: the same check on plain DeepSpeed sees the
+    frozen layer move (momentum and weight decay applied to a zero-filled gradient).
+    """
+    from core_workers import naive_freeze_case
+
+    r0, r1 = run_distributed(naive_freeze_case, 2, stage, timeout=300)
+    assert r0["moved"] == r1["moved"] == [True, True]
