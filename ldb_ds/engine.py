@@ -184,7 +184,8 @@ class LDBEngine:
         self._hidden_ids: set[int] = set()  # id() of the group dicts of dropped units, set in step()
         self._skipped_groups: set[int] = set()  # their indices, set in step()
         if cfg.enabled:
-            zero_hooks.install_group_step_filter(self._optimizer, self._hidden_group_ids, self._step_lr_factor)
+            zero_hooks.install_group_step_filter(self._optimizer, lambda: self._hidden_ids,
+                                                 lambda: lr_factor(self._mode, self._cfg))
             # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step.
             zero_hooks.install_batched_grad_norm(ds_engine, lambda: self._skipped_groups)
 
@@ -298,9 +299,6 @@ class LDBEngine:
             for p in unit.params:
                 p.requires_grad_(not is_dropped)
 
-    def _hidden_group_ids(self) -> set[int]:
-        return self._hidden_ids
-
     def _refresh_group_dicts(self) -> None:
         # torch's Optimizer.load_state_dict (DeepSpeed's checkpoint loading calls it) replaces the
         # group dicts with new ones; the step filter recognises groups by identity, so re-capture.
@@ -309,15 +307,12 @@ class LDBEngine:
         if len(current) != len(self._group_dicts) or any(a is not b for a, b in zip(current, self._group_dicts)):
             self._group_dicts = list(current)
 
-    def _step_lr_factor(self) -> float:
-        return lr_factor(self._mode, self._cfg)
-
     def _grad_bytes(self, unit: Unit) -> int:
         # Gradients travel in DeepSpeed's communication dtype (the model dtype unless configured).
         comm_dtype = getattr(self.ds_engine, "communication_data_type", None)
-        size = lambda p: torch.empty((), dtype=comm_dtype).element_size() if isinstance(
-            comm_dtype, torch.dtype) else p.element_size()
-        return sum(param_numel(p) * size(p) for p in unit.params)
+        if isinstance(comm_dtype, torch.dtype):
+            return unit.numel * torch.empty((), dtype=comm_dtype).element_size()
+        return sum(param_numel(p) * p.element_size() for p in unit.params)
 
     # -- checkpoints ----------------------------------------------------------
 

@@ -188,6 +188,7 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
     if not hasattr(z, "scaled_global_norm") or not hasattr(z, "bit16_groups"):
         return False
     from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.utils import combine_grad_norm_groups, is_model_parallel_parameter
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
@@ -198,7 +199,7 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
     if not plain:
         return False
     original = z.scaled_global_norm
-    device = get_accelerator_device()
+    device = get_accelerator().current_device_name()
 
     def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
         if norm_type != 2:
@@ -224,12 +225,6 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
 
     z.scaled_global_norm = scaled_global_norm
     return True
-
-
-def get_accelerator_device() -> str:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().current_device_name()
 
 
 __all__ = ["zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",

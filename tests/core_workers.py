@@ -20,14 +20,14 @@ IN_DIM, HIDDEN, CLASSES, LAYERS = 8, 16, 4, 6
 MICRO_BATCH = 4
 
 
-def make_model() -> nn.Module:
-    """Six Linear layers, no BatchNorm (per-rank batch statistics would break exact parity)."""
+def make_model(depth: int = LAYERS) -> nn.Module:
+    """``depth`` Linear layers, no BatchNorm (per-rank batch statistics would break exact parity)."""
     torch.manual_seed(0)
-    dims = [IN_DIM] + [HIDDEN] * (LAYERS - 1) + [CLASSES]
+    dims = [IN_DIM] + [HIDDEN] * (depth - 1) + [CLASSES]
     layers: list[nn.Module] = []
-    for i in range(LAYERS):
+    for i in range(depth):
         layers.append(nn.Linear(dims[i], dims[i + 1]))
-        if i < LAYERS - 1:
+        if i < depth - 1:
             layers.append(nn.Tanh())
     return nn.Sequential(*layers)
 
@@ -272,8 +272,11 @@ def grad_norm_case(rank: int) -> dict[str, Any]:
     """ZeRO-2: ldb_ds's batched group-norm equals DeepSpeed's per-group method, in 1 collective."""
     import ldb_ds
 
-    engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config({"stage": 2, "optimizer": "sgd",
-                                                                                 "clip": 0.05}))
+    # 10 layers at param granularity: 20 groups, so the batched norm vector is as long as a small
+    # gradient bucket and only its marker keeps the byte counter from taking it for one.
+    config = ds_config({"stage": 2, "optimizer": "sgd", "clip": 0.05, "ldb": {"granularity": "param"}})
+    engine, _, _, _ = ldb_ds.initialize(model=make_model(depth=10), config=config)
+    assert len(engine._group_dicts) >= ReductionCounter.MIN_NUMEL
     z = engine.ds_engine.optimizer
     deepspeed_method = type(z).scaled_global_norm.__get__(z)  # the class's own, unpatched
     out = []
