@@ -378,9 +378,8 @@ def result(ctx: Ctx, mode: str, results: dict[str, Any], engine: Any = None, mod
 class EngineRunner:
     """One timed training step through an ldb_ds engine (baseline or LDB)."""
 
-    def __init__(self, engine: Any, dtype: Any):
+    def __init__(self, engine: Any):
         self.engine = engine
-        self.dtype = dtype
 
     def step(self, x: Any, y: Any) -> tuple[float, float, float]:
         import torch.nn.functional as F
@@ -538,7 +537,7 @@ def run_step(ctx: Ctx) -> dict[str, Any]:
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(ctx.device)
     kb = ldb.ldb.config.batch_kappa if ldb.ldb.config.batch_scaling == "micro_batch" else 1
     xk, yk = torch.cat([x] * kb), torch.cat([y] * kb)  # the batch of a DROP epoch's step
-    runners = {"baseline": EngineRunner(base, dtype), "ldb": EngineRunner(ldb, dtype)}
+    runners = {"baseline": EngineRunner(base), "ldb": EngineRunner(ldb)}
     # The oracle replays the masks the LDB DROP steps drew, a block (one round's DROP steps) at a
     # time, newest first; each DROP step has a sequence number so that a recorded oracle step is
     # paired with the recorded LDB step of the same mask.

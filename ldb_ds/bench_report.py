@@ -334,6 +334,14 @@ def _md_scaling(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
+def _speedup_errorbar(ax: Any, xs: Sequence[float], rows: Sequence[dict[str, Any]]) -> None:
+    """Median speedup (%) per x with min..max error bars: the sweep and scaling plots."""
+    med = [row["speedup"]["median"] * 100 for row in rows]
+    lo = [m - row["speedup"]["min"] * 100 for m, row in zip(med, rows)]
+    hi = [row["speedup"]["max"] * 100 - m for m, row in zip(med, rows)]
+    ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="this machine (median, min..max)")
+
+
 def plot(result: dict[str, Any], path: str) -> str | None:
     import matplotlib
 
@@ -383,10 +391,7 @@ def plot(result: dict[str, Any], path: str) -> str | None:
     elif mode in ("sweep-drop-rate", "sweep-sampling-rate"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         xs = [row["value"] for row in r["rows"]]
-        med = [row["speedup"]["median"] * 100 for row in r["rows"]]
-        lo = [m - row["speedup"]["min"] * 100 for m, row in zip(med, r["rows"])]
-        hi = [row["speedup"]["max"] * 100 - m for m, row in zip(med, r["rows"])]
-        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="this machine (median, min..max)")
+        _speedup_errorbar(ax, xs, r["rows"])
         paper = [(row["value"], row["paper_speedup_pct"]) for row in r["rows"] if row.get("paper_speedup_pct")]
         if paper:
             ax.plot(*zip(*paper), "s--", color="#c44e52", label="paper (GPU)")
@@ -410,10 +415,7 @@ def plot(result: dict[str, Any], path: str) -> str | None:
     elif mode == "scaling":
         fig, ax = plt.subplots(figsize=(7, 4.5))
         xs = [row["world_size"] for row in r["rows"]]
-        med = [row["speedup"]["median"] * 100 for row in r["rows"]]
-        lo = [m - row["speedup"]["min"] * 100 for m, row in zip(med, r["rows"])]
-        hi = [row["speedup"]["max"] * 100 - m for m, row in zip(med, r["rows"])]
-        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="this machine (median, min..max)")
+        _speedup_errorbar(ax, xs, r["rows"])
         paper = sorted((int(k), v) for k, v in r["paper"].items())
         ax.plot(*zip(*paper), "s--", color="#c44e52", label="paper Table 3 (GPUs)")
         ax.set_xscale("log", base=2)
