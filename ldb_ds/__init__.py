@@ -9,21 +9,44 @@
 ...         engine.backward(loss)
 ...         engine.step()
 
-Import order inside the package flows one way: ``config``/``schedule`` (pure
-Python), ``units`` (torch), ``zero_hooks``/``engine`` (DeepSpeed).
+The core is this package's top level; it needs torch and DeepSpeed only.
+Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``,
+``functional``, ``controller``, ``sampler`` (torch) -> ``zero_hooks``,
+``engine`` (DeepSpeed). The applications ``ldb_ds.train`` and ``ldb_ds.bench``
+(and ``ldb_ds.integrations``) import the core and are never imported by it.
+Everything that needs torch or DeepSpeed is imported on first use, so
+``import ldb_ds`` stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .config import DEFAULTS, LDBConfig, LDBConfigError
 from .schedule import Mode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# name -> module that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "initialize": "engine",
+    "LDBEngine": "engine",
+    "LDBState": "controller",
+    "LDBController": "controller",
+    "ScalableBatchSampler": "sampler",
+    "build_dataloader": "sampler",
+}
+_SUBMODULES = ("functional", "units", "controller", "sampler", "zero_hooks", "engine", "runtime")
 
 
-def initialize(*args, **kwargs):
-    """See :func:`ldb_ds.engine.initialize` (imported lazily: DeepSpeed is slow to import)."""
-    from .engine import initialize as _initialize
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ldb_ds' has no attribute {name!r}")
 
-    return _initialize(*args, **kwargs)
 
-
-__all__ = ["initialize", "LDBConfig", "LDBConfigError", "Mode", "DEFAULTS", "__version__"]
+__all__ = ["initialize", "LDBConfig", "LDBConfigError", "Mode", "DEFAULTS", "LDBEngine", "LDBState",
+           "LDBController", "ScalableBatchSampler", "build_dataloader", "functional", "__version__"]

@@ -19,14 +19,20 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 SECTION = "layer_drop_back"
 
-GRANULARITIES = ("param", "module", "block")
-RESAMPLE_POLICIES = ("step", "epoch")
-LR_POLICIES = ("kappa", "inverse_keep", "none")
-BATCH_SCALING = ("micro_batch", "accumulation")
+Granularity = Literal["param", "module", "block"]
+ResamplePolicy = Literal["step", "epoch"]
+LRPolicy = Literal["kappa", "inverse_keep", "none"]
+BatchScaling = Literal["micro_batch", "accumulation"]
+
+# The allowed values, derived from the types (one source for annotations and validation).
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+RESAMPLE_POLICIES: tuple[str, ...] = get_args(ResamplePolicy)
+LR_POLICIES: tuple[str, ...] = get_args(LRPolicy)
+BATCH_SCALING: tuple[str, ...] = get_args(BatchScaling)
 
 
 class LDBConfigError(ValueError):
@@ -48,7 +54,7 @@ class LDBConfig:
     """s: epoch e is a DROP epoch when ``e % s == 0 and e > 0`` (paper/authors: 2).
     ``1`` makes every epoch after the first a DROP epoch."""
 
-    granularity: str = "module"
+    granularity: Granularity = "module"
     """What one LDB unit is: ``param`` (each parameter tensor, as the authors' code),
     ``module`` (each module that owns parameters directly, e.g. a conv, or a norm
     with weight and bias) or ``block`` (timm's ``group_matcher`` blocks)."""
@@ -60,11 +66,11 @@ class LDBConfig:
     """Units at the end that are never dropped (paper: the last layer; at ``param``
     granularity use 2 to keep the classifier's weight and bias as the authors do)."""
 
-    resample: str = "step"
+    resample: ResamplePolicy = "step"
     """``step``: a new mask every optimizer step (authors' code); ``epoch``: one
     mask per DROP epoch."""
 
-    lr_policy: str = "kappa"
+    lr_policy: LRPolicy = "kappa"
     """DROP-epoch learning-rate factor: ``kappa`` (x kappa, the paper's experiments
     and the authors' default "double"), ``inverse_keep`` (x 1/(1-p), the authors'
     "relative" policy; the paper's eta/p is read as a typo of this keep-probability
@@ -76,7 +82,7 @@ class LDBConfig:
     batch_kappa: int = 2
     """Batch-size factor in DROP epochs (paper: 2; authors' from-scratch script: 1)."""
 
-    batch_scaling: str = "micro_batch"
+    batch_scaling: BatchScaling = "micro_batch"
     """How the DROP batch grows: ``micro_batch`` (the dataloader yields batches
     batch_kappa times larger, fewer steps per epoch: where the paper's speed comes
     from; needs the memory) or ``accumulation`` (gradient accumulation steps x

@@ -28,7 +28,7 @@ for the duration of one call, hides the dicts of dropped units from
 weight decay, no Adam moment, no per-group ``step`` counter moves. Without it,
 ZeRO would move dropped units: it turns missing gradients into zeros and steps
 the whole flat group, and momentum and weight decay move parameters even with
-a zero gradient (design.md section 3).
+a zero gradient (docs/design.md, section 4).
 
 The same wrapper applies the DROP-epoch learning-rate factor, only inside the
 step, and puts the scheduler's value back afterwards, so any LR scheduler
@@ -44,9 +44,50 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Iterator, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+
+from .functional import hide_groups
+
+
+# The DeepSpeed releases every function below was checked against (file:line citations are
+# from the last one), inclusive. ``initialize`` warns once outside this range; the group-order
+# check still runs and raises if DeepSpeed no longer keeps ldb_ds's groups.
+VERIFIED_DEEPSPEED = ("0.19.8", "0.19.8")
+
+NOT_A_GRADIENT = "ldb_not_a_gradient"
+"""Attribute set on tensors that ldb_ds reduces but that are not gradients (the batched
+gradient-norm vector), so a byte counter of gradient traffic can leave them out."""
+
+_version_warned = False
+
+
+def deepspeed_version_verified(version: str) -> bool:
+    """Whether ``version`` lies in :data:`VERIFIED_DEEPSPEED` (inclusive)."""
+    # Compare releases only: 0.19.8+cu130 and 0.19.8.post1 are 0.19.8 (packaging comes with DeepSpeed).
+    from packaging.version import Version
+
+    low, high = (Version(v).release for v in VERIFIED_DEEPSPEED)
+    return low <= Version(version).release[:3] <= high
+
+
+def check_deepspeed_version(version: str | None = None) -> bool:
+    """Warn once if the installed DeepSpeed is outside the verified range; returns whether it is inside."""
+    global _version_warned
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    ok = deepspeed_version_verified(version)
+    if not ok and not _version_warned:
+        _version_warned = True
+        warnings.warn(f"ldb_ds: deepspeed {version} is outside the range ldb_ds's DeepSpeed hooks were verified "
+                      f"on ({VERIFIED_DEEPSPEED[0]} to {VERIFIED_DEEPSPEED[1]}); ldb_ds checks at initialize that "
+                      "DeepSpeed keeps its param groups and raises if not, but run the tests "
+                      "(tests/dist) before trusting results", RuntimeWarning, stacklevel=3)
+    return ok
 
 
 def zero_stage(ds_engine: Any) -> int:
@@ -73,7 +114,9 @@ def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[t
     wrapper = ds_engine.optimizer
     n = len(expected_param_groups)
     if len(opt.param_groups) != n:
-        raise RuntimeError(f"DeepSpeed has {len(opt.param_groups)} param groups, ldb_ds made {n}")
+        raise RuntimeError(f"DeepSpeed has {len(opt.param_groups)} param groups, ldb_ds made {n} "
+                           f"(deepspeed {_installed_version()}; ldb_ds's hooks were verified on "
+                           f"{VERIFIED_DEEPSPEED[0]} to {VERIFIED_DEEPSPEED[1]})")
     # The model parameters of group i, as each optimizer wrapper keeps them:
     if hasattr(wrapper, "sub_group_to_group_id"):  # ZeRO-3: sub-groups of param groups
         actual = [[] for _ in range(n)]
@@ -90,17 +133,27 @@ def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[t
     for i, (want, got) in enumerate(zip(expected_param_groups, actual)):
         if {id(p) for p in want} != {id(p) for p in got}:
             raise RuntimeError(f"DeepSpeed param group {i} does not hold the parameters ldb_ds put there "
-                               f"(ZeRO stage {stage}); ldb_ds supports deepspeed==0.19.8")
+                               f"(ZeRO stage {stage}, deepspeed {_installed_version()}); ldb_ds's hooks were "
+                               f"verified on deepspeed {VERIFIED_DEEPSPEED[0]} to {VERIFIED_DEEPSPEED[1]}")
+
+
+def _installed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
 
 
 def install_group_step_filter(optimizer: torch.optim.Optimizer,
-                              hidden_groups: Callable[[], set[int]],
+                              hidden_groups: Callable[[], Sequence[Mapping[str, Any]]],
                               lr_factor: Callable[[], float]) -> None:
     """Wrap ``optimizer.step`` to skip hidden groups and scale ``lr`` of the others.
 
-    ``hidden_groups()`` returns the ``id()`` of the group dicts to hide in the
-    coming step; ``lr_factor()`` the multiplier for the visible ones. Both are
-    read at every call, so the engine only has to update its own state.
+    ``hidden_groups()`` returns the group dicts to hide in the coming step;
+    ``lr_factor()`` the multiplier for the visible ones. Both are read at every
+    call, so the engine only has to update its own state. The hiding itself is
+    :func:`ldb_ds.functional.hide_groups`; what this adds is that it happens
+    inside DeepSpeed's own call of the step, whatever ``param_groups`` DeepSpeed
+    has put in place for that call (ZeRO-1/2: one group; ZeRO-3: one sub-group).
     """
     if getattr(optimizer, "_ldb_wrapped", False):
         raise RuntimeError("optimizer already wrapped by ldb_ds")
@@ -111,23 +164,10 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer,
         factor = lr_factor()
         if not hidden and factor == 1.0:
             return original_step(*args, **kwargs)
-        all_groups = optimizer.param_groups
-        visible = [g for g in all_groups if id(g) not in hidden]
-        if not any(len(g["params"]) for g in visible):
-            return None  # e.g. ZeRO's per-group call for a dropped group: nothing to do
-        saved_lr = [g["lr"] for g in visible]
-        try:
-            optimizer.param_groups = visible
-            if factor != 1.0:
-                for g in visible:
-                    g["lr"] = g["lr"] * factor
+        with hide_groups(optimizer, hidden, factor) as visible:
+            if not any(len(g["params"]) for g in visible):
+                return None  # e.g. ZeRO's per-group call for a dropped group: nothing to do
             return original_step(*args, **kwargs)
-        finally:
-            # Restore the scheduler's own lr values (not lr / factor: that would not be
-            # bitwise exact for factors that are not powers of two).
-            for g, lr in zip(visible, saved_lr):
-                g["lr"] = lr
-            optimizer.param_groups = all_groups
 
     optimizer.step = step
     optimizer._ldb_wrapped = True
@@ -216,7 +256,7 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
             else:
                 sums.append(torch.tensor(0.0, dtype=torch.float32, device=device))
         stacked = torch.stack(sums)
-        stacked.ldb_not_a_gradient = True  # so ldb_ds.comm_count does not count it as gradient bytes
+        setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out
         # One collective for all groups; every rank contributes its partition's sums.
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=z.dp_process_group)
         norms = stacked.pow(0.5)
@@ -227,5 +267,6 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
     return True
 
 
-__all__ = ["zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
+__all__ = ["VERIFIED_DEEPSPEED", "NOT_A_GRADIENT", "check_deepspeed_version", "deepspeed_version_verified",
+           "zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
            "skip_allgather_of_dropped", "install_batched_grad_norm"]

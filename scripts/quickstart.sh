@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-# No GPU here: DeepSpeed's CPU accelerator with gloo; one thread per rank (design.md, section 3).
+# No GPU here: DeepSpeed's CPU accelerator with gloo; one thread per rank (docs/design.md, section 5).
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 fi

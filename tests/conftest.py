@@ -10,8 +10,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# Two ranks on two cores: more threads per rank makes steps erratic (design.md, section 3).
+# Two ranks on two cores: more threads per rank makes steps erratic (docs/design.md, section 5).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Build DeepSpeed's C++ ops once per checkout, not once per test.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

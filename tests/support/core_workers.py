@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldb_ds.comm_count import ReductionCounter
+from ldb_ds.bench.comm_count import ReductionCounter
 
 IN_DIM, HIDDEN, CLASSES, LAYERS = 8, 16, 4, 6
 MICRO_BATCH = 4
@@ -92,20 +92,20 @@ def master_tensors(engine, group_index: int) -> list[torch.Tensor]:
         return [zopt.fp32_groups_flat_partition[group_index]]
     if hasattr(zopt, "fp32_groups"):  # FP16_UnfusedOptimizer (bf16 at stage 0)
         return list(zopt.fp32_groups[group_index])
-    return list(engine._group_dicts[group_index]["params"])
+    return list(engine.controller.group_dicts[group_index]["params"])
 
 
 def unit_snapshot(engine, unit_index: int) -> dict[str, torch.Tensor]:
     """Everything a step could change for one unit: full params, fp32 masters, optimizer state."""
-    unit = engine._units[unit_index]
+    unit = engine.controller.units[unit_index]
     snap: dict[str, Any] = {}
     for name, value in zip(unit.param_names, gathered_params(engine, unit.params)):
         snap[f"param/{name}"] = value
     basic = engine.ds_engine.basic_optimizer
-    for gi, ui in enumerate(engine._unit_of_group):
+    for gi, ui in enumerate(engine.controller.unit_of_group):
         if ui != unit_index:
             continue
-        group = engine._group_dicts[gi]
+        group = engine.controller.group_dicts[gi]
         for k, v in group.items():
             if k not in ("params", "lr") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 snap[f"group{gi}/{k}"] = torch.tensor(float(v), dtype=torch.float64)
@@ -230,7 +230,7 @@ def checkpoint_case(rank: int, stage: int, ckpt_dir: str) -> dict[str, Any]:
     mask_at_save = engine.ldb.dropped_units
     engine.save_checkpoint(ckpt_dir, tag="epoch1")
     # The save made every unit trainable for DeepSpeed and then put the mask back.
-    flags_after_save = [p.requires_grad for u in engine._units for p in u.params]
+    flags_after_save = [p.requires_grad for u in engine.controller.units for p in u.params]
     _train_epochs(engine, range(2, 4), rank, world, masks_a)
     final_a = gathered_params(engine, list(engine.module.parameters()))
     engine.destroy()
@@ -276,7 +276,7 @@ def grad_norm_case(rank: int) -> dict[str, Any]:
     # gradient bucket and only its marker keeps the byte counter from taking it for one.
     config = ds_config({"stage": 2, "optimizer": "sgd", "clip": 0.05, "ldb": {"granularity": "param"}})
     engine, _, _, _ = ldb_ds.initialize(model=make_model(depth=10), config=config)
-    assert len(engine._group_dicts) >= ReductionCounter.MIN_NUMEL
+    assert len(engine.controller.group_dicts) >= ReductionCounter.MIN_NUMEL
     z = engine.ds_engine.optimizer
     deepspeed_method = type(z).scaled_global_norm.__get__(z)  # the class's own, unpatched
     out = []
@@ -287,7 +287,7 @@ def grad_norm_case(rank: int) -> dict[str, Any]:
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
         engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
         # What step() sets up before DeepSpeed's step, then both norms on the same gradients.
-        engine._skipped_groups = {gi for gi, ui in enumerate(engine._unit_of_group) if engine._dropped[ui]}
+        engine.controller.begin_step()
         # DeepSpeed's backward epilogue has filled averaged_gradients (zeros for dropped groups).
         with ReductionCounter() as counter:
             ours = z.scaled_global_norm()

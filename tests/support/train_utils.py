@@ -13,23 +13,17 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from typing import Sequence
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ldb_ds.runtime import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "launch", "train.py")
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    """A free TCP port: other test runs on the same machine must not collide on 29500."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -11,7 +11,6 @@ processes are killed.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -20,11 +19,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ldb_ds.runtime import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:

@@ -15,7 +15,7 @@ Modes (comma-separated modes share one process and one process group):
     DeepSpeed: all parameters trainable, and the DROP step's units frozen (replaying exactly the
     masks the LDB engine drew). Rounds alternate the variants (rotated order), warm-up rounds are
     discarded. Also: the gradient bytes handed to DeepSpeed's reductions per FULL and DROP step
-    (counted with :class:`ldb_ds.comm_count.ReductionCounter`), the weight-gradient (dW) cost of
+    (counted with :class:`ldb_ds.bench.comm_count.ReductionCounter`), the weight-gradient (dW) cost of
     every unit measured in isolation, and from it the DROP step time that skipping the dropped
     units' dW predicts. ``--profile`` adds a torch.profiler op table of a FULL and a DROP step.
 ``epochs``
@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import bench_report as rep
+from . import report as rep
 
 MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "scaling", "report")
 SHARED_NOTE = ("Wall-clock timings on a machine that may have been shared with other jobs; "
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("report_dirs", nargs="*", help="report mode: directories holding result JSON files")
     p.add_argument("--out", default="bench_results", help="output directory (rank 0 writes)")
     g = p.add_argument_group("model and training setup")
-    g.add_argument("--model", default="resnet18", help="timm name or tv:<torchvision name> (ldb_ds.models)")
+    g.add_argument("--model", default="resnet18", help="timm name or tv:<torchvision name> (ldb_ds.train.models)")
     g.add_argument("--stem", default="auto", choices=("auto", "cifar", "original"))
     g.add_argument("--img-size", type=int, default=32)
     g.add_argument("--num-classes", type=int, default=10)
@@ -250,7 +250,7 @@ def barrier(ctx: Ctx) -> None:
 
 
 def ldb_section(args: argparse.Namespace, enabled: bool, **override: Any) -> dict[str, Any]:
-    from .config import DEFAULTS, load_ds_config
+    from ..config import DEFAULTS, load_ds_config
 
     base = DEFAULTS.to_dict()
     if args.ds_config:
@@ -266,7 +266,7 @@ def ldb_section(args: argparse.Namespace, enabled: bool, **override: Any) -> dic
 
 def ds_config(args: argparse.Namespace, enabled: bool, **ldb_override: Any) -> dict[str, Any]:
     """The DeepSpeed config of one side of the comparison (same everything but LDB on/off)."""
-    from .config import load_ds_config
+    from ..config import load_ds_config
 
     cfg = copy.deepcopy(load_ds_config(args.ds_config)) if args.ds_config else {
         "gradient_clipping": 0.0,
@@ -290,7 +290,7 @@ def ds_config(args: argparse.Namespace, enabled: bool, **ldb_override: Any) -> d
 def make_model(args: argparse.Namespace):
     import torch
 
-    from .models import create_model
+    from ..train.models import create_model
 
     torch.manual_seed(args.seed)  # every copy starts from the same weights
     model = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, stem=args.stem)
@@ -522,7 +522,7 @@ def run_step(ctx: Ctx) -> dict[str, Any]:
     import torch
 
     from .comm_count import ReductionCounter
-    from .schedule import Mode
+    from ..schedule import Mode
 
     args = ctx.args
     init_model = make_model(args)
@@ -706,7 +706,7 @@ def teardown_engines(*engines: Any) -> None:
 
 
 def epoch_dataset(ctx: Ctx, batch_kappa: int):
-    from .data import SyntheticDataset, build_datasets
+    from ..train.data import SyntheticDataset, build_datasets
 
     args = ctx.args
     if args.dataset == "digits":
@@ -746,7 +746,7 @@ def run_epoch(ctx: Ctx, engine: Any, loader: Any, epoch: int, max_steps: int | N
 def compare_schedules(ctx: Ctx, base: tuple, ldb: tuple, epochs: list[int], reps: int,
                       label: str = "") -> dict[str, Any]:
     """Alternate whole-schedule runs of the baseline and LDB; paired speedups per repetition."""
-    from .schedule import epoch_mode
+    from ..schedule import epoch_mode
 
     args = ctx.args
     (be, bl), (le, ll) = base, ldb
@@ -870,9 +870,9 @@ def run_accuracy(ctx: Ctx) -> dict[str, Any]:
 
     from torch.utils.data import DataLoader, Subset
 
-    from .data import ShardedEval, build_datasets
-    from .monitor import evaluate
-    from .schedule import epoch_mode
+    from ..train.data import ShardedEval, build_datasets
+    from ..train.monitor import evaluate
+    from ..schedule import epoch_mode
 
     args = ctx.args
     bundle = build_datasets("digits", img_size=args.img_size)
@@ -963,7 +963,7 @@ def launch_command(args: argparse.Namespace, ws: int, modes: str, rest: list[str
 def run_scaling(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     rest = strip_options(argv, SCALING_ONLY)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not set it (design.md, section 3)
+    env.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not set it (docs/design.md, section 5)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     runs = {}

@@ -316,7 +316,7 @@ class TrainMonitor:
 def evaluate(engine: Any, loader: Any, criterion: Any | None = None) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean loss over all ranks' shards of the test set.
 
-    Every rank evaluates its own disjoint shard (see :class:`ldb_ds.data.ShardedEval`); the
+    Every rank evaluates its own disjoint shard (see :class:`ldb_ds.train.data.ShardedEval`); the
     counts are summed with one all-reduce, so the result is exact and the same on every rank.
     """
     import deepspeed.comm as dist

@@ -16,10 +16,9 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldb_ds import bench, bench_report  # noqa: E402
+from ldb_ds.bench import cli as bench, report as bench_report  # noqa: E402
 
 TINY = ["--model", "test_efficientnet", "--img-size", "16", "--batch-size", "4", "--zero-stage", "2",
         "--warmup-rounds", "1", "--rounds", "1", "--steps-per-round", "1", "--byte-steps", "2", "--dw-reps", "1",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..zero_hooks import NOT_A_GRADIENT
+
 
 class ReductionCounter:
     """Counts bytes handed to gradient *reductions* by DeepSpeed's communication backend.
@@ -19,7 +21,7 @@ class ReductionCounter:
     Reductions of fewer than ``MIN_NUMEL`` (16) elements are scalar norm/overflow
     checks, not gradients, and are not counted; nor is ldb_ds's own batched
     gradient-norm vector (one element per group, so possibly longer), which
-    ``zero_hooks`` marks with the attribute ``ldb_not_a_gradient``.
+    ``zero_hooks`` marks with the attribute named ``zero_hooks.NOT_A_GRADIENT``.
     """
 
     NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce",
@@ -49,7 +51,7 @@ class ReductionCounter:
             tensors = list(payload) if isinstance(payload, (list, tuple)) else [payload]
             numel = sum(t.numel() for t in tensors)
             self.all_calls.append((name, numel))
-            if numel >= self.MIN_NUMEL and not any(getattr(t, "ldb_not_a_gradient", False) for t in tensors):
+            if numel >= self.MIN_NUMEL and not any(getattr(t, NOT_A_GRADIENT, False) for t in tensors):
                 self.bytes += sum(t.numel() * t.element_size() for t in tensors)
                 self.calls.append((name, numel))
             return fn(*args, **kwargs)

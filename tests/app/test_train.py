@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_utils as tu  # noqa: E402
+from tests.support import train_utils as tu  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ split, the class count and the image size. Names:
 ``digits`` (default, bundled)
     scikit-learn's handwritten digits (``sklearn.datasets.load_digits``: the UCI optical
     recognition data, 1797 images, 10 classes), resized once from 8x8 to 32x32, shipped inside
-    the package as ``ldb_ds/data/digits.npz`` (1437 train / 360 test, stratified, seed 0;
+    the package as ``ldb_ds/train/assets/digits.npz`` (1437 train / 360 test, stratified, seed 0;
     regenerate with ``python launch/make_digits.py``). Needs no download and no ``data_dir``.
 ``cifar10`` / ``cifar100``
     ``torchvision.datasets.CIFAR10`` / ``CIFAR100`` from ``data_dir`` in torchvision's own
@@ -114,7 +114,7 @@ def build_datasets(
 
 def digits_path() -> str:
     """Filesystem path of the bundled ``digits.npz``."""
-    return str(importlib.resources.files("ldb_ds") / "data" / "digits.npz")
+    return str(importlib.resources.files("ldb_ds.train") / "assets" / "digits.npz")
 
 
 class TensorImageDataset(Dataset):

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_utils  # noqa: E402
+from tests.support import train_utils  # noqa: E402
 
-from ldb_ds.data import (DatasetError, ShardedEval, SyntheticDataset,  # noqa: E402
+from ldb_ds.train.data import (DatasetError, ShardedEval, SyntheticDataset,  # noqa: E402
                          build_datasets, digits_path)
 
 

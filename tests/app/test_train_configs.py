@@ -1,7 +1,6 @@
 """ds_configs/ and launch/train.py's option handling, without starting any rank (fast)."""
 
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -9,8 +8,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_utils as tu  # noqa: E402
+from tests.support import train_utils as tu  # noqa: E402
 
 from ldb_ds.config import LDBConfig  # noqa: E402
 
@@ -18,10 +16,9 @@ CONFIGS = sorted(glob.glob(os.path.join(tu.REPO, "ds_configs", "*.json")))
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("ldb_train_script", tu.TRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from ldb_ds.train import main
+
+    return main
 
 
 def test_config_set_is_complete():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core_workers import run_cases
-from dist_utils import run_distributed
-from reference_ldb import reference_run
+from tests.support.core_workers import run_cases
+from tests.support.dist import run_distributed
+from tests.support.reference_ldb import reference_run
 
 STAGES = (0, 1, 2, 3)
 PARITY = [{"stage": s, "optimizer": o} for s in STAGES for o in ("sgd", "adamw")]
@@ -154,7 +154,7 @@ def test_running_counts(results):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, stage):
-    from core_workers import checkpoint_case
+    from tests.support.core_workers import checkpoint_case
 
     r0, r1 = run_distributed(checkpoint_case, 2, stage, str(tmp_path), timeout=600)
     for r in (r0, r1):
@@ -169,7 +169,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, stage):
 
 
 def test_disabled_is_plain_deepspeed_with_the_same_api():
-    from core_workers import baseline_case
+    from tests.support.core_workers import baseline_case
 
     r0, _ = run_distributed(baseline_case, 2, timeout=300)
     assert r0["groups"] == 1  # the user's single group, not split by unit
@@ -177,7 +177,7 @@ def test_disabled_is_plain_deepspeed_with_the_same_api():
 
 
 def test_batched_group_norm_equals_deepspeeds_per_group_norm():
-    from core_workers import grad_norm_case
+    from tests.support.core_workers import grad_norm_case
 
     r0, r1 = run_distributed(grad_norm_case, 2, timeout=300)
     for r in (r0, r1):
@@ -196,7 +196,7 @@ def test_control_naive_freeze_moves_the_layer_under_zero(stage):
     This is why the untouched tests above can fail: the same check on plain DeepSpeed sees the
     frozen layer move (momentum and weight decay applied to a zero-filled gradient).
     """
-    from core_workers import naive_freeze_case
+    from tests.support.core_workers import naive_freeze_case
 
     r0, r1 = run_distributed(naive_freeze_case, 2, stage, timeout=300)
     assert r0["moved"] == r1["moved"] == [True, True]

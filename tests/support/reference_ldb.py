@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core_workers import MICRO_BATCH, make_model, window_batch
+from tests.support.core_workers import MICRO_BATCH, make_model, window_batch
 
 
 def reference_run(case: dict[str, Any], world_size: int = 2) -> dict[str, Any]:

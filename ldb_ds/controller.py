@@ -1,0 +1,295 @@
+"""The LDB state of one training run and the rules that change it.
+
+:class:`LDBController` knows the units, the mode of the current epoch, the
+mask stream and the current mask; it opens accumulation windows (drawing and
+broadcasting a mask), tells the step filter which param groups to hide, and
+counts steps. It does not know DeepSpeed: :class:`ldb_ds.engine.LDBEngine`
+drives it from its ``forward``/``step``, the Hugging Face integration from
+hooks, and :mod:`ldb_ds.zero_hooks` reads it inside DeepSpeed's step.
+
+Lifecycle of one optimizer step (= one gradient-accumulation window)::
+
+    controller.open_window()      # first training forward of the window: mask drawn, applied
+    ... forward / backward (x gradient_accumulation_steps) ...
+    plan = controller.begin_step()   # at the boundary, right before the optimizer step
+    ... optimizer step, dropped groups hidden (plan.hidden_groups) ...
+    controller.end_step()         # closes the window, counts the step
+
+Masks change only between windows: a unit dropped for part of a window would
+get a partial gradient (ZeRO 1/2) or a stale one (ZeRO 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+from .config import LDBConfig
+from .functional import apply_mask
+from .schedule import Mode, batch_factor, draw_dropped, epoch_mode, kept_fraction, lr_factor
+from .units import Unit, UnitInfo
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the optimizer step about to run must skip (computed once per step)."""
+
+    skipped_groups: frozenset[int]
+    """Indices of the param groups of dropped units (for the all-gather and norm hooks)."""
+    hidden_groups: tuple[Mapping[str, Any], ...]
+    """Those groups' dicts (for the step filter, which sees dicts, not indices)."""
+
+
+@dataclass
+class StepCounters:
+    steps: int = 0
+    """Optimizer steps taken (overflow-skipped steps included: their mask draw was used)."""
+    drop_steps: int = 0
+    """Of those, steps in DROP epochs."""
+    dropped_unit_steps: int = 0
+    """Sum over steps of the number of dropped units."""
+
+
+class LDBController:
+    """Mode, mask stream, current mask and counters of one LDB run.
+
+    ``group_dicts`` are the optimizer's param-group dicts in ldb_ds's order
+    (``unit_of_group[i]`` is the unit of group i); ``unit_grad_bytes[u]`` the
+    bytes unit u's gradient occupies in the reductions, per rank.
+    """
+
+    def __init__(self, cfg: LDBConfig, units: Sequence[Unit], unit_of_group: Sequence[int],
+                 group_dicts: Sequence[Mapping[str, Any]], unit_grad_bytes: Sequence[int],
+                 device: torch.device | str = "cpu", process_group: Any = None):
+        self.cfg = cfg
+        self.units = list(units)
+        self.unit_of_group = list(unit_of_group)
+        self.group_dicts = list(group_dicts)
+        self.unit_grad_bytes = list(unit_grad_bytes)
+        self.device = device
+        self.process_group = process_group
+        self.epoch = 0
+        self.mode = Mode.FULL
+        self.dropped: list[bool] = [False] * len(self.units)
+        self.window_open = False
+        self.epoch_mask: list[bool] | None = None
+        self.counters = StepCounters()
+        self.rng = random.Random(cfg.seed)
+        self.plan = StepPlan(frozenset(), ())
+        self.state = LDBState(self)
+
+    # -- mode -----------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> Mode:
+        """Enter the mode of ``epoch``; all units trainable until the first window opens."""
+        if self.window_open:
+            raise RuntimeError("set_epoch() called in the middle of a gradient-accumulation window; "
+                               "call it before the first forward of the epoch")
+        self.epoch = int(epoch)
+        self.mode = epoch_mode(self.epoch, self.cfg)
+        self.epoch_mask = None
+        self._set_dropped([False] * len(self.units))
+        return self.mode
+
+    @property
+    def lr_factor(self) -> float:
+        return lr_factor(self.mode, self.cfg)
+
+    @property
+    def batch_factor(self) -> int:
+        return batch_factor(self.mode, self.cfg)
+
+    # -- windows --------------------------------------------------------------
+
+    def open_window(self) -> None:
+        """Start an accumulation window: in DROP mode, draw (rank 0), broadcast and apply a mask."""
+        if self.window_open:
+            return
+        self.window_open = True
+        if self.mode is not Mode.DROP:
+            return
+        if self.cfg.resample == "epoch" and self.epoch_mask is not None:
+            return  # one mask for the whole DROP epoch, already applied
+        mask = self._broadcast_mask_from_rank0()
+        if self.cfg.resample == "epoch":
+            self.epoch_mask = mask
+        self._set_dropped(mask)
+
+    def begin_step(self) -> StepPlan:
+        """At the accumulation boundary, before the optimizer step: what the step must skip."""
+        skipped = frozenset(gi for gi, ui in enumerate(self.unit_of_group) if self.dropped[ui])
+        self.plan = StepPlan(skipped, tuple(self.group_dicts[gi] for gi in sorted(skipped)))
+        return self.plan
+
+    def end_step(self) -> None:
+        """After the optimizer step of a window: close it and count the step.
+
+        The mask stays applied until the next window opens, so everything
+        between two steps (eval, logging) sees a stable state.
+        """
+        self.window_open = False
+        self.plan = StepPlan(frozenset(), ())
+        self.counters.steps += 1
+        if self.mode is Mode.DROP:
+            self.counters.drop_steps += 1
+            self.counters.dropped_unit_steps += sum(self.dropped)
+
+    def _broadcast_mask_from_rank0(self) -> list[bool]:
+        # Every rank must drop the same units: different masks make the gradient reductions
+        # differ in size (gloo errors, NCCL hangs) and the replicas diverge. Ranks may hold
+        # different generator states (other seeds, restored differently), so only rank 0's draw
+        # counts: every rank draws (keeping the streams in step), rank 0's values are broadcast.
+        # One byte per unit, once per optimizer step.
+        drawn = draw_dropped(self.rng, len(self.units), self.cfg)
+        if not torch_dist.is_initialized() or torch_dist.get_world_size(self.process_group) == 1:
+            return drawn
+        mask = torch.tensor(drawn, dtype=torch.uint8, device=self.device)
+        src = 0 if self.process_group is None else torch_dist.get_global_rank(self.process_group, 0)
+        torch_dist.broadcast(mask, src=src, group=self.process_group)
+        return [bool(v) for v in mask.tolist()]
+
+    def _set_dropped(self, dropped: Sequence[bool]) -> None:
+        self.dropped = list(dropped)
+        apply_mask(self.units, self.dropped)
+
+    # -- whole-model states ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def all_trainable(self) -> Iterator[None]:
+        """Every unit ``requires_grad=True`` inside the block, the mask put back after.
+
+        DeepSpeed's checkpointing reads the live ``requires_grad`` to decide what
+        to save and load (``engine.py:4869``, ``:5433`` in 0.19.8).
+        """
+        dropped = list(self.dropped)
+        self._set_dropped([False] * len(self.units))
+        try:
+            yield
+        finally:
+            self._set_dropped(dropped)
+
+    def release_mask(self) -> None:
+        """Make every unit trainable now (the end of training); the next window draws afresh."""
+        if self.window_open:
+            raise RuntimeError("release_mask() called in the middle of a gradient-accumulation window")
+        self._set_dropped([False] * len(self.units))
+
+    def refresh_group_dicts(self, current: Sequence[Mapping[str, Any]]) -> None:
+        """Re-capture the group dicts if the optimizer replaced them.
+
+        torch's ``Optimizer.load_state_dict`` (which DeepSpeed's checkpoint loading
+        calls) builds new group dicts; the step filter recognises groups by identity.
+        Call between steps, when ``param_groups`` is the full list.
+        """
+        if len(current) != len(self.group_dicts) or any(a is not b for a, b in zip(current, self.group_dicts)):
+            self.group_dicts = list(current)
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "mode": self.mode.value, "rng_state": self.rng.getstate(),
+                "epoch_mask": self.epoch_mask, "steps": self.counters.steps,
+                "drop_steps": self.counters.drop_steps, "dropped_unit_steps": self.counters.dropped_unit_steps,
+                "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, internal, gauss = state["rng_state"]  # checkpoints may turn tuples into lists
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.counters = StepCounters(state["steps"], state["drop_steps"], state["dropped_unit_steps"])
+        self.epoch = int(state["epoch"])
+        self.mode = Mode(state["mode"])
+        self.epoch_mask = state.get("epoch_mask")
+
+
+class LDBState:
+    """Read-only view of a run's LDB state (``engine.ldb``); every property is live."""
+
+    def __init__(self, controller: LDBController):
+        self._c = controller
+
+    @property
+    def enabled(self) -> bool:
+        """Whether LDB is on (off: plain DeepSpeed behind the same API)."""
+        return self._c.cfg.enabled
+
+    @property
+    def config(self) -> LDBConfig:
+        """The validated ``layer_drop_back`` section."""
+        return self._c.cfg
+
+    @property
+    def epoch(self) -> int:
+        """The epoch last given to ``set_epoch``."""
+        return self._c.epoch
+
+    @property
+    def mode(self) -> Mode:
+        """``Mode.FULL`` or ``Mode.DROP`` for the current epoch."""
+        return self._c.mode
+
+    @property
+    def lr_factor(self) -> float:
+        """Learning-rate factor applied inside each optimizer step (kappa in DROP epochs, else 1)."""
+        return self._c.lr_factor
+
+    @property
+    def batch_factor(self) -> int:
+        """Batch-size factor of the current mode (``batch_kappa`` in DROP epochs, else 1)."""
+        return self._c.batch_factor
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return self._c.counters.steps
+
+    @property
+    def drop_steps(self) -> int:
+        """Optimizer steps taken in DROP epochs."""
+        return self._c.counters.drop_steps
+
+    @property
+    def dropped_unit_steps(self) -> int:
+        """Sum over steps of the number of dropped units."""
+        return self._c.counters.dropped_unit_steps
+
+    @property
+    def units(self) -> tuple[UnitInfo, ...]:
+        """The units, input to output: name, parameter names, element count."""
+        return tuple(u.info() for u in self._c.units)
+
+    @property
+    def dropped_units(self) -> tuple[int, ...]:
+        """Indices (into ``units``) of the units dropped in the current step."""
+        return tuple(i for i, d in enumerate(self._c.dropped) if d)
+
+    @property
+    def kept_unit_fraction(self) -> float:
+        """Fraction of units trained in the current step."""
+        return kept_fraction(self._c.dropped)
+
+    @property
+    def kept_param_fraction(self) -> float:
+        """Fraction of parameters (elements) trained in the current step."""
+        return kept_fraction(self._c.dropped, [u.numel for u in self._c.units])
+
+    @property
+    def grad_bytes_full(self) -> int:
+        """Gradient bytes one FULL step hands to the reductions, per rank (no padding)."""
+        return sum(self._c.unit_grad_bytes)
+
+    @property
+    def grad_bytes_step(self) -> int:
+        """Gradient bytes the current step hands to the reductions, per rank."""
+        return sum(b for b, d in zip(self._c.unit_grad_bytes, self._c.dropped) if not d)
+
+    def __repr__(self) -> str:
+        return (f"LDBState(enabled={self.enabled}, epoch={self.epoch}, mode={self.mode.value}, "
+                f"units={len(self._c.units)}, dropped={len(self.dropped_units)}, steps={self.steps})")
+
+
+__all__ = ["LDBController", "LDBState", "StepPlan", "StepCounters"]

@@ -1,0 +1,120 @@
+"""LayerDropBack as plain functions, for any training loop (no DeepSpeed needed).
+
+:class:`ldb_ds.LDBEngine` is built on these; so is the Hugging Face
+integration. In a plain PyTorch loop, one process::
+
+    import random, torch
+    from ldb_ds import LDBConfig, Mode, functional as ldb
+
+    cfg = LDBConfig(enabled=True)
+    units = ldb.build_units(model, cfg.granularity)                   # input to output
+    groups, unit_of_group = ldb.build_param_groups(units, [{"params": list(model.parameters())}])
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    rng = random.Random(cfg.seed)
+    for epoch in range(epochs):
+        mode = ldb.epoch_mode(epoch, cfg)
+        for x, y in loader:                                             # DROP: batch x cfg.batch_kappa
+            dropped = ldb.draw_mask(rng, len(units), cfg) if mode is Mode.DROP else [False] * len(units)
+            ldb.apply_mask(units, dropped)                              # before the forward
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            hidden = ldb.dropped_groups(groups, unit_of_group, dropped)
+            with ldb.hide_groups(opt, hidden, lr_factor=ldb.lr_factor(mode, cfg)):
+                opt.step()                                              # dropped units untouched
+            opt.zero_grad()
+    ldb.apply_mask(units, [False] * len(units))                         # all trainable again
+
+Each function does one thing:
+
+* :func:`build_units` cuts a model into units (``param``/``module``/``block``);
+* :func:`build_param_groups` gives one optimizer param group per (unit, user group);
+* :func:`draw_mask` draws one DROP-step mask (the paper's rule, ``u < p`` per unit);
+* :func:`apply_mask` sets ``requires_grad`` so autograd computes no weight
+  gradient for dropped units (the forward pass is unchanged);
+* :func:`hide_groups` hides the dropped units' groups from one optimizer step
+  and applies the DROP learning-rate factor only for that step.
+
+Why hide groups and not just rely on missing gradients: torch optimizers skip
+parameters whose ``grad`` is None, but a wrapper that flattens groups (DeepSpeed's
+ZeRO) turns missing gradients into zeros, and momentum and weight decay then
+move a parameter with a zero gradient. A hidden group is not looked at at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from .schedule import batch_factor, draw_dropped, epoch_mode, kept_fraction, lr_factor
+from .units import Unit, build_units, split_groups_by_unit
+
+
+def build_param_groups(units: Sequence[Unit], user_groups: Sequence[Mapping[str, Any]]
+                       ) -> tuple[list[dict[str, Any]], list[int]]:
+    """One param group per (unit, user group); returns ``(groups, unit_of_group)``.
+
+    Each group keeps the hyperparameters of the user group its parameters came
+    from (weight decay, lr scale, ...). ``unit_of_group[i]`` is the index of
+    group i's unit. Groups are in unit order.
+    """
+    return split_groups_by_unit(units, user_groups)
+
+
+def draw_mask(rng: Any, num_units: int, cfg: Any) -> list[bool]:
+    """One DROP-step mask: ``mask[i]`` is True when unit i is dropped (see :func:`ldb_ds.schedule.draw_dropped`).
+
+    In a multi-process run only one rank may draw; the others must receive its
+    mask (:class:`ldb_ds.controller.LDBController` broadcasts it).
+    """
+    return draw_dropped(rng, num_units, cfg)
+
+
+def apply_mask(units: Sequence[Unit], dropped: Sequence[bool]) -> None:
+    """Make dropped units' parameters ``requires_grad=False`` and the others ``True``.
+
+    Call it before the forward pass of a step (autograd decides at forward time
+    which weight gradients to compute) and only at gradient-accumulation
+    boundaries: a unit dropped for part of a window would get a partial gradient.
+    """
+    if len(dropped) != len(units):
+        raise ValueError(f"mask has {len(dropped)} entries for {len(units)} units")
+    for unit, is_dropped in zip(units, dropped):
+        for p in unit.params:
+            p.requires_grad_(not is_dropped)
+
+
+def dropped_groups(groups: Sequence[Mapping[str, Any]], unit_of_group: Sequence[int],
+                   dropped: Sequence[bool]) -> list[Mapping[str, Any]]:
+    """The param-group dicts whose unit is dropped (what :func:`hide_groups` takes)."""
+    return [g for g, ui in zip(groups, unit_of_group) if dropped[ui]]
+
+
+@contextlib.contextmanager
+def hide_groups(optimizer: torch.optim.Optimizer, hidden: Iterable[Mapping[str, Any]],
+                lr_factor: float = 1.0) -> Iterator[list[dict[str, Any]]]:
+    """Inside the block, ``optimizer.param_groups`` lacks the ``hidden`` group dicts and the others' lr is x ``lr_factor``.
+
+    Groups are recognised by identity (the dict objects). Yields the visible groups.
+    On exit the full list and every group's own ``lr`` value are put back
+    (the value, not ``lr / factor``: bitwise exact for any factor), so an LR
+    scheduler keeps owning ``lr``.
+    """
+    hidden_ids = {id(g) for g in hidden}
+    all_groups = optimizer.param_groups
+    visible = [g for g in all_groups if id(g) not in hidden_ids]
+    saved_lr = [g["lr"] for g in visible]
+    try:
+        optimizer.param_groups = visible
+        if lr_factor != 1.0:
+            for g in visible:
+                g["lr"] = g["lr"] * lr_factor
+        yield visible
+    finally:
+        for g, lr in zip(visible, saved_lr):
+            g["lr"] = lr
+        optimizer.param_groups = all_groups
+
+
+__all__ = ["build_units", "build_param_groups", "draw_mask", "apply_mask", "dropped_groups", "hide_groups",
+           "epoch_mode", "lr_factor", "batch_factor", "kept_fraction"]

@@ -1,0 +1,66 @@
+"""The training data loader whose batch size follows the LDB mode.
+
+DROP epochs with ``batch_scaling="micro_batch"`` read ``batch_kappa`` times
+larger per-rank batches and so take fewer optimizer steps per epoch (the
+paper's B' = kappa B). :class:`ScalableBatchSampler` makes that a property of
+the loader: ``engine.set_epoch`` sets its ``factor``; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+class ScalableBatchSampler(Sampler[list[int]]):
+    """Batches of ``base_batch_size * factor`` indices from a (distributed) sampler.
+
+    ``factor`` is set by ``engine.set_epoch`` (1 in FULL epochs, ``batch_kappa``
+    in DROP epochs with ``batch_scaling="micro_batch"``).
+    """
+
+    def __init__(self, sampler: Sampler[int], base_batch_size: int, drop_last: bool):
+        if base_batch_size < 1:
+            raise ValueError(f"base_batch_size must be >= 1, got {base_batch_size}")
+        self.sampler = sampler
+        self.base_batch_size = base_batch_size
+        self.drop_last = drop_last
+        self.factor = 1
+
+    @property
+    def batch_size(self) -> int:
+        return self.base_batch_size * self.factor
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def build_dataloader(dataset: Dataset, *, dp_rank: int, dp_world_size: int, micro_batch_size: int,
+                     drop_last: bool, seed: int, collate_fn: Callable[..., Any] | None = None,
+                     num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A shuffling ``DistributedSampler`` loader over data-parallel ranks with a scalable batch.
+
+    The sampler is sharded by the *data-parallel* rank and size, not the global
+    ones: every data-parallel replica must see distinct samples, and the ranks
+    of one replica (model parallelism, if any) the same ones.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=dp_world_size, rank=dp_rank, shuffle=True, seed=seed,
+                                 drop_last=drop_last)
+    batch_sampler = ScalableBatchSampler(sampler, micro_batch_size, drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+__all__ = ["ScalableBatchSampler", "build_dataloader"]

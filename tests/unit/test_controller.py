@@ -1,0 +1,117 @@
+"""The engine's mask bookkeeping (LDBController), one process: windows, modes, counters, state."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from ldb_ds import LDBConfig, Mode
+from ldb_ds.controller import LDBController
+from ldb_ds.functional import build_param_groups, build_units
+from ldb_ds.schedule import draw_dropped
+
+
+def _controller(**ldb) -> tuple[LDBController, nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    cfg = LDBConfig(**{"enabled": True, "keep_first": 1, "keep_last": 1, "drop_rate": 0.5, "sampling_rate": 2, **ldb})
+    units = build_units(model, cfg.granularity)
+    groups, unit_of_group = build_param_groups(units, [{"params": list(model.parameters())}])
+    opt = torch.optim.SGD(groups, lr=0.1)
+    c = LDBController(cfg, units, unit_of_group, opt.param_groups, [u.numel * 4 for u in units])
+    return c, model, opt
+
+
+def _window(c: LDBController) -> tuple[int, ...]:
+    c.open_window()
+    plan = c.begin_step()
+    dropped = c.state.dropped_units
+    assert plan.skipped_groups == frozenset(dropped)  # one group per unit here
+    c.end_step()
+    return dropped
+
+
+def test_full_epochs_drop_nothing_and_count_steps():
+    c, model, _ = _controller()
+    assert c.set_epoch(0) is Mode.FULL
+    assert [_window(c) for _ in range(3)] == [()] * 3
+    assert (c.state.steps, c.state.drop_steps, c.state.dropped_unit_steps) == (3, 0, 0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_drop_windows_follow_the_seeded_rule_and_apply_requires_grad():
+    c, model, _ = _controller()
+    assert c.set_epoch(2) is Mode.DROP
+    rng = random.Random(c.cfg.seed)
+    for _ in range(4):
+        c.open_window()
+        expected = draw_dropped(rng, 6, c.cfg)
+        assert list(c.dropped) == expected
+        flags = [m.weight.requires_grad for m in model]
+        assert flags == [not d for d in expected]
+        assert c.state.grad_bytes_step == sum(4 * 20 for d in expected if not d)
+        c.begin_step()
+        c.end_step()
+    assert c.state.drop_steps == 4
+    assert c.state.lr_factor == 2.0 and c.state.batch_factor == 2
+
+
+def test_mask_is_fixed_inside_a_window_and_set_epoch_refuses_mid_window():
+    c, _, _ = _controller()
+    c.set_epoch(2)
+    c.open_window()
+    first = c.state.dropped_units
+    c.open_window()  # a second micro batch of the same window: no new draw
+    assert c.state.dropped_units == first
+    with pytest.raises(RuntimeError, match="middle of a gradient-accumulation window"):
+        c.set_epoch(3)
+    c.begin_step()
+    c.end_step()
+    c.set_epoch(3)
+    assert c.state.dropped_units == ()
+
+
+def test_resample_epoch_keeps_one_mask_per_drop_epoch():
+    c, _, _ = _controller(resample="epoch", drop_rate=0.6)
+    c.set_epoch(2)
+    masks = [_window(c) for _ in range(3)]
+    assert masks[0] == masks[1] == masks[2]
+
+
+def test_all_trainable_and_release_mask():
+    c, model, _ = _controller(drop_rate=0.9)
+    c.set_epoch(2)
+    c.open_window()
+    assert not all(p.requires_grad for p in model.parameters())
+    with c.all_trainable():
+        assert all(p.requires_grad for p in model.parameters())
+    assert not all(p.requires_grad for p in model.parameters())
+    with pytest.raises(RuntimeError, match="middle of a gradient-accumulation window"):
+        c.release_mask()
+    c.begin_step()
+    c.end_step()
+    c.release_mask()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_state_dict_round_trip_continues_the_mask_stream():
+    a, _, _ = _controller()
+    a.set_epoch(2)
+    _window(a)
+    state = a.state_dict()
+    rest_a = [_window(a) for _ in range(3)]
+    b, _, _ = _controller()
+    b.load_state_dict({**state, "rng_state": list(state["rng_state"])})  # as JSON-ish checkpoints store it
+    assert b.state.epoch == 2 and b.state.mode is Mode.DROP and b.state.steps == 1
+    assert [_window(b) for _ in range(3)] == rest_a
+
+
+def test_refresh_group_dicts_follows_a_replaced_optimizer_state():
+    c, _, opt = _controller()
+    opt.load_state_dict(opt.state_dict())  # torch builds new group dicts
+    assert c.group_dicts[0] is not opt.param_groups[0]
+    c.refresh_group_dicts(opt.param_groups)
+    assert all(a is b for a, b in zip(c.group_dicts, opt.param_groups))

@@ -1,0 +1,143 @@
+"""The core stays a library: what ``import ldb_ds`` and ``ldb_ds.initialize`` load, and the import rules.
+
+docs/design.md, section 2: the core needs torch and DeepSpeed only; its modules import one way
+(pure -> torch -> DeepSpeed) and never import the applications.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CORE = ROOT / "ldb_ds"
+APP_LIBRARIES = ("matplotlib", "timm", "torchvision", "tensorboard", "sklearn", "yaml", "transformers",
+                 "accelerate", "PIL")
+
+# One real rank (gloo), a real ZeRO-2 engine, one FULL and one DROP step; then report which
+# application libraries are loaded. The same script with LDB off is plain DeepSpeed: what it loads
+# is what DeepSpeed itself needs, which the core may load too.
+_PROBE = r"""
+import json, sys
+import torch
+from torch import nn
+import ldb_ds
+from ldb_ds.runtime import init_process, teardown
+
+after_import = sorted(m for m in sys.modules if m.split(".")[0] in APPS)
+init_process(threads=1, backend="gloo")
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, "zero_optimization": {"stage": 2},
+       "zero_allow_untested_optimizer": True, "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+       "layer_drop_back": {"enabled": ENABLED, "keep_first": 1, "keep_last": 1, "drop_rate": 0.5, "sampling_rate": 1}}
+engine, _, _, _ = ldb_ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+modes = []
+for epoch in (0, 1):
+    engine.set_epoch(epoch)
+    x = torch.randn(engine.micro_batch_size, 8)
+    engine.backward(engine(x).pow(2).mean())
+    engine.step()
+    modes.append(engine.ldb.mode.value)
+teardown(engine)
+loaded = sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in APPS})
+print("PROBE" + json.dumps({"after_import": after_import, "loaded": loaded, "modes": modes,
+                            "steps": engine.ldb.steps}))
+"""
+
+
+def _probe(enabled: bool) -> dict:
+    code = _PROBE.replace("APPS", repr(APP_LIBRARIES)).replace("ENABLED", repr(enabled))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("PROBE"))
+    return json.loads(line[len("PROBE"):])
+
+
+@pytest.mark.slow
+def test_import_and_initialize_load_no_application_library():
+    plain = _probe(enabled=False)
+    ldb = _probe(enabled=True)
+    assert ldb["modes"] == ["FULL", "DROP"] and ldb["steps"] == 2  # it really trained, LDB on
+    assert ldb["after_import"] == [], f"import ldb_ds loaded {ldb['after_import']}"
+    extra = sorted(set(ldb["loaded"]) - set(plain["loaded"]))
+    assert extra == [], f"ldb_ds.initialize loaded application libraries DeepSpeed does not: {extra}"
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """Absolute module names a file imports (relative imports resolved inside ldb_ds)."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                names.add(".".join(base + ([node.module] if node.module else [])))
+            else:
+                names.add(node.module)
+    return names
+
+
+CORE_LAYERS = {
+    "config": "pure", "schedule": "pure",
+    "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch",
+    "zero_hooks": "deepspeed", "engine": "deepspeed", "runtime": "deepspeed", "__init__": "pure",
+}
+
+
+@pytest.mark.parametrize("module", sorted(CORE_LAYERS))
+def test_core_imports_flow_one_way(module):
+    imported = _imports(CORE / f"{module}.py")
+    roots = {n.split(".")[0] for n in imported}
+    layer = CORE_LAYERS[module]
+    if layer == "pure":
+        assert not roots & {"torch", "deepspeed", "numpy"}, f"ldb_ds.{module} must stay pure Python"
+    if layer in ("pure", "torch"):
+        assert "deepspeed" not in roots, f"ldb_ds.{module} must not import DeepSpeed"
+    apps = [n for n in imported if n.startswith(("ldb_ds.train", "ldb_ds.bench", "ldb_ds.integrations"))]
+    assert not apps, f"the core module ldb_ds.{module} imports an application: {apps}"
+    rank = {"pure": 0, "torch": 1, "deepspeed": 2}
+    for name in imported:
+        parts = name.split(".")
+        if parts[0] == "ldb_ds" and len(parts) > 1 and parts[1] in CORE_LAYERS:
+            assert rank[CORE_LAYERS[parts[1]]] <= rank[layer], f"ldb_ds.{module} ({layer}) imports {name}"
+
+
+def test_every_core_module_is_classified():
+    on_disk = {p.stem for p in CORE.glob("*.py")}
+    assert on_disk == set(CORE_LAYERS), "add new core modules to CORE_LAYERS (and to docs/design.md, section 2)"
+
+
+# Being split into one module per job (issue 7); this set must end empty.
+PENDING_SPLIT = {"ldb_ds/bench/cli.py", "ldb_ds/train/main.py"}
+
+
+def test_no_file_in_the_package_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p in CORE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500 and str(p.relative_to(ROOT)) not in PENDING_SPLIT}
+    assert not long, f"split these modules: {long}"
+
+
+def test_declared_core_dependencies_are_torch_and_deepspeed_only():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = sorted(re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0] for r in project["dependencies"])
+    assert names == ["deepspeed", "torch"]
+    torch_req = next(r for r in project["dependencies"] if r.startswith("torch"))
+    assert "==" not in torch_req, "torch is a floor, not a pin: users keep their own CUDA build"

@@ -1,0 +1,64 @@
+"""zero_hooks pieces that need no second rank: the step filter on a real optimizer, the version check."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from ldb_ds import zero_hooks
+
+
+def test_step_filter_hides_groups_scales_lr_and_restores():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    opt = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters()}], lr=0.5, momentum=0.9,
+                          weight_decay=0.1)
+    hidden: list = []
+    factor = [1.0]
+    zero_hooks.install_group_step_filter(opt, lambda: hidden, lambda: factor[0])
+    with pytest.raises(RuntimeError, match="already wrapped"):
+        zero_hooks.install_group_step_filter(opt, lambda: hidden, lambda: 1.0)
+    (a(torch.ones(1, 3)).sum() + b(torch.ones(1, 3)).sum()).backward()
+    b_before = [p.detach().clone() for p in b.parameters()]
+    a_before = [p.detach().clone() for p in a.parameters()]
+    hidden[:] = [opt.param_groups[1]]
+    factor[0] = 2.0
+    opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(b_before, b.parameters()))  # hidden: not looked at
+    assert not any(p in opt.state for p in b.parameters())                   # no momentum buffer either
+    # Visible group stepped with lr 0.5 * 2: SGD's first step is p - lr * (g + wd * p).
+    for before, p in zip(a_before, a.parameters()):
+        assert torch.allclose(p, before - 1.0 * (p.grad + 0.1 * before))
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5] and len(opt.param_groups) == 2
+
+
+def test_step_filter_returns_none_when_everything_visible_is_empty():
+    # ZeRO-3 calls the optimizer per sub-group with all other groups' params emptied.
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [p]}, {"params": []}], lr=0.1)
+    zero_hooks.install_group_step_filter(opt, lambda: [opt.param_groups[0]], lambda: 1.0)
+    p.grad = torch.ones(2)
+    assert opt.step() is None
+    assert torch.equal(p, torch.ones(2))
+
+
+@pytest.mark.parametrize("version,inside", [("0.19.8", True), ("0.19.8+cu130", True), ("0.19.7", False),
+                                            ("0.20.0", False), ("0.19.9rc1", False)])
+def test_deepspeed_version_range(version, inside):
+    assert zero_hooks.deepspeed_version_verified(version) is inside
+
+
+def test_version_warning_names_version_and_range_once(monkeypatch):
+    monkeypatch.setattr(zero_hooks, "_version_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert zero_hooks.check_deepspeed_version("0.18.0") is False
+        assert zero_hooks.check_deepspeed_version("0.18.0") is False
+        assert zero_hooks.check_deepspeed_version("0.19.8") is True
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    low, high = zero_hooks.VERIFIED_DEEPSPEED
+    assert "0.18.0" in messages[0] and low in messages[0] and high in messages[0]
