@@ -53,8 +53,10 @@ from .functional import hide_groups
 
 
 # The DeepSpeed releases every function below was checked against (file:line citations are
-# from the last one), inclusive. ``initialize`` warns once outside this range; the group-order
-# check still runs and raises if DeepSpeed no longer keeps ldb_ds's groups.
+# from the last one), inclusive. Older releases are refused at initialize: they lack internals
+# used here (``runtime.utils.combine_grad_norm_groups`` is new in 0.19.8) and before 0.19.6 ZeRO-3
+# corrupts a checkpoint saved with parameters toggled around the save. Newer releases get a
+# warning; the group-order check still runs and raises if DeepSpeed no longer keeps our groups.
 VERIFIED_DEEPSPEED = ("0.19.8", "0.19.8")
 
 NOT_A_GRADIENT = "ldb_not_a_gradient"
@@ -74,12 +76,21 @@ def deepspeed_version_verified(version: str) -> bool:
 
 
 def check_deepspeed_version(version: str | None = None) -> bool:
-    """Warn once if the installed DeepSpeed is outside the verified range; returns whether it is inside."""
+    """Refuse a DeepSpeed older than the verified range, warn once for a newer one.
+
+    Returns whether ``version`` (default: the installed one) is inside the range.
+    """
     global _version_warned
     if version is None:
         import deepspeed
 
         version = deepspeed.__version__
+    from packaging.version import Version
+
+    if Version(version).release[:3] < Version(VERIFIED_DEEPSPEED[0]).release:
+        raise RuntimeError(f"ldb_ds needs deepspeed >= {VERIFIED_DEEPSPEED[0]}, found {version}: older releases "
+                           "lack DeepSpeed internals ldb_ds uses, and before 0.19.6 ZeRO-3 checkpoints of toggled "
+                           f"parameters are corrupted. pip install 'deepspeed>={VERIFIED_DEEPSPEED[0]},<0.20'")
     ok = deepspeed_version_verified(version)
     if not ok and not _version_warned:
         _version_warned = True

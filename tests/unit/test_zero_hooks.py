@@ -55,10 +55,16 @@ def test_version_warning_names_version_and_range_once(monkeypatch):
     monkeypatch.setattr(zero_hooks, "_version_warned", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert zero_hooks.check_deepspeed_version("0.18.0") is False
-        assert zero_hooks.check_deepspeed_version("0.18.0") is False
+        assert zero_hooks.check_deepspeed_version("0.20.1") is False
+        assert zero_hooks.check_deepspeed_version("0.20.1") is False
         assert zero_hooks.check_deepspeed_version("0.19.8") is True
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1
     low, high = zero_hooks.VERIFIED_DEEPSPEED
-    assert "0.18.0" in messages[0] and low in messages[0] and high in messages[0]
+    assert "0.20.1" in messages[0] and low in messages[0] and high in messages[0]
+
+
+def test_older_deepspeed_is_refused_with_the_reason():
+    # Measured: 0.19.7 and older fail inside ldb_ds's hooks; 0.19.5 and older corrupt ZeRO-3 checkpoints.
+    with pytest.raises(RuntimeError, match=r"needs deepspeed >= 0\.19\.8, found 0\.19\.7"):
+        zero_hooks.check_deepspeed_version("0.19.7")
