@@ -28,19 +28,17 @@ import argparse
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+if REPO not in sys.path:  # a checkout that was not pip-installed
+    sys.path.insert(0, REPO)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ldb_ds.runtime import free_port  # noqa: E402
+from ldb_ds.schedule import Mode  # noqa: E402
 
 
 def deepspeed_bin() -> str:
@@ -70,8 +68,11 @@ def summarise(result: dict) -> dict:
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    full = [r for r in steady if r.get("mode_name") == "FULL"]
-    drop = [r for r in steady if r.get("mode_name") == "DROP"]
+    def mode(row):  # results.json holds the mode's value ("FULL"/"DROP")
+        return Mode(row["mode_name"]) if row.get("mode_name") else None
+
+    full = [r for r in steady if mode(r) is Mode.FULL]
+    drop = [r for r in steady if mode(r) is Mode.DROP]
     return {
         "epoch_s": mean(steady, "epoch_s"), "train_s": mean(steady, "train_s"),
         "samples_per_sec": mean(steady, "samples_per_sec"),

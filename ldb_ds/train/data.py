@@ -27,7 +27,7 @@ the data.
 Augmentation: digits get a random shift of up to 2 pixels (no flips: digits are not mirror
 symmetric); CIFAR gets the standard random crop with 4-pixel padding and horizontal flips;
 ImageFolder gets ``RandomResizedCrop`` + flip for training and resize + center crop (ratio 0.875)
-for testing. All of it draws from torch's global RNG, which ``launch/train.py`` re-seeds at every
+for testing. All of it draws from torch's global RNG, which ``ldb_ds.train.loop`` re-seeds at every
 epoch so a resumed run sees the same augmentation as an uninterrupted one.
 """
 

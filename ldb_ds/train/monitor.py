@@ -38,6 +38,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ldb_ds.schedule import Mode
+
 PHASES = ("data", "forward", "backward", "optimizer_step")
 
 
@@ -295,14 +297,13 @@ class TrainMonitor:
     def _ldb_figures(self) -> dict[str, Any]:
         ldb = getattr(self.engine, "ldb", None)
         enabled = bool(getattr(ldb, "enabled", False))
-        mode = getattr(ldb, "mode", "FULL")
-        mode_name = getattr(mode, "value", str(mode))
+        mode = getattr(ldb, "mode", Mode.FULL)
         full = int(getattr(ldb, "grad_bytes_full", 0) or 0)
         step = int(getattr(ldb, "grad_bytes_step", full) or 0)
         return {
             "enabled": enabled,
-            "mode": 1 if mode_name == "DROP" else 0,
-            "mode_name": mode_name,
+            "mode": 1 if mode is Mode.DROP else 0,
+            "mode_name": mode.value,
             "kept_unit_fraction": float(getattr(ldb, "kept_unit_fraction", 1.0)),
             "kept_param_fraction": float(getattr(ldb, "kept_param_fraction", 1.0)),
             "lr_factor": float(getattr(ldb, "lr_factor", 1.0)),
@@ -313,51 +314,11 @@ class TrainMonitor:
         }
 
 
-def evaluate(engine: Any, loader: Any, criterion: Any | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean loss over all ranks' shards of the test set.
+def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+    """Kept for ``ldb_ds.bench``: the evaluation is :func:`ldb_ds.train.loop.validate`."""
+    from .loop import validate
 
-    Every rank evaluates its own disjoint shard (see :class:`ldb_ds.train.data.ShardedEval`); the
-    counts are summed with one all-reduce, so the result is exact and the same on every rank.
-    """
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
-
-    criterion = criterion or torch.nn.CrossEntropyLoss(reduction="sum")
-    device = engine.device
-    dtype = _input_dtype(engine)
-    was_training = engine.module.training
-    engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device, dtype=dtype), y.to(device)
-            out = engine(x).float()
-            sums[0] += float(criterion(out, y))
-            k = min(5, out.shape[1])
-            topk = out.topk(k, dim=1).indices
-            hit = topk == y[:, None]
-            sums[1] += float(hit[:, 0].sum())
-            sums[2] += float(hit.any(dim=1).sum())
-            sums[3] += y.numel()
-    if was_training:
-        engine.train()
-    t = sums.to(get_accelerator().current_device_name())
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    loss, top1, top5, n = t.tolist()
-    n = max(n, 1.0)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
-
-
-def _input_dtype(engine: Any) -> torch.dtype:
-    try:
-        if engine.bfloat16_enabled():
-            return torch.bfloat16
-        if engine.fp16_enabled():
-            return torch.float16
-    except AttributeError:
-        pass
-    return torch.float32
+    return validate(engine, loader)
 
 
 __all__ = ["TrainMonitor", "evaluate", "PHASES"]

@@ -1,11 +1,13 @@
-"""launch/train.py end to end: real launchers, real gloo ranks, the bundled digits data.
+"""The training application end to end: real launchers, real gloo ranks, the bundled digits data.
 
 Each test starts 2 CPU ranks in subprocesses (about 15-40 s each on 2 cores). The model is
 timm's ``test_efficientnet`` (0.1 M parameters, a real timm EfficientNet), which reaches
 ~95% on the digits test split in two epochs.
 """
 
+import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from ldb_ds.train import cli
 from tests.support import train_utils as tu  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -40,7 +43,8 @@ def _by_step(scalars, tag):
 
 def test_deepspeed_launcher_end_to_end(tmp_path):
     """2 ranks, ZeRO-2 + LDB, 3 epochs (FULL, FULL, DROP) on digits: accuracy and TensorBoard."""
-    # Options from the JSON's "train" section; the command line overrides one of them.
+    # Options from the JSON's "train" section (log_every: the earlier name of log_interval);
+    # the command line overrides one of them.
     cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero2_ldb.json",
                           train={"model": MODEL, "epochs": 7, "log_every": 1,
                                  "no_progress": True})
@@ -56,8 +60,21 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     assert results["ldb_drop_steps"] > 0
 
     args = yaml.safe_load((run_dir / "args.yaml").read_text())
-    assert args["model"] == MODEL and args["epochs"] == 3 and args["log_every"] == 1
-    assert args["world_size"] == 2 and args["ldb"]["enabled"] is True
+    assert args["model"] == MODEL and args["epochs"] == 3 and args["log_interval"] == 1
+    assert args["experiment"] == "e2e" and args["sched"] == "cosine" and "resume" not in args
+    assert args["run"]["world_size"] == 2 and args["run"]["ldb"]["enabled"] is True
+    # -c replays exactly the options of the run (the run: record is skipped).
+    replayed, _ = cli.parse_args(["-c", str(run_dir / "args.yaml")])
+    assert replayed.to_dict(scope=("run",)) == {k: v for k, v in args.items() if k != "run"}
+
+    with open(run_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [r["train_mode"] for r in rows] == ["FULL", "FULL", "DROP"]
+    assert float(rows[-1]["eval_top1"]) == pytest.approx(results["final_top1"])
+    # The lr column is the LR applied: the cosine's value, times kappa = 2 in the DROP epoch.
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(0.05) and lrs[2] == pytest.approx(2 * 0.05 * 0.5 * (1 + math.cos(2 * math.pi / 3)))
     ds_cfg = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_cfg["tensorboard"]["output_path"] == str(out)
     assert ds_cfg["tensorboard"]["job_name"] == "e2e"
@@ -96,8 +113,8 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
 
     # The last checkpoint evaluates to the same accuracy (BatchNorm statistics are made equal
     # on all ranks before evaluating and saving, so rank 0's checkpoint is everybody's model).
-    again = tu.run_deepspeed(["--deepspeed_config", cfg, "--output", str(out), "--experiment",
-                              "e2e", "--resume", "--eval"])
+    # Started by replaying the run's args.yaml with -c.
+    again = tu.run_deepspeed(["-c", str(run_dir / "args.yaml"), "--resume", "--eval"])
     assert again.returncode == 0, tu.explain(again)
     assert f"eval: top1 {results['final_top1']:.2f}%" in again.stdout, tu.explain(again)
 
@@ -121,9 +138,19 @@ def test_resume_matches_uninterrupted_run(tmp_path, stage):
     part = tu.run_deepspeed(common + ["--experiment", "part", "--stop-after-epoch", "1"])
     assert part.returncode == 0, tu.explain(part)
     assert not (tmp_path / "part" / "checkpoints" / "epoch2").exists()
+    # As if the stopped run had written epoch 2's summary row and died before its checkpoint:
+    # the resumed run trains epoch 2 again and must replace that row, not add a second one.
+    with open(tmp_path / "part" / "summary.csv", "a") as f:
+        f.write("2" + ",-1" * 10 + "\n")
     resumed = tu.run_deepspeed(common + ["--experiment", "part", "--resume"])
     assert resumed.returncode == 0, tu.explain(resumed)
     assert "resumed from" in resumed.stdout
+    with open(tmp_path / "part" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and rows[2]["train_loss"] != "-1"
+    with open(tmp_path / "whole" / "summary.csv", newline="") as f:
+        whole_rows = list(csv.DictReader(f))
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in whole_rows]
 
     masks_whole = (tmp_path / "whole" / "masks.jsonl").read_text().splitlines()
     masks_part = (tmp_path / "part" / "masks.jsonl").read_text().splitlines()
@@ -169,7 +196,8 @@ def test_clear_errors_before_any_rank_starts(tmp_path):
     """A bad model name or a missing dataset fails fast, with the reason and the remedy."""
     cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
     python = [sys.executable, tu.TRAIN, "--deepspeed_config", cfg, "--output", str(tmp_path)]
-    bad_model = tu.run(python + ["--model", "resnet5O"], timeout=120)
+    module = [sys.executable, "-m", "ldb_ds.train", "--deepspeed_config", cfg]  # the same main
+    bad_model = tu.run(module + ["--model", "resnet5O"], timeout=120)
     assert bad_model.returncode == 2
     assert "unknown model 'resnet5O'" in bad_model.stderr and "resnet50" in bad_model.stderr
     missing = tmp_path / "no_such_dir"

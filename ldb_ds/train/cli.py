@@ -1,0 +1,253 @@
+"""Command line, ``-c`` YAML and the JSON ``train`` section, resolved into :class:`TrainOptions`.
+
+Precedence, highest first (as timm's ``train.py`` with ``-c``, plus the DeepSpeed JSON):
+
+1. the command line;
+2. the ``-c/--config`` YAML file (e.g. the ``args.yaml`` of an earlier run);
+3. the top-level ``"train"`` section of the DeepSpeed JSON;
+4. the defaults of :class:`~ldb_ds.train.options.TrainOptions`.
+
+The parser is generated from the dataclass fields: every field is a flag (its name with dashes,
+plus the field's extra flags and aliases), typed and with choices from the field's type.
+``--deepspeed_config`` may come from the command line or from the YAML file (a replayed
+``args.yaml`` names the JSON it was run with; a relative path is relative to the working
+directory, as in timm). Keys in files are option names with underscores; an alias such as
+``log_every`` is accepted for ``log_interval``. An unknown key, a value of the wrong type or
+outside the allowed range is an error that names the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from . import options as O
+from .options import OptionsError, TrainOptions
+
+TRAIN_SECTION = "train"
+RECORD_KEY = "run"
+"""Key of ``args.yaml`` holding what the run found out (world size, versions...): a record, not
+options, so ``-c`` skips it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one flag per :class:`TrainOptions` field.
+
+    Every default is ``None`` here ("not given"): the real defaults live in the dataclass, so
+    ``parse_args`` can tell a value given on the command line from one that was not.
+    """
+    p = argparse.ArgumentParser(
+        prog="ldb-train", description="Train an image classifier with DeepSpeed and "
+        "LayerDropBack (ldb_ds). Options may also come from -c FILE.yaml and from the "
+        "DeepSpeed JSON's 'train' section; see docs/training.md.",
+        argument_default=argparse.SUPPRESS)
+    groups = {g: p.add_argument_group(g) for g in O.GROUPS}
+    hints = O.type_hints()
+    for f in O.fields():
+        m = f.metadata
+        kind, choices, _ = O.base_type(hints[f.name])
+        names = [*(s for s in m["flags"] if not s.startswith("--")), O.flag(f.name),
+                 *(s for s in m["flags"] if s.startswith("--")), *m["aliases"]]
+        default = m["default_text"] or ("off" if kind is bool else f.default)
+        shown = "" if default is None else f" (default: {default})"
+        kwargs: dict[str, Any] = dict(dest=f.name, help=m["help"] + shown)
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = kind
+            if choices:
+                kwargs["choices"] = choices
+        kwargs.update(m["argparse"])
+        groups[m["group"]].add_argument(*names, **kwargs)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
+    """Resolve the options (see the module docstring). Returns ``(options, DeepSpeed config)``.
+
+    Bad input exits through ``parser.error`` (status 2) with a message naming what is wrong.
+    """
+    from ldb_ds.config import LDBConfigError, load_ds_config
+
+    parser = build_parser()
+    cli = vars(parser.parse_args(argv))  # only what was given (argument_default=SUPPRESS)
+    try:
+        from_yaml = load_yaml(cli["config"]) if cli.get("config") else {}
+        ds_path = cli.get("deepspeed_config") or from_yaml.get("deepspeed_config")
+        if not ds_path:
+            raise OptionsError("--deepspeed_config is required, on the command line or in the "
+                               "-c file (see ds_configs/README.md)")
+        try:
+            ds_config = load_ds_config(ds_path)
+        except (FileNotFoundError, LDBConfigError) as err:
+            raise OptionsError(str(err)) from err
+        section = ds_config.get(TRAIN_SECTION, {})
+        if section is None:
+            section = {}
+        from_json = check_keys(section, f"the '{TRAIN_SECTION}' section of {ds_path}",
+                               deny=("deepspeed_config",))
+        if "optimizer" not in ds_config:
+            raise OptionsError(f"{ds_path} has no 'optimizer' section; add one, e.g. "
+                               '{"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}} '
+                               "(see ds_configs/)")
+        values = {**from_json, **from_yaml, **cli, "deepspeed_config": ds_path}
+        opts = TrainOptions(**values)
+        if opts.sched is None:
+            opts.sched = "none" if "scheduler" in ds_config else "cosine"
+        elif opts.sched != "none" and "scheduler" in ds_config:
+            raise OptionsError(f"--sched {opts.sched} and the 'scheduler' section of {ds_path} "
+                               "would both set the learning rate; use one")
+    except OptionsError as err:
+        parser.error(str(err))
+    return opts, ds_config
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Option values from a ``-c`` YAML file (``args.yaml`` of a run, or written by hand)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise OptionsError(f"-c {path}: no such file")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise OptionsError(f"-c {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OptionsError(f"-c {path} must hold a mapping of option names to values, got "
+                           f"{type(data).__name__}")
+    data = {k: v for k, v in data.items() if k != RECORD_KEY}
+    return check_keys(data, f"-c {path}")
+
+
+def check_keys(section: Mapping[str, Any], where: str, deny: tuple[str, ...] = ()
+               ) -> dict[str, Any]:
+    """Map alias keys to option names; refuse unknown keys and command-line-only options.
+
+    A number written as a string (YAML 1.1 reads ``1e-3`` as one) is converted as argparse
+    would convert it on the command line; the dataclass checks everything else.
+    """
+    hints = O.type_hints()
+    if not isinstance(section, Mapping):
+        raise OptionsError(f"{where} must be a mapping of option names to values, got "
+                           f"{type(section).__name__}")
+    by_name = {f.name: f for f in O.fields()}
+    aliases = O.key_aliases()
+    out: dict[str, Any] = {}
+    unknown, cli_only = [], []
+    for key, value in section.items():
+        name = aliases.get(key, key)
+        f = by_name.get(name)
+        if f is None:
+            unknown.append(key)
+        elif f.metadata["scope"] == "cli" or name in deny:
+            cli_only.append(key)
+        elif name in out:
+            raise OptionsError(f"{where} sets {name} twice (as {name} and an alias)")
+        else:
+            kind = O.base_type(hints[name])[0]
+            if isinstance(value, str) and kind in (int, float):
+                try:
+                    value = kind(value)
+                except ValueError:
+                    raise OptionsError(f"{where}: {key} = {value!r} is not allowed: expected a "
+                                       f"value of type {kind.__name__}") from None
+            try:
+                O.check_value(name, value)
+            except OptionsError as err:
+                raise OptionsError(f"{where}: {err}") from None
+            out[name] = value
+    if unknown:
+        allowed = sorted(f.name for f in O.fields()
+                         if f.metadata["scope"] != "cli" and f.name not in deny)
+        raise OptionsError(f"unknown key(s) in {where}: {', '.join(map(str, sorted(unknown)))}; "
+                           f"allowed: {', '.join(allowed)}")
+    if cli_only:
+        raise OptionsError(f"{where} cannot set {', '.join(sorted(cli_only))}: give it on the "
+                           "command line" + (" or in the -c file" if deny else ""))
+    return out
+
+
+def resolve_ds_config(ds_config: dict, opts: TrainOptions) -> dict:
+    """The config handed to DeepSpeed: option overrides applied, TensorBoard pointed at the run.
+
+    ``ds_config`` has an ``optimizer`` section (:func:`parse_args` checks).
+    """
+    cfg = json.loads(json.dumps(ds_config))  # deep copy
+    cfg.pop(TRAIN_SECTION, None)  # ours; DeepSpeed would ignore it anyway
+    if opts.batch_size is not None:
+        cfg["train_micro_batch_size_per_gpu"] = opts.batch_size
+        cfg.pop("train_batch_size", None)
+    if opts.lr is not None:
+        cfg["optimizer"].setdefault("params", {})["lr"] = opts.lr
+    tb = cfg.setdefault("tensorboard", {"enabled": True})
+    tb["output_path"] = opts.output
+    tb["job_name"] = opts.experiment
+    return cfg
+
+
+def default_experiment(opts: TrainOptions, ds_config: dict, world_size: int) -> str:
+    """``<dataset>-<model>-<ldb|baseline>-z<stage>-ws<world size>``."""
+    ldb = (ds_config.get("layer_drop_back") or {}).get("enabled", False)
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    model = opts.model.replace("tv:", "tv-").replace("/", "-")
+    return f"{opts.dataset}-{model}-{'ldb' if ldb else 'baseline'}-z{stage}-ws{world_size}"
+
+
+def options_table() -> str:
+    """The option reference as a Markdown table (docs/training.md embeds it; a test checks)."""
+    hints = O.type_hints()
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in O.fields():
+        m = f.metadata
+        kind, choices, _ = O.base_type(hints[f.name])
+        names = [O.flag(f.name), *m["flags"], *m["aliases"]]
+        spelled = ", ".join(f"`{n}`" for n in names)
+        if m["argparse"].get("nargs") == "?":
+            spelled = spelled.replace(f"`{O.flag(f.name)}`", f"`{O.flag(f.name)} [DIR]`")
+        if m["default_text"]:
+            default = m["default_text"]
+        else:
+            default = "off" if kind is bool else "" if f.default is None else f"`{f.default}`"
+        meaning = m["help"] + (f" ({', '.join(f'`{c}`' for c in choices)})" if choices else "")
+        if m["scope"] == "invocation":
+            meaning += "; not saved in args.yaml"
+        elif m["scope"] == "cli":
+            meaning += "; command line only"
+        rows.append(f"| {spelled} | {_md(default)} | {_md(meaning)} |")
+    return "\n".join(rows)
+
+
+def _md(text: str) -> str:
+    """Text for a Markdown table cell: ``|`` escaped, ``<name>`` not read as an HTML tag."""
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
+DOCS_BEGIN, DOCS_END = "<!-- options: generated by python -m ldb_ds.train.cli --update-docs -->", "<!-- options end -->"
+
+
+def update_docs(path: str) -> None:
+    """Rewrite the option table between the markers in ``path`` (docs/training.md)."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(DOCS_BEGIN) + len(DOCS_BEGIN), text.index(DOCS_END)
+    with open(path, "w") as f:
+        f.write(text[:start] + "\n" + options_table() + "\n" + text[end:])
+
+
+if __name__ == "__main__":  # python -m ldb_ds.train.cli [--update-docs [docs/training.md]]
+    import sys
+
+    if sys.argv[1:2] == ["--update-docs"]:
+        update_docs(sys.argv[2] if len(sys.argv) > 2 else os.path.join("docs", "training.md"))
+    else:
+        print(options_table())
+
+
+__all__ = ["TRAIN_SECTION", "RECORD_KEY", "build_parser", "parse_args", "load_yaml", "check_keys",
+           "resolve_ds_config", "default_experiment", "options_table"]

@@ -1,0 +1,272 @@
+"""The training loop: :func:`train_one_epoch`, :func:`validate`, and :func:`fit` over the epochs.
+
+Extending the loop
+------------------
+Two kinds of hooks, both run on every rank (``TrainContext.step_hooks``/``epoch_hooks``):
+
+* a **step hook** ``hook(event: StepEvent) -> bool | None`` runs after every micro step, with
+  the epoch, the step index, whether the step closed an accumulation window (only then may a
+  checkpoint be saved: DeepSpeed's gradient buffers are empty) and the step's loss. Return
+  ``True`` to end the epoch after this step: :func:`fit` then returns at once, without the
+  end-of-epoch evaluation and checkpoint (a hook that stops mid-epoch saves what it needs first,
+  e.g. with :func:`ldb_ds.train.checkpoint.save` and a tag of its own);
+* an **epoch hook** ``hook(epoch: int, figures: dict) -> bool | None`` runs after an epoch's
+  figures, summary row and checkpoint; ``True`` ends the run there.
+
+Every rank must return the same answer (the next step is a collective): a hook that looks at
+rank-local state (a signal, a non-finite local loss) has to agree with the others through a
+collective first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import checkpoint
+from .console import log
+from .monitor import TrainMonitor
+from .options import TrainOptions
+from .rundir import RunDir
+
+
+@dataclass
+class StepEvent:
+    """What a step hook sees after a micro step."""
+
+    epoch: int
+    step: int
+    """Micro steps done in this epoch, this one included."""
+    steps_in_epoch: int
+    boundary: bool
+    """The step closed an accumulation window (``engine.step()`` ran the optimizer)."""
+    loss: torch.Tensor
+    """This rank's loss of the micro step (not reduced over ranks)."""
+    batch_size: int
+    stats: dict[str, Any]
+    """The monitor's latest window figures (empty until the first window is written)."""
+
+
+StepHook = Callable[[StepEvent], Optional[bool]]
+EpochHook = Callable[[int, dict], Optional[bool]]
+
+
+@dataclass
+class EpochOutcome:
+    steps: int
+    stopped: bool = False
+    """A step hook ended the epoch early."""
+
+
+@dataclass
+class TrainContext:
+    """Everything :func:`fit` needs; built by :func:`ldb_ds.train.main.main`."""
+
+    opts: TrainOptions
+    engine: Any
+    train_loader: Any
+    eval_loader: Any
+    monitor: TrainMonitor
+    run: RunDir
+    rank: int
+    input_dtype: torch.dtype
+    scheduler: Any = None
+    state: checkpoint.TrainState = field(default_factory=checkpoint.TrainState)
+    criterion: Any = field(default_factory=torch.nn.CrossEntropyLoss)
+    step_hooks: list[StepHook] = field(default_factory=list)
+    epoch_hooks: list[EpochHook] = field(default_factory=list)
+
+
+def create_lr_scheduler(opts: TrainOptions, optimizer: Any) -> Any:
+    """timm's ``CosineLRScheduler``, stepped once per epoch (``None`` for ``--sched none``).
+
+    Warm-up for ``--warmup-epochs`` from ``--warmup-lr`` (default base / (warmup + 1), so the
+    first epoch already trains), then a cosine from the base LR to ``--min-lr`` over the
+    remaining epochs. The scheduler owns each group's ``lr`` between steps; LDB multiplies it by
+    its DROP factor only inside the optimizer step and puts the scheduled value back
+    (``ldb_ds.functional.hide_groups``), so the two compose. Create it before resuming: it
+    takes the base LRs from the config, and the schedule is a function of the epoch alone.
+    """
+    if opts.sched == "none":
+        return None
+    from timm.scheduler import CosineLRScheduler
+
+    base = optimizer.param_groups[0]["lr"]
+    warmup_lr = opts.warmup_lr if opts.warmup_lr is not None else base / (opts.warmup_epochs + 1)
+    # timm warns that a one-epoch cosine "has no effect"; that is what --epochs 1 asks for.
+    quiet = logging.getLogger("timm.scheduler.cosine_lr")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(opts.epochs - opts.warmup_epochs, 1),
+                                 lr_min=opts.min_lr, warmup_t=opts.warmup_epochs,
+                                 warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=True)
+    finally:
+        quiet.setLevel(level)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch's global RNG for ``epoch`` on ``rank``.
+
+    Augmentation and dropout draw from it: seeding per epoch (and rank) makes a resumed run
+    draw exactly what the uninterrupted run drew.
+    """
+    torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+
+
+def micro_steps(loader_len: int, gas: int, max_steps_per_epoch: int = 0) -> int:
+    """Micro steps of one epoch: whole accumulation windows only (``set_epoch`` needs one closed)."""
+    n = loader_len // gas * gas
+    if max_steps_per_epoch:
+        n = min(n, max_steps_per_epoch * gas)
+    return n
+
+
+def train_one_epoch(engine: Any, loader: Any, epoch: int, *, monitor: TrainMonitor,
+                    criterion: Any, steps: int, input_dtype: torch.dtype,
+                    hooks: Sequence[StepHook] = (), progress: bool = True,
+                    log_interval: int = 10, epochs: int | None = None) -> EpochOutcome:
+    """Train ``steps`` micro steps of ``loader``; call after ``engine.set_epoch(epoch)``."""
+    from tqdm import tqdm
+
+    engine.train()
+    gas = engine.gradient_accumulation_steps()
+    mode_name = engine.ldb.mode.value
+    bar = tqdm(total=steps, desc=f"epoch {epoch}" + (f"/{epochs - 1}" if epochs else "")
+               + f" {mode_name}", disable=not progress, dynamic_ncols=True, leave=True,
+               mininterval=1.0)
+    done, stopped = 0, False
+    for x, y in loader if steps > 0 else ():
+        with monitor.phase("forward"):
+            x, y = x.to(engine.device, dtype=input_dtype), y.to(engine.device)
+            loss = criterion(engine(x).float(), y)
+        with monitor.phase("backward"):
+            engine.backward(loss)
+        with monitor.phase("optimizer_step"):
+            engine.step()
+        stats = monitor.end_step(loss, x.size(0))
+        done += 1
+        bar.update(1)
+        if stats and done % log_interval == 0:
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", sps=f"{stats['samples_per_sec']:.0f}",
+                            mode=stats["mode_name"], refresh=False)
+        event = StepEvent(epoch, done, steps, done % gas == 0, loss, x.size(0), stats)
+        if any([bool(hook(event)) for hook in hooks]):  # every hook runs (a list, not lazy)
+            stopped = True
+        if stopped or done >= steps:  # checked here: no batch is fetched only to be dropped
+            break
+    bar.close()
+    return EpochOutcome(done, stopped)
+
+
+def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None
+             ) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent, timm's ``accuracy``) and mean loss over all ranks' shards.
+
+    Every rank evaluates its own disjoint shard (:class:`ldb_ds.train.data.ShardedEval`); the
+    counts are summed with one all-reduce, so the result is exact (not an average of
+    averages) and the same on every rank.
+    """
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from timm.utils import accuracy
+
+    from ldb_ds.runtime import input_dtype as dtype_of
+
+    dtype = input_dtype or dtype_of(engine)
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    was_training = engine.module.training
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, images
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(engine.device, dtype=dtype), y.to(engine.device)
+            out = engine(x).float()
+            n = y.numel()
+            top1, top5 = accuracy(out, y, topk=(1, 5))  # percent of this batch
+            sums += torch.tensor([float(criterion(out, y)), round(float(top1) * n / 100.0),
+                                  round(float(top5) * n / 100.0), n], dtype=torch.float64)
+    if was_training:
+        engine.train()
+    t = sums.to(get_accelerator().current_device_name())
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    loss, top1, top5, n = t.tolist()
+    n = max(n, 1.0)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
+
+
+def distribute_bn(module: torch.nn.Module, how: str) -> None:
+    """Make BatchNorm running statistics equal on every rank (timm's ``distribute_bn``).
+
+    Every rank updates its running mean/variance from its own batches and DeepSpeed never
+    synchronises buffers, so without this each rank would evaluate a different model and the
+    checkpoint (rank 0's module) would not reproduce the accuracy measured. timm calls
+    ``torch.distributed`` directly: DeepSpeed's comm runs on the same default process group.
+    """
+    import deepspeed.comm as dist
+    from timm.utils import distribute_bn as timm_distribute_bn
+
+    if how != "none" and dist.get_world_size() > 1:
+        timm_distribute_bn(module, dist.get_world_size(), reduce=how == "reduce")
+
+
+def _due(every: int, epoch: int, last: int) -> bool:
+    return bool(every and (epoch + 1) % every == 0) or epoch == last
+
+
+def fit(ctx: TrainContext) -> float:
+    """Train from ``ctx.state.next_epoch`` to the last epoch; returns the seconds it took."""
+    opts, engine, state = ctx.opts, ctx.engine, ctx.state
+    last = opts.epochs - 1
+    if opts.stop_after_epoch is not None:
+        last = min(last, opts.stop_after_epoch)
+    t0 = time.perf_counter()
+    for epoch in range(state.next_epoch, last + 1):
+        seed_epoch(opts.seed, epoch, ctx.rank)
+        if ctx.scheduler is not None:
+            ctx.scheduler.step(epoch)
+        mode = engine.set_epoch(epoch)
+        ctx.monitor.begin_epoch(epoch)
+        steps = micro_steps(len(ctx.train_loader), engine.gradient_accumulation_steps(),
+                            opts.max_steps_per_epoch)
+        outcome = train_one_epoch(
+            engine, ctx.train_loader, epoch, monitor=ctx.monitor, criterion=ctx.criterion,
+            steps=steps, input_dtype=ctx.input_dtype, hooks=ctx.step_hooks,
+            progress=ctx.rank == 0 and not opts.no_progress, log_interval=opts.log_interval,
+            epochs=opts.epochs)
+        if outcome.stopped:
+            break
+        distribute_bn(engine.module, opts.dist_bn)
+        res = validate(engine, ctx.eval_loader, ctx.input_dtype) if _due(
+            opts.eval_every, epoch, last) else None
+        ep = ctx.monitor.end_epoch(res)
+        # The LR applied in the epoch: the scheduled LR times LDB's factor (1 in FULL epochs).
+        lr = float(engine.get_lr()[0]) * engine.ldb.lr_factor
+        ep.update(mode_name=mode.value, lr=lr)
+        state.history.append(ep)
+        state.next_epoch, state.samples_seen = epoch + 1, ctx.monitor.samples_seen
+        log(f"epoch {epoch} [{mode.value}] loss {ep['train_loss']:.4f} | "
+            + (f"eval top1 {res['top1']:.2f}% loss {res['loss']:.4f} | " if res else "")
+            + f"{ep['epoch_s']:.1f} s, {ep['samples_per_sec']:.1f} samples/s, {ep['steps']} "
+              f"steps, kept params {ctx.monitor.last.get('kept_param_fraction', 1.0):.3f}")
+        if ctx.rank == 0:  # before the checkpoint: a resume trims rows it trains again
+            ctx.run.append_summary(
+                epoch, {"loss": ep["train_loss"], "epoch_s": ep["epoch_s"],
+                        "train_s": ep["train_s"], "samples_per_sec": ep["samples_per_sec"],
+                        "steps": ep["steps"], "mode": mode.value},
+                {k: (res or {}).get(k) for k in ("top1", "top5", "loss")}, lr)
+        if opts.ckpt_every and _due(opts.ckpt_every, epoch, last):
+            checkpoint.save(engine, ctx.run.checkpoints, state, opts, mode.value)
+        if any([bool(hook(epoch, ep)) for hook in ctx.epoch_hooks]):
+            break
+    return time.perf_counter() - t0
+
+
+__all__ = ["StepEvent", "StepHook", "EpochHook", "EpochOutcome", "TrainContext",
+           "create_lr_scheduler", "seed_epoch", "micro_steps", "train_one_epoch", "validate",
+           "distribute_bn", "fit"]

@@ -1,0 +1,247 @@
+"""The training application's options: one typed field each, defined once.
+
+:class:`TrainOptions` is the single source of every option's name, type, default, help text and
+allowed values. The command-line parser (:mod:`ldb_ds.train.cli`), the DeepSpeed JSON's ``train``
+section, ``-c`` YAML files, ``args.yaml`` and the option table in ``docs/training.md`` are all
+generated from these fields, so a new option is one new field here.
+
+Names follow timm's ``train.py`` where the two scripts have the same option (``-b/--batch-size``,
+``-j/--workers``, ``-vb/--validation-batch-size``, ``--log-interval``, ``--dataset-download``,
+``--warmup-lr``); this script's earlier names stay accepted as aliases, on the command line
+(``--log-every``) and as keys in files (``log_every``).
+
+Pure Python: nothing here imports torch, so ``--help`` and option errors are instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, get_args, get_origin
+
+Dataset = Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
+Stem = Literal["auto", "cifar", "original"]
+Sched = Literal["none", "cosine"]
+DistBN = Literal["reduce", "broadcast", "none"]
+Scope = Literal["run", "invocation", "cli"]
+
+GROUPS = ("DeepSpeed", "model", "data", "training", "evaluation", "output")
+
+
+class OptionsError(ValueError):
+    """A bad option value: the message names the option, the value and what is allowed."""
+
+
+def _opt(group: str, default: Any, help: str, *, flags: tuple[str, ...] = (),
+         aliases: tuple[str, ...] = (), scope: Scope = "run", minimum: float | None = None,
+         default_text: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A field with what the parser and the docs need.
+
+    ``flags``: extra spellings on the command line only (``-b``); ``aliases``: earlier long
+    names, accepted on the command line and, with underscores, as keys in files. ``scope``:
+    ``run`` options describe the experiment and are saved in ``args.yaml`` (so ``-c`` replays
+    them); ``invocation`` options say what this start does (``--resume``, ``--overwrite``) and
+    are not saved; ``cli`` options come from the launcher or the command line only.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown option group {group!r}")
+    meta = dict(group=group, help=help, flags=flags, aliases=aliases, scope=scope,
+                minimum=minimum, default_text=default_text, argparse=argparse_kwargs)
+    return field(default=default, metadata=meta)
+
+
+_ds = functools.partial(_opt, "DeepSpeed")
+_model = functools.partial(_opt, "model")
+_data = functools.partial(_opt, "data")
+_train = functools.partial(_opt, "training")
+_eval = functools.partial(_opt, "evaluation")
+_out = functools.partial(_opt, "output")
+
+
+@dataclass
+class TrainOptions:
+    """Every option of ``ldb-train`` (``python -m ldb_ds.train``, ``launch/train.py``)."""
+
+    # -- DeepSpeed ---------------------------------------------------------------------------
+    deepspeed_config: Optional[str] = _ds(
+        None, "DeepSpeed JSON, with the layer_drop_back and train sections (required: on the "
+        "command line or in the -c file)", flags=("--deepspeed-config",), default_text="required")
+    config: Optional[str] = _ds(
+        None, "YAML file of option values, e.g. the args.yaml of an earlier run (timm's -c); "
+        "the command line overrides it, it overrides the JSON's train section",
+        flags=("-c",), scope="cli", metavar="FILE")
+    local_rank: Optional[int] = _ds(
+        None, "set by the deepspeed launcher; the LOCAL_RANK variable is what is used",
+        flags=("--local-rank",), scope="cli")
+    deepspeed: bool = _ds(False, "accepted for compatibility with DeepSpeed's own argument; "
+                          "ignored", scope="cli")
+
+    # -- model -------------------------------------------------------------------------------
+    model: str = _model("mobilenetv2_050", "timm model name, or tv:<name> for a torchvision model")
+    pretrained: bool = _model(False, "load the library's pretrained weights (timm: the Hugging "
+                              "Face hub cache; torchvision: the torch hub cache)")
+    pretrained_path: Optional[str] = _model(None, "timm: a local weights file to load instead "
+                                            "of the hub")
+    stem: Stem = _model("auto", "small-input stem adaptation: auto (when the image size is at "
+                        "most 64), cifar (always) or original (never)")
+    num_classes: Optional[int] = _model(None, "classifier size", minimum=1,
+                                        default_text="dataset's")
+    drop_path: Optional[float] = _model(None, "timm drop_path_rate", minimum=0.0,
+                                        default_text="model's")
+
+    # -- data --------------------------------------------------------------------------------
+    dataset: Dataset = _data("digits", "dataset (see docs/training.md, Datasets)")
+    data_dir: Optional[str] = _data(None, "dataset root (not needed for digits and synthetic)")
+    dataset_download: bool = _data(False, "let torchvision download CIFAR (rank 0 downloads, "
+                                   "the others wait)", aliases=("--download",))
+    no_verify_data: bool = _data(False, "skip torchvision's MD5 check of the CIFAR files (for "
+                                 "folders you wrote yourself)")
+    img_size: Optional[int] = _data(None, "input size (32 for digits, CIFAR and synthetic; 224 "
+                                    "for imagefolder)", minimum=8, default_text="dataset's")
+    no_aug: bool = _data(False, "no training augmentation")
+    workers: int = _data(0, "data loader worker processes per rank", flags=("-j",), minimum=0)
+    synthetic_size: int = _data(10_000, "synthetic train images (test: a fifth)", minimum=1)
+
+    # -- training ----------------------------------------------------------------------------
+    epochs: int = _train(10, "epochs (the LR schedule spans them)", minimum=1)
+    batch_size: Optional[int] = _train(
+        None, "micro batch per rank; overrides train_micro_batch_size_per_gpu and drops "
+        "train_batch_size from the config", flags=("-b",), minimum=1, default_text="config's")
+    lr: Optional[float] = _train(None, "overrides optimizer.params.lr", minimum=0.0,
+                                 default_text="config's")
+    sched: Optional[Sched] = _train(
+        None, "epoch-wise LR schedule (timm's CosineLRScheduler): cosine (to --min-lr over "
+        "--epochs, after --warmup-epochs of linear warm-up) or none. A DeepSpeed 'scheduler' "
+        "section in the config owns the LR instead: then the default is none and cosine an error",
+        default_text="cosine")
+    min_lr: float = _train(0.0, "LR at the end of the cosine schedule", minimum=0.0)
+    warmup_epochs: int = _train(0, "epochs of linear LR warm-up before the cosine", minimum=0)
+    warmup_lr: Optional[float] = _train(
+        None, "LR of the first warm-up epoch; the LR then rises linearly to the base LR",
+        minimum=0.0, default_text="base LR / (warmup epochs + 1)")
+    seed: int = _train(42, "initial weights and the per-epoch data RNG (LDB masks have their own "
+                       "layer_drop_back.seed)", minimum=0)
+    max_steps_per_epoch: int = _train(0, "cap on optimizer steps per epoch, for smoke tests "
+                                      "(0: the whole epoch)", minimum=0)
+    threads: Optional[int] = _train(
+        None, "torch CPU threads per rank (the deepspeed launcher does not set OMP_NUM_THREADS)",
+        minimum=1, default_text="OMP_NUM_THREADS, else cores / local ranks")
+
+    # -- evaluation --------------------------------------------------------------------------
+    dist_bn: DistBN = _eval(
+        "reduce", "before each evaluation and checkpoint, make BatchNorm running statistics "
+        "equal on all ranks (timm's distribute_bn): average them (reduce), copy rank 0's "
+        "(broadcast) or leave them (none)")
+    eval_every: int = _eval(1, "evaluate every N epochs (always after the last; 0: only then)",
+                            minimum=0)
+    eval: bool = _eval(False, "only evaluate (with --resume: the checkpoint) and exit",
+                       scope="invocation")
+    validation_batch_size: Optional[int] = _eval(
+        None, "evaluation batch per rank", flags=("-vb",), aliases=("--eval-batch-size",),
+        minimum=1, default_text="2 x micro batch")
+
+    # -- output ------------------------------------------------------------------------------
+    output: str = _out("runs", "log root (TensorBoard's output_path)")
+    experiment: Optional[str] = _out(
+        None, "run name under --output (TensorBoard's job_name); the run directory is "
+        "<output>/<experiment>", default_text="<dataset>-<model>-<ldb|baseline>-z<stage>-ws<N>")
+    overwrite: bool = _out(False, "delete an existing run directory first (without it an "
+                           "existing non-empty run directory is an error unless --resume)",
+                           scope="invocation")
+    ckpt_every: int = _out(1, "save a checkpoint every N epochs and after the last (0: never)",
+                           minimum=0)
+    resume: Optional[str] = _out(
+        None, "continue from the latest checkpoint of this run (or of the checkpoint "
+        "directory given)", scope="invocation", nargs="?", const="auto", metavar="DIR")
+    stop_after_epoch: Optional[int] = _out(
+        None, "end the run after this epoch, as if interrupted (the schedule still spans "
+        "--epochs)", scope="invocation", minimum=0)
+    log_interval: int = _out(10, "TensorBoard step events every N steps (averaged over them)",
+                             aliases=("--log-every",), minimum=1)
+    log_masks: bool = _out(False, "append every step's dropped unit indices to masks.jsonl in "
+                           "the run directory")
+    no_progress: bool = _out(False, "no tqdm progress bar")
+    no_sync_timing: bool = _out(False, "do not synchronise the device around the timed phases")
+
+    def __post_init__(self) -> None:
+        hints = type_hints()
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name), hints[f.name])
+
+    def to_dict(self, scope: tuple[str, ...] = ("run", "invocation", "cli")) -> dict[str, Any]:
+        """Option values by name, limited to the given scopes (``("run",)``: what args.yaml holds)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["scope"] in scope}
+
+
+@functools.lru_cache(maxsize=None)
+def type_hints() -> dict[str, Any]:
+    """The fields' types, resolved (the module uses postponed annotations)."""
+    return typing.get_type_hints(TrainOptions)
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(TrainOptions)
+
+
+def base_type(hint: Any) -> tuple[type, tuple[str, ...] | None, bool]:
+    """``(python type, Literal choices or None, optional)`` of a field's type."""
+    optional = False
+    if get_origin(hint) is typing.Union:
+        args = [a for a in get_args(hint) if a is not type(None)]
+        optional = len(args) < len(get_args(hint))
+        (hint,) = args
+    if get_origin(hint) is Literal:
+        return str, tuple(get_args(hint)), optional
+    return hint, None, optional
+
+
+def flag(name: str) -> str:
+    """The long command-line flag of an option (``batch_size`` -> ``--batch-size``).
+
+    ``deepspeed_config`` and ``local_rank`` keep the underscore spelling DeepSpeed's own
+    launcher and argument helpers use (the dash spelling is an extra flag).
+    """
+    return f"--{name}" if name in ("deepspeed_config", "local_rank") else "--" + name.replace("_", "-")
+
+
+def key_aliases() -> dict[str, str]:
+    """File keys accepted for an option besides its name (``log_every`` -> ``log_interval``)."""
+    return {a.lstrip("-").replace("-", "_"): f.name for f in fields() for a in f.metadata["aliases"]}
+
+
+def check_value(name: str, value: Any) -> None:
+    """Raise :class:`OptionsError` unless ``value`` is allowed for option ``name``."""
+    f = next(f for f in fields() if f.name == name)
+    _check(f, value, type_hints()[name])
+
+
+def _check(f: dataclasses.Field, value: Any, hint: Any) -> None:
+    kind, choices, optional = base_type(hint)
+    where = f"{flag(f.name)} ({f.name})"
+    if value is None:
+        if optional:
+            return
+        raise OptionsError(f"{where} must be set")
+    # bool is a subclass of int: a YAML/JSON true must not pass as a number.
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise OptionsError(f"{where} = {value!r} is not allowed: expected a value of type "
+                           f"{kind.__name__}")
+    if choices is not None and value not in choices:
+        raise OptionsError(f"{where} = {value!r} is not allowed: expected one of "
+                           + ", ".join(choices))
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise OptionsError(f"{where} = {value!r} is not allowed: expected a value >= {minimum}")
+
+
+__all__ = ["TrainOptions", "OptionsError", "Dataset", "Stem", "Sched", "DistBN", "GROUPS",
+           "fields", "type_hints", "base_type", "flag", "key_aliases", "check_value"]
