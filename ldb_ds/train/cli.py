@@ -19,12 +19,11 @@ outside the allowed range is an error that names the file, the key and what is a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from typing import Any, Mapping
 
-from . import options as O
+from . import options
 from .options import OptionsError, TrainOptions
 
 TRAIN_SECTION = "train"
@@ -36,20 +35,21 @@ options, so ``-c`` skips it."""
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per :class:`TrainOptions` field.
 
-    Every default is ``None`` here ("not given"): the real defaults live in the dataclass, so
-    ``parse_args`` can tell a value given on the command line from one that was not.
+    No flag has a default here (``argparse.SUPPRESS``: an option not given is absent from the
+    result): the real defaults live in the dataclass, so ``parse_args`` can tell a value given
+    on the command line from one that was not.
     """
     p = argparse.ArgumentParser(
         prog="ldb-train", description="Train an image classifier with DeepSpeed and "
         "LayerDropBack (ldb_ds). Options may also come from -c FILE.yaml and from the "
         "DeepSpeed JSON's 'train' section; see docs/training.md.",
         argument_default=argparse.SUPPRESS)
-    groups = {g: p.add_argument_group(g) for g in O.GROUPS}
-    hints = O.type_hints()
-    for f in O.fields():
+    groups = {g: p.add_argument_group(g) for g in options.GROUPS}
+    hints = options.type_hints()
+    for f in options.fields():
         m = f.metadata
-        kind, choices, _ = O.base_type(hints[f.name])
-        names = [*(s for s in m["flags"] if not s.startswith("--")), O.flag(f.name),
+        kind, choices, _ = options.base_type(hints[f.name])
+        names = [*(s for s in m["flags"] if not s.startswith("--")), options.flag(f.name),
                  *(s for s in m["flags"] if s.startswith("--")), *m["aliases"]]
         default = m["default_text"] or ("off" if kind is bool else f.default)
         shown = "" if default is None else f" (default: {default})"
@@ -73,10 +73,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     from ldb_ds.config import LDBConfigError, load_ds_config
 
     parser = build_parser()
-    cli = vars(parser.parse_args(argv))  # only what was given (argument_default=SUPPRESS)
+    given = vars(parser.parse_args(argv))  # only what was given (argument_default=SUPPRESS)
     try:
-        from_yaml = load_yaml(cli["config"]) if cli.get("config") else {}
-        ds_path = cli.get("deepspeed_config") or from_yaml.get("deepspeed_config")
+        from_yaml = load_yaml(given["config"]) if given.get("config") else {}
+        ds_path = given.get("deepspeed_config") or from_yaml.get("deepspeed_config")
         if not ds_path:
             raise OptionsError("--deepspeed_config is required, on the command line or in the "
                                "-c file (see ds_configs/README.md)")
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
             raise OptionsError(f"{ds_path} has no 'optimizer' section; add one, e.g. "
                                '{"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}} '
                                "(see ds_configs/)")
-        values = {**from_json, **from_yaml, **cli, "deepspeed_config": ds_path}
+        values = {**from_json, **from_yaml, **given, "deepspeed_config": ds_path}
         opts = TrainOptions(**values)
         if opts.sched is None:
             opts.sched = "none" if "scheduler" in ds_config else "cosine"
@@ -132,12 +132,12 @@ def check_keys(section: Mapping[str, Any], where: str, deny: tuple[str, ...] = (
     A number written as a string (YAML 1.1 reads ``1e-3`` as one) is converted as argparse
     would convert it on the command line; the dataclass checks everything else.
     """
-    hints = O.type_hints()
+    hints = options.type_hints()
     if not isinstance(section, Mapping):
         raise OptionsError(f"{where} must be a mapping of option names to values, got "
                            f"{type(section).__name__}")
-    by_name = {f.name: f for f in O.fields()}
-    aliases = O.key_aliases()
+    by_name = {f.name: f for f in options.fields()}
+    aliases = options.key_aliases()
     out: dict[str, Any] = {}
     unknown, cli_only = [], []
     for key, value in section.items():
@@ -150,7 +150,7 @@ def check_keys(section: Mapping[str, Any], where: str, deny: tuple[str, ...] = (
         elif name in out:
             raise OptionsError(f"{where} sets {name} twice (as {name} and an alias)")
         else:
-            kind = O.base_type(hints[name])[0]
+            kind = options.base_type(hints[name])[0]
             if isinstance(value, str) and kind in (int, float):
                 try:
                     value = kind(value)
@@ -158,12 +158,12 @@ def check_keys(section: Mapping[str, Any], where: str, deny: tuple[str, ...] = (
                     raise OptionsError(f"{where}: {key} = {value!r} is not allowed: expected a "
                                        f"value of type {kind.__name__}") from None
             try:
-                O.check_value(name, value)
+                options.check_value(name, value)
             except OptionsError as err:
                 raise OptionsError(f"{where}: {err}") from None
             out[name] = value
     if unknown:
-        allowed = sorted(f.name for f in O.fields()
+        allowed = sorted(f.name for f in options.fields()
                          if f.metadata["scope"] != "cli" and f.name not in deny)
         raise OptionsError(f"unknown key(s) in {where}: {', '.join(map(str, sorted(unknown)))}; "
                            f"allowed: {', '.join(allowed)}")
@@ -201,15 +201,15 @@ def default_experiment(opts: TrainOptions, ds_config: dict, world_size: int) -> 
 
 def options_table() -> str:
     """The option reference as a Markdown table (docs/training.md embeds it; a test checks)."""
-    hints = O.type_hints()
+    hints = options.type_hints()
     rows = ["| option | default | meaning |", "|---|---|---|"]
-    for f in O.fields():
+    for f in options.fields():
         m = f.metadata
-        kind, choices, _ = O.base_type(hints[f.name])
-        names = [O.flag(f.name), *m["flags"], *m["aliases"]]
+        kind, choices, _ = options.base_type(hints[f.name])
+        names = [options.flag(f.name), *m["flags"], *m["aliases"]]
         spelled = ", ".join(f"`{n}`" for n in names)
         if m["argparse"].get("nargs") == "?":
-            spelled = spelled.replace(f"`{O.flag(f.name)}`", f"`{O.flag(f.name)} [DIR]`")
+            spelled = spelled.replace(f"`{options.flag(f.name)}`", f"`{options.flag(f.name)} [DIR]`")
         if m["default_text"]:
             default = m["default_text"]
         else:
@@ -228,7 +228,8 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;")
 
 
-DOCS_BEGIN, DOCS_END = "<!-- options: generated by python -m ldb_ds.train.cli --update-docs -->", "<!-- options end -->"
+DOCS_BEGIN = "<!-- options: generated by python -m ldb_ds.train.cli --update-docs -->"
+DOCS_END = "<!-- options end -->"
 
 
 def update_docs(path: str) -> None:
