@@ -213,6 +213,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     # set of optimized parameters at initialize, so masks may only be applied afterwards.
     units = build_units(model, cfg.granularity, trainable_params(user_groups))
     if cfg.enabled:
+        # Before DeepSpeed builds anything: offload variants whose step bypasses the filter.
+        zero_hooks.refuse_unverified_step_paths(ds_config, optimizer)
         check_sampleable(units, cfg, type(model).__name__)
         groups, unit_of_group = split_groups_by_unit(units, user_groups)
         optimizer = _rebuild_optimizer(optimizer, groups)

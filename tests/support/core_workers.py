@@ -61,6 +61,12 @@ def ds_config(case: dict[str, Any]) -> dict[str, Any]:
     }
     if case.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    if case.get("offload"):  # ZeRO-Offload: the optimizer steps fp32 masters in CPU memory
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        # DeepSpeed refuses torch optimizers with offload unless told they are wanted.
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    if case.get("offload_param"):  # ZeRO-3 only: the parameter partitions live in CPU memory
+        cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     if case.get("warmup"):  # DeepSpeed's own scheduler; the LDB factor must compose with it
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.02, "warmup_max_lr": 0.1,
                                                             "warmup_num_steps": 4, "warmup_type": "linear"}}
@@ -95,6 +101,36 @@ def master_tensors(engine, group_index: int) -> list[torch.Tensor]:
     return list(engine.controller.group_dicts[group_index]["params"])
 
 
+def offload_tensors(engine, group_index: int) -> dict[str, torch.Tensor]:
+    """The CPU-side copies ZeRO-Offload keeps of param group ``group_index`` besides its fp32 masters.
+
+    ZeRO-1/2 offload copies the stepped fp32 partition into a 16-bit CPU buffer and from there
+    into the model's partition (``param_buffer_of_bit16_for_cpu_offload_groups``); ZeRO-3 copies
+    each sub-group's fp32 partition into its low-precision flat partition
+    (``fp16_partitioned_groups_flat``, in CPU memory with ``offload_param``). A dropped unit's
+    copies must not change either.
+    """
+    zopt = engine.ds_engine.optimizer
+    out: dict[str, torch.Tensor] = {}
+    if getattr(zopt, "cpu_offload", False):  # ZeRO-1/2
+        out["bit16_cpu_buffer"] = zopt.param_buffer_of_bit16_for_cpu_offload_groups[group_index]
+    if getattr(zopt, "offload_optimizer", False) or getattr(zopt, "offload_param", False):  # ZeRO-3
+        for sg, flat in enumerate(zopt.fp16_partitioned_groups_flat):
+            if zopt.sub_group_to_group_id[sg] == group_index and flat is not None:
+                out[f"lp_partition{sg}"] = flat
+    return out
+
+
+def offload_state(engine) -> dict[str, Any]:
+    """What the engine really runs: offload on or off, where the masters live, which optimizer."""
+    zopt = engine.ds_engine.optimizer
+    masters = master_tensors(engine, 0)
+    return {"optimizer_offload": bool(getattr(zopt, "cpu_offload", False) or getattr(zopt, "offload_optimizer", False)),
+            "param_offload": bool(getattr(zopt, "offload_param", False)),
+            "master_device": str(masters[0].device),
+            "basic_optimizer": type(engine.ds_engine.basic_optimizer).__name__}
+
+
 def unit_snapshot(engine, unit_index: int) -> dict[str, torch.Tensor]:
     """Everything a step could change for one unit: full params, fp32 masters, optimizer state."""
     unit = engine.controller.units[unit_index]
@@ -114,6 +150,8 @@ def unit_snapshot(engine, unit_index: int) -> dict[str, torch.Tensor]:
             for k, v in engine.ds_engine.basic_optimizer.state.get(master, {}).items():
                 snap[f"group{gi}/master{mi}/state/{k}"] = (v.detach().clone() if torch.is_tensor(v)
                                                           else torch.tensor(float(v), dtype=torch.float64))
+        for name, tensor in offload_tensors(engine, gi).items():
+            snap[f"group{gi}/offload/{name}"] = tensor.detach().clone()
     return snap
 
 
@@ -191,6 +229,7 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         from ldb_ds.schedule import draw_dropped
         own_draw = draw_dropped(random.Random(cfg["layer_drop_back"]["seed"]), len(units), engine.ldb.config)
     result = {"records": records, "final": final, "units": units, "own_first_draw": own_draw,
+              "engine": offload_state(engine),
               "counts": (engine.ldb.steps, engine.ldb.drop_steps, engine.ldb.dropped_unit_steps)}
     engine.destroy()
     return result
@@ -199,6 +238,12 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
 def run_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Several cases in one process group: process start-up dominates these tiny runs."""
     return [train_case(rank, case) for case in cases]
+
+
+def offload_suite(rank: int, cases: list[dict[str, Any]], control_stages: list[int]) -> dict[str, Any]:
+    """The ZeRO-Offload cases and their naive-freeze controls, in one process group."""
+    return {"cases": run_cases(rank, cases),
+            "controls": {stage: naive_freeze_case(rank, stage, offload=True)["moved"] for stage in control_stages}}
 
 
 def _train_epochs(engine, epochs, rank, world, masks):
@@ -299,7 +344,7 @@ def grad_norm_case(rank: int) -> dict[str, Any]:
     return {"norms": out}
 
 
-def naive_freeze_case(rank: int, stage: int) -> dict[str, Any]:
+def naive_freeze_case(rank: int, stage: int, offload: bool = False) -> dict[str, Any]:
     """Plain DeepSpeed, the naive way: freeze a layer after initialize by requires_grad=False.
 
     The control experiment for the untouched tests: it shows that what ldb_ds prevents really
@@ -308,7 +353,7 @@ def naive_freeze_case(rank: int, stage: int) -> dict[str, Any]:
     """
     import deepspeed
 
-    cfg = ds_config({"stage": stage, "optimizer": "sgd"})
+    cfg = ds_config({"stage": stage, "optimizer": "sgd", "offload": offload})
     del cfg["layer_drop_back"]
     model = make_model()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
