@@ -193,6 +193,7 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
             for micro in range(gas):
                 x, y = window_batch(step, micro, per_rank, world)
                 x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+                x, y = x.to(engine.device), y.to(engine.device)  # a GPU under accelerator="cuda"
                 if case.get("bf16"):
                     x = x.bfloat16()
                 loss = F.cross_entropy(engine(x).float(), y)
@@ -223,7 +224,7 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         counter.close()
     units = engine.ldb.units
     final = dict(zip([n for n, _ in engine.module.named_parameters()],
-                     gathered_params(engine, list(engine.module.parameters()))))
+                     [p.cpu() for p in gathered_params(engine, list(engine.module.parameters()))]))
     own_draw = None
     if case.get("rank_seeds"):
         from ldb_ds.schedule import draw_dropped

@@ -5,7 +5,8 @@ sets the usual torch.distributed environment, calls
 ``deepspeed.init_distributed("gloo")`` and then ``fn(rank, *args)``; each
 rank's return value is saved with ``torch.save`` and handed back as a list.
 A rank that fails or a run past ``timeout`` fails the test (no hangs): all
-processes are killed.
+processes are killed. ``accelerator="cuda"`` runs the ranks on GPUs (one each, NCCL)
+instead of DeepSpeed's CPU accelerator with gloo.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ import torch.multiprocessing as mp
 from ldb_ds.runtime import free_port
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, accelerator: str = "cpu") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR=accelerator)
     torch.set_num_threads(1)
     import deepspeed
     import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
 
     exit_code = 1
     try:
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        if accelerator != "cpu":
+            get_accelerator().set_device(rank)
+        deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else None, verbose=False)
         result = fn(rank, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         exit_code = 0
@@ -49,9 +53,10 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
         os._exit(exit_code)
 
 
-def run_distributed(fn, world_size: int = 2, *args, timeout: float = 600.0) -> list:
+def run_distributed(fn, world_size: int = 2, *args, timeout: float = 600.0, accelerator: str = "cpu") -> list:
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
+        ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args, accelerator),
+                                 nprocs=world_size,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
