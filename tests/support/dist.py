@@ -20,7 +20,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from ldb_ds.runtime import free_port
+from ldb_ds.runtime import free_port, release_shm_segment
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, accelerator: str = "cpu") -> None:
@@ -36,6 +36,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, accele
         if accelerator != "cpu":
             get_accelerator().set_device(rank)
         deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else None, verbose=False)
+        release_shm_segment()  # DeepSpeed would leak 69 MB of /dev/shm per rank per run
         result = fn(rank, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         exit_code = 0
