@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
@@ -57,7 +58,22 @@ class LDBConfig:
     granularity: Granularity = "module"
     """What one LDB unit is: ``param`` (each parameter tensor, as the authors' code),
     ``module`` (each module that owns parameters directly, e.g. a conv, or a norm
-    with weight and bias) or ``block`` (timm's ``group_matcher`` blocks)."""
+    with weight and bias) or ``block`` (``block_pattern``, else ``block_classes``,
+    else timm's ``group_matcher`` blocks, else a Hugging Face model's ``_no_split_modules``)."""
+
+    block_classes: tuple[str, ...] | None = None
+    """``block`` granularity: names of module classes whose instances are units, e.g.
+    ``["BertEmbeddings", "BertLayer"]``. Unset, a Hugging Face model's own
+    ``_no_split_modules`` are used (after timm's ``group_matcher``). Parameters outside
+    every such module are units as at ``module`` granularity.
+    Only with ``granularity: "block"``; not together with ``block_pattern``."""
+
+    block_pattern: str | None = None
+    """``block`` granularity: a regular expression matched (``re.match``, from the start)
+    against parameter names; parameters whose match is the same text form one unit, e.g.
+    ``"bert\\.encoder\\.layer\\.\\d+\\."`` (one unit per encoder layer). Parameters
+    that do not match are units as at ``module`` granularity. Only with
+    ``granularity: "block"``; not together with ``block_classes``."""
 
     keep_first: int = 4
     """Units at the start that are never dropped (paper: the first 4 layers)."""
@@ -102,6 +118,7 @@ class LDBConfig:
         if self.sampling_rate < 1:
             _fail("sampling_rate", self.sampling_rate, "an integer >= 1")
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        self._check_block_source()
         for key in ("keep_first", "keep_last"):
             value = getattr(self, key)
             _check_type(key, value, int)
@@ -119,6 +136,27 @@ class LDBConfig:
         _check_type("seed", self.seed, int)
         if self.seed < 0:
             _fail("seed", self.seed, "an integer >= 0")
+
+    def _check_block_source(self) -> None:
+        if self.block_classes is not None:
+            names = self.block_classes
+            if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \
+                    or not all(isinstance(n, str) and n for n in names):
+                _fail("block_classes", names, "a non-empty list of module class names (strings)")
+            object.__setattr__(self, "block_classes", tuple(names))  # frozen: hashable, JSON lists accepted
+        if self.block_pattern is not None:
+            _check_type("block_pattern", self.block_pattern, str)
+            try:
+                re.compile(self.block_pattern)
+            except re.error as err:
+                _fail("block_pattern", self.block_pattern, f"a valid regular expression ({err})")
+        source = [k for k in ("block_classes", "block_pattern") if getattr(self, k) is not None]
+        if len(source) == 2:
+            raise LDBConfigError(f"{SECTION}: set block_classes or block_pattern, not both "
+                                 f"(got {self.block_classes!r} and {self.block_pattern!r})")
+        if source and self.granularity != "block":
+            raise LDBConfigError(f"{SECTION}.{source[0]} is only used with granularity 'block', "
+                                 f"but granularity = {self.granularity!r}")
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any] | None) -> "LDBConfig":

@@ -204,6 +204,11 @@ class LDBController:
         self.epoch = int(state["epoch"])
         self.mode = Mode(state["mode"])
         self.epoch_mask = state.get("epoch_mask")
+        # Resumed inside a DROP epoch with resample "epoch": open_window keeps the epoch's one
+        # mask without redrawing it, so it must be applied here. Otherwise all units are trainable
+        # until the next window draws.
+        resumed_mask = self.epoch_mask if self.mode is Mode.DROP and self.epoch_mask is not None else None
+        self._set_dropped(resumed_mask or [False] * len(self.units))
 
 
 class LDBState:

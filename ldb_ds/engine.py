@@ -14,7 +14,8 @@ all the work. Per optimizer step (= one gradient-accumulation window):
 3. After the step the mask stays in place until the next window opens, so
    everything between two steps (eval, logging) sees a stable state.
 
-The state and its rules live in :class:`ldb_ds.controller.LDBController`; this
+The state and its rules live in :class:`ldb_ds.controller.LDBController`, the step protocol in
+:func:`ldb_ds.attach.run_step` (shared with engines driven by other loops); this
 module connects it to a DeepSpeed engine. docs/design.md, section 3,
 follows one mask from the config to the optimizer step.
 """
@@ -32,12 +33,12 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 from . import zero_hooks
+from .attach import new_controller, run_step
 from .config import LDBConfig, load_ds_config
-from .controller import LDBController, LDBState
+from .controller import LDBState
 from .sampler import ScalableBatchSampler, build_dataloader
 from .schedule import Mode
-from .units import (Unit, build_units, check_sampleable, normalise_param_groups, param_numel,
-                    split_groups_by_unit, trainable_params)
+from .units import Unit, build_units, check_sampleable, normalise_param_groups, split_groups_by_unit, trainable_params
 
 CLIENT_STATE_KEY = "layer_drop_back"
 
@@ -55,21 +56,9 @@ class LDBEngine:
                  dataloader: DataLoader | None):
         self.ds_engine = ds_engine
         self.training_dataloader = dataloader
-        optimizer = zero_hooks.basic_optimizer(ds_engine) if cfg.enabled else None
-        # The group dicts, captured once: ZeRO swaps optimizer.param_groups to a one-group list
-        # inside its per-group step, but keeps these dict objects.
-        group_dicts = list(optimizer.param_groups) if optimizer is not None else []
-        self.controller = LDBController(cfg, units, unit_of_group, group_dicts,
-                                        [self._grad_bytes(u) for u in units],
-                                        device=get_accelerator().current_device_name())
+        self.controller = new_controller(ds_engine, cfg, units, unit_of_group)
         self.ldb: LDBState = self.controller.state
-        self._optimizer = optimizer
         self._base_train_batch = ds_engine.train_batch_size()
-        if cfg.enabled:
-            c = self.controller
-            zero_hooks.install_group_step_filter(optimizer, lambda: c.plan.hidden_groups, lambda: c.lr_factor)
-            # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step.
-            zero_hooks.install_batched_grad_norm(ds_engine, lambda: c.plan.skipped_groups)
 
     # -- pass-through ---------------------------------------------------------
 
@@ -96,21 +85,7 @@ class LDBEngine:
         return self.ds_engine.backward(loss, **kwargs)
 
     def step(self, **kwargs: Any) -> Any:
-        # DeepSpeed increments micro_steps inside step(); ask before calling it.
-        boundary = self.ds_engine.is_gradient_accumulation_boundary()
-        if not boundary:
-            return self.ds_engine.step(**kwargs)
-        c = self.controller
-        if c.cfg.enabled:
-            c.refresh_group_dicts(self._optimizer.param_groups)
-            # Computed once per step: DeepSpeed calls the optimizer once per group at ZeRO 1-3.
-            plan = c.begin_step()
-            with zero_hooks.skip_allgather_of_dropped(self.ds_engine, plan.skipped_groups):
-                result = self.ds_engine.step(**kwargs)
-        else:
-            result = self.ds_engine.step(**kwargs)
-        c.end_step()
-        return result
+        return run_step(self.ds_engine, self.controller, self.ds_engine.step, **kwargs)
 
     @property
     def micro_batch_size(self) -> int:
@@ -137,13 +112,6 @@ class LDBEngine:
             loader.batch_sampler.factor = factor if c.cfg.batch_scaling == "micro_batch" else 1
             loader.batch_sampler.sampler.set_epoch(c.epoch)
         return mode
-
-    def _grad_bytes(self, unit: Unit) -> int:
-        # Gradients travel in DeepSpeed's communication dtype (the model dtype unless configured).
-        comm_dtype = getattr(self.ds_engine, "communication_data_type", None)
-        if isinstance(comm_dtype, torch.dtype):
-            return unit.numel * torch.empty((), dtype=comm_dtype).element_size()
-        return sum(param_numel(p) * p.element_size() for p in unit.params)
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -211,7 +179,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                                          else _params_of(optimizer))
     # Every unit is trainable here (requires_grad=True by construction): DeepSpeed fixes the
     # set of optimized parameters at initialize, so masks may only be applied afterwards.
-    units = build_units(model, cfg.granularity, trainable_params(user_groups))
+    units = build_units(model, cfg.granularity, trainable_params(user_groups),
+                        block_classes=cfg.block_classes, block_pattern=cfg.block_pattern)
     if cfg.enabled:
         # Before DeepSpeed builds anything: offload variants whose step bypasses the filter.
         zero_hooks.refuse_unverified_step_paths(ds_config, optimizer)

@@ -7,8 +7,14 @@ granularities (``LDBConfig.granularity``):
 * ``module`` - every module that *directly* owns parameters is a unit, e.g. a
   conv (weight), a norm layer (weight and bias), a linear head (weight and
   bias), or a ViT's root module (cls_token and pos_embed). The default.
-* ``block``  - timm's ``model.group_matcher(coarse=False)`` groups (stem,
-  each block, head). Only for models that define ``group_matcher``.
+* ``block``  - blocks, from the first source that applies: a regular
+  expression over parameter names (``block_pattern``), module class names
+  (``block_classes``), timm's ``model.group_matcher(coarse=False)`` groups
+  (stem, each block, head), or a Hugging Face model's ``_no_split_modules``
+  (the block classes it never splits across devices, e.g. ``ViTEmbeddings``,
+  ``ViTLayer``; read as an attribute, transformers is not imported). With a
+  pattern or class names, parameters outside every block are units as at
+  ``module`` granularity.
 
 Units are ordered by the first appearance of their parameters in
 ``model.named_parameters()``, i.e. from input to output for the usual models,
@@ -28,6 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
+
+import re
 
 import torch
 from torch import nn
@@ -64,11 +72,15 @@ class Unit:
         return UnitInfo(self.name, self.param_names, self.numel)
 
 
-def build_units(model: nn.Module, granularity: str, trainable: Iterable[nn.Parameter] | None = None) -> list[Unit]:
+def build_units(model: nn.Module, granularity: str, trainable: Iterable[nn.Parameter] | None = None, *,
+                block_classes: Sequence[str] | None = None, block_pattern: str | None = None) -> list[Unit]:
     """Cut ``model`` into ordered units over its trainable parameters.
 
     ``trainable``: the parameters that will be optimized (default: all with
     ``requires_grad=True``). Parameters outside it belong to no unit.
+    ``block_pattern`` / ``block_classes``: the source of ``block`` units
+    (``LDBConfig.block_pattern`` / ``block_classes``); neither: timm's ``group_matcher``,
+    else the model's ``_no_split_modules``.
     """
     named = [(n, p) for n, p in model.named_parameters() if param_numel(p) > 0]
     allowed = {id(p) for p in (trainable if trainable is not None else (p for _, p in named if p.requires_grad))}
@@ -80,6 +92,14 @@ def build_units(model: nn.Module, granularity: str, trainable: Iterable[nn.Param
         groups = [(n, [n]) for n, _ in named]
     elif granularity == "module":
         groups = _group_by_owning_module(model, [n for n, _ in named])
+    elif granularity == "block" and block_pattern is not None:
+        groups = _group_by_pattern(model, [n for n, _ in named], block_pattern)
+    elif granularity == "block" and block_classes is not None:
+        groups = _group_by_block_classes(model, [n for n, _ in named], block_classes)
+    elif granularity == "block" and not callable(getattr(model, "group_matcher", None)) \
+            and getattr(model, "_no_split_modules", None):
+        groups = _group_by_block_classes(model, [n for n, _ in named], model._no_split_modules,
+                                         f"{type(model).__name__}._no_split_modules")
     elif granularity == "block":
         groups = _group_by_timm_matcher(model, [n for n, _ in named])
     else:
@@ -99,12 +119,58 @@ def _group_by_owning_module(model: nn.Module, names: Sequence[str]) -> list[tupl
     return [(owner or "<root>", members) for owner, members in order.items()]
 
 
+def _group_by_pattern(model: nn.Module, names: Sequence[str], pattern: str) -> list[tuple[str, list[str]]]:
+    regex = re.compile(pattern)
+    key_of = {}
+    for n in names:
+        m = regex.match(n)
+        key_of[n] = m.group(0) if m and m.group(0) else None
+    if not any(key_of.values()):
+        raise LDBConfigError(f"layer_drop_back.block_pattern = {pattern!r} matches no trainable parameter of "
+                             f"{type(model).__name__} (first names: {', '.join(names[:3])})")
+    return _blocks_then_modules(names, key_of)
+
+
+def _group_by_block_classes(model: nn.Module, names: Sequence[str], block_classes: Sequence[str],
+                            source: str = "layer_drop_back.block_classes") -> list[tuple[str, list[str]]]:
+    wanted = set(block_classes)
+    # The outermost module of a wanted class owns everything below it (classes may nest).
+    blocks: list[str] = []
+    for module_name, module in model.named_modules():
+        if type(module).__name__ in wanted and module_name \
+                and not any(module_name.startswith(b + ".") for b in blocks):
+            blocks.append(module_name)
+    if not blocks and type(model).__name__ in wanted:
+        raise LDBConfigError(f"{source} names the whole model ({type(model).__name__}): that would be one unit")
+    key_of = {}
+    for n in names:
+        key_of[n] = next((b for b in blocks if n.startswith(b + ".")), None)
+    if not any(key_of.values()):
+        found = sorted({type(m).__name__ for m in model.modules()})
+        raise LDBConfigError(f"{source} = {list(block_classes)!r}: no module of these classes "
+                             f"holds trainable parameters in {type(model).__name__} (its module classes: "
+                             f"{', '.join(found[:20])}{', ...' if len(found) > 20 else ''})")
+    return _blocks_then_modules(names, key_of)
+
+
+def _blocks_then_modules(names: Sequence[str], block_of: dict[str, str | None]) -> list[tuple[str, list[str]]]:
+    # One unit per block key; a parameter in no block is grouped with its owning module, as at
+    # "module" granularity. Units in order of first appearance (input to output).
+    order: dict[str, list[str]] = {}
+    for n in names:
+        key = block_of[n]
+        unit = f"block:{key.rstrip('.')}" if key else (n.rpartition(".")[0] or "<root>")
+        order.setdefault(unit, []).append(n)
+    return list(order.items())
+
+
 def _group_by_timm_matcher(model: nn.Module, names: Sequence[str]) -> list[tuple[str, list[str]]]:
     matcher = getattr(model, "group_matcher", None)
     if not callable(matcher):
         raise LDBConfigError(
-            f"layer_drop_back.granularity = 'block' needs a timm model with group_matcher(); "
-            f"{type(model).__name__} has none. Use granularity 'module' or 'param'.")
+            f"layer_drop_back.granularity = 'block' needs block_pattern, block_classes, a timm model's "
+            f"group_matcher() or a Hugging Face model's _no_split_modules; {type(model).__name__} has none. "
+            f"Set block_classes or block_pattern, or use granularity 'module' or 'param'.")
     from timm.models import group_parameters  # timm is only needed for this granularity
 
     layer_to_names = group_parameters(model, matcher(coarse=False))

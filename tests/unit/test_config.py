@@ -70,3 +70,27 @@ def test_bad_values_name_key_value_and_allowed(key, value, allowed):
     message = str(err.value)
     assert f"layer_drop_back.{key} = {value!r}" in message
     assert allowed in message
+
+
+def test_block_sources_are_typed_and_only_for_block_granularity():
+    cfg = LDBConfig.from_dict({"enabled": True, "granularity": "block", "block_classes": ["BertLayer"]})
+    assert cfg.block_classes == ("BertLayer",)  # JSON list -> tuple: the frozen config stays hashable
+    assert LDBConfig.from_dict(cfg.to_dict()) == cfg
+    pattern = LDBConfig.from_dict({"enabled": True, "granularity": "block", "block_pattern": r"enc\.layer\.\d+\."})
+    assert pattern.block_pattern == r"enc\.layer\.\d+\." and pattern.block_classes is None
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"granularity": "block", "block_classes": "BertLayer"}, "block_classes = 'BertLayer' is not allowed"),
+    ({"granularity": "block", "block_classes": []}, "non-empty list of module class names"),
+    ({"granularity": "block", "block_classes": ["BertLayer", 3]}, "non-empty list of module class names"),
+    ({"granularity": "block", "block_pattern": "layer.(\\d+"}, "block_pattern = 'layer.(\\\\d+' is not allowed"),
+    ({"granularity": "block", "block_pattern": 3}, "type str"),
+    ({"granularity": "module", "block_classes": ["BertLayer"]}, "only used with granularity 'block'"),
+    ({"granularity": "param", "block_pattern": "x"}, "only used with granularity 'block'"),
+    ({"granularity": "block", "block_classes": ["A"], "block_pattern": "x"}, "not both"),
+])
+def test_bad_block_sources_are_named(section, message):
+    with pytest.raises(LDBConfigError) as err:
+        LDBConfig.from_dict({"enabled": True, **section})
+    assert message in str(err.value)

@@ -115,3 +115,16 @@ def test_refresh_group_dicts_follows_a_replaced_optimizer_state():
     assert c.group_dicts[0] is not opt.param_groups[0]
     c.refresh_group_dicts(opt.param_groups)
     assert all(a is b for a, b in zip(c.group_dicts, opt.param_groups))
+
+
+def test_resume_inside_a_resample_epoch_drop_epoch_applies_its_mask():
+    a, _, _ = _controller(resample="epoch", drop_rate=0.6)
+    a.set_epoch(2)
+    mask = _window(a)
+    assert mask  # something is dropped, so the check below can fail
+    b, model, _ = _controller(resample="epoch", drop_rate=0.6)
+    b.load_state_dict(a.state_dict())
+    # The epoch's one mask is in place before any window opens, and stays for the next windows.
+    assert b.state.dropped_units == mask
+    assert [m.weight.requires_grad for m in model] == [i not in mask for i in range(6)]
+    assert _window(b) == mask

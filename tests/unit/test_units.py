@@ -110,3 +110,65 @@ def test_model_parameters_forms():
         normalise_param_groups(model, [])
     with pytest.raises(ValueError, match="no 'params'"):
         normalise_param_groups(model, [{"lr": 1}])
+
+
+class Layer(torch.nn.Module):  # stands for a transformer block class (e.g. BertLayer)
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.inner = Inner()
+
+
+class Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ff = torch.nn.Linear(4, 4)
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.layer = torch.nn.ModuleList([Layer() for _ in range(3)])
+        self.head = torch.nn.Linear(4, 2)
+
+
+def test_block_classes_make_one_unit_per_block_and_modules_elsewhere():
+    model = Encoder()
+    # Nested classes: the outermost instance owns its parameters.
+    units = build_units(model, "block", block_classes=["Layer", "Inner"])
+    assert [u.name for u in units] == ["embed", "block:layer.0", "block:layer.1", "block:layer.2", "head"]
+    assert units[1].param_names == ("layer.0.attn.weight", "layer.0.attn.bias", "layer.0.norm.weight",
+                                    "layer.0.norm.bias", "layer.0.inner.ff.weight", "layer.0.inner.ff.bias")
+    _covers_each_trainable_param_once(model, units)
+
+
+def test_block_pattern_groups_by_matched_text():
+    model = Encoder()
+    units = build_units(model, "block", block_pattern=r"layer\.\d+\.")
+    assert [u.name for u in units] == ["embed", "block:layer.0", "block:layer.1", "block:layer.2", "head"]
+    # A pattern wins over group_matcher-less fallbacks and may span a block's sub-modules only.
+    attn_only = build_units(model, "block", block_pattern=r"layer\.\d+\.attn")
+    assert [u.name for u in attn_only][:4] == ["embed", "block:layer.0.attn", "layer.0.norm", "layer.0.inner.ff"]
+    _covers_each_trainable_param_once(model, attn_only)
+
+
+def test_block_sources_that_match_nothing_are_clear_errors():
+    model = Encoder()
+    with pytest.raises(LDBConfigError, match=r"block_classes = \['BertLayer'\]: no module of these classes.*Layer"):
+        build_units(model, "block", block_classes=["BertLayer"])
+    with pytest.raises(LDBConfigError, match=r"block_pattern = 'decoder' matches no trainable parameter"):
+        build_units(model, "block", block_pattern="decoder")
+    with pytest.raises(LDBConfigError, match="block_pattern, block_classes, a timm model"):
+        build_units(model, "block")
+
+
+def test_block_falls_back_to_hugging_face_no_split_modules():
+    model = Encoder()
+    model._no_split_modules = ["Layer"]  # what a transformers PreTrainedModel declares
+    units = build_units(model, "block")
+    assert [u.name for u in units] == ["embed", "block:layer.0", "block:layer.1", "block:layer.2", "head"]
+    model._no_split_modules = ["DecoderLayer"]
+    with pytest.raises(LDBConfigError, match=r"Encoder._no_split_modules = \['DecoderLayer'\]: no module"):
+        build_units(model, "block")
