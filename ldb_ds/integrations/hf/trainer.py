@@ -1,0 +1,244 @@
+"""``LDBTrainer``: LayerDropBack in Hugging Face ``transformers.Trainer`` on DeepSpeed.
+
+The Trainer builds the optimizer, hands it to Accelerate, which calls ``deepspeed.initialize``
+and from then on calls the raw DeepSpeed engine's forward, ``backward`` and ``step``. So LDB
+comes in through the Trainer's public override points and callbacks, and as hooks on the engine
+(:func:`ldb_ds.attach.attach`):
+
+* ``create_optimizer``: the Trainer's optimizer (its weight-decay split: no decay for biases
+  and norms) is regrouped into one param group per (unit, Trainer group) before DeepSpeed sees
+  it. With an ``optimizer`` section in the DeepSpeed JSON, transformers hands DeepSpeed a flat
+  parameter list (``accelerate.utils.DummyOptim``); it is replaced by one group per unit and
+  DeepSpeed builds its optimizer over those, with the JSON's hyperparameters for every group
+  (plain transformers applies them to every parameter too).
+* ``on_train_begin``: LDB is attached to the DeepSpeed engine; when resuming, the LDB state
+  is read from the checkpoint.
+* ``on_epoch_begin``: the epoch's mode (FULL/DROP).
+* the engine's forward pre-hook opens a window (mask drawn on rank 0, broadcast, applied) at
+  the first training forward of each accumulation window; the engine's ``step`` (which
+  Accelerate calls at the Trainer's accumulation boundaries) hides the dropped groups inside
+  DeepSpeed's step and applies the DROP learning-rate factor there, so the Trainer's
+  scheduler keeps owning the LR.
+* ``save_model`` and the engine's ``save_checkpoint`` run with every unit trainable; the LDB
+  state goes into its own file in the checkpoint folder (``ldb_ds.attach.STATE_FILE`` in the
+  DeepSpeed tag folder), because the Trainer's loader discards DeepSpeed's ``client_state``.
+* ``log``: LDB's figures join the Trainer's training logs (:mod:`.logs`).
+
+No private Trainer method is overridden or called. What this file relies on in the Trainer's
+own flow, checked against transformers 5.24.0 / accelerate 1.15.0 (:data:`VERIFIED_TRANSFORMERS`;
+the tests in tests/dist/test_hf_trainer.py fail if any of it changes):
+
+* ``deepspeed_init`` calls ``create_optimizer`` when the JSON has no optimizer section
+  (integrations/deepspeed.py:587), and ``_prepare_for_training`` calls ``create_optimizer``
+  again right after ``deepspeed_init`` (trainer.py:1742), which is where a ``DummyOptim`` is
+  regrouped; LDBTrainer raises at ``on_train_begin`` if it saw no optimizer;
+* Accelerate calls ``engine.step()`` after ``set_gradient_accumulation_boundary`` in
+  ``DeepSpeedEngineWrapper.backward`` (accelerate/utils/deepspeed.py:267-281);
+* the Trainer resumes with ``engine.load_checkpoint`` before ``on_train_begin``
+  (trainer.py:1811), when no mask is applied yet, so the LDB state is read at ``on_train_begin``;
+* checkpoints go through ``model_wrapped.save_checkpoint(output_dir)`` (trainer.py:3560), and
+  ``save_model`` at ZeRO-3 excludes parameters that do not require grad (trainer.py:4118).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from deepspeed.accelerator import get_accelerator
+
+from ...attach import Attachment
+from ...config import LDBConfig
+from ...controller import LDBState
+from .logs import LogWindow
+from .plan import LDBPlan, check_supported, plan_param_groups, split_optimizer_in_place
+
+VERIFIED_TRANSFORMERS = ("5.24.0", "5.24.0")
+"""transformers releases the flow above was checked against (inclusive)."""
+
+
+class LDBTrainer(Trainer):
+    """A ``transformers.Trainer`` that runs LayerDropBack on DeepSpeed.
+
+    Takes exactly the Trainer's arguments; ``args.deepspeed`` (or Accelerate's DeepSpeed
+    plugin) must give a DeepSpeed config, whose ``layer_drop_back`` section turns LDB on.
+    Without the section (or ``"enabled": false``) it is the plain Trainer. ``batch_kappa``
+    must be 1 (:func:`~ldb_ds.integrations.hf.plan.check_supported`). ``granularity: "block"``
+    uses the model's ``_no_split_modules`` unless the section names ``block_classes`` or
+    ``block_pattern``.
+
+    ``trainer.ldb`` is the run's :class:`~ldb_ds.controller.LDBState` once training started.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not self.is_deepspeed_enabled:
+            raise ValueError("LDBTrainer runs LayerDropBack on DeepSpeed: pass TrainingArguments(deepspeed="
+                             "'ds_config.json') (or launch with Accelerate's DeepSpeed plugin); the "
+                             "layer_drop_back section of that JSON configures LDB")
+        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        self.ldb_config: LDBConfig = LDBConfig.from_ds_config(ds_config)
+        check_supported(self.ldb_config)  # refused here, at start-up, not epochs later
+        self.ldb_plan: LDBPlan | None = None
+        self.ldb_attachment: Attachment | None = None
+        self._ldb_resume_dir: str | None = None
+        self._ldb_window = LogWindow()
+        if self.ldb_config.enabled:
+            _warn_if_unverified()
+            self.add_callback(_LDBCallback(self))
+
+    @property
+    def ldb(self) -> LDBState | None:
+        """The LDB state of the current run (None before training starts or with LDB off)."""
+        return self.ldb_attachment.ldb if self.ldb_attachment is not None else None
+
+    # -- optimizer: one param group per (unit, Trainer group) ---------------------------------
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        optimizer = super().create_optimizer(model)
+        if not self.ldb_config.enabled or getattr(self.optimizer, "_ldb_plan", None) is not None:
+            return optimizer
+        from accelerate.utils import DummyOptim
+
+        opt_model = self.model if model is None else model
+        opt = self.optimizer
+        if isinstance(opt, DummyOptim):
+            # The JSON's optimizer section: DeepSpeed builds it over model_parameters, which
+            # Accelerate takes from DummyOptim.params.
+            plan = plan_param_groups(opt_model, self.ldb_config, opt.params)
+            opt.params = plan.groups
+        elif isinstance(opt, torch.optim.Optimizer):
+            plan = split_optimizer_in_place(opt, lambda groups: plan_param_groups(opt_model, self.ldb_config, groups))
+        else:
+            raise TypeError(f"LDBTrainer regroups a torch optimizer (or DeepSpeed's, from the JSON's optimizer "
+                            f"section) into one group per LDB unit; got {type(opt).__name__} "
+                            f"(args.optim = {self.args.optim!r})")
+        opt._ldb_plan = plan
+        self.ldb_plan = plan
+        return optimizer
+
+    # -- resume, checkpoints, logging ---------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        # The Trainer's own resolution of resume_from_checkpoint=True (trainer.train()).
+        resume = resume_from_checkpoint
+        if resume is True:
+            resume = get_last_checkpoint(self.args.output_dir)
+        self._ldb_resume_dir = resume or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # The Trainer's ZeRO-3 save keeps only parameters that require grad: all of them here.
+        att = self.ldb_attachment
+        with att.controller.all_trainable() if att is not None else contextlib.nullcontext():
+            super().save_model(output_dir, _internal_call)
+
+    def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.ldb_attachment is not None:
+            self._ldb_window.add_samples(_batch_size(inputs))
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.ldb_attachment is not None and "loss" in logs:  # a training log, not eval or the final summary
+            logs.update(self._ldb_window.flush(self.ldb_attachment.ds_engine.dp_world_size,
+                                               logs.get("learning_rate")))
+        super().log(logs, *args, **kwargs)
+
+    # -- driven by _LDBCallback ---------------------------------------------------------------
+
+    def _ldb_attach(self) -> None:
+        engine = self.model_wrapped
+        if self.ldb_attachment is not None and self.ldb_attachment.ds_engine is engine:
+            return
+        import deepspeed
+
+        if not isinstance(engine, deepspeed.DeepSpeedEngine):
+            raise RuntimeError(f"LDBTrainer expected a DeepSpeed engine in trainer.model_wrapped, got "
+                               f"{type(engine).__name__}")
+        if self.ldb_plan is None:
+            raise RuntimeError("LDBTrainer did not see the Trainer create the optimizer (create_optimizer), so "
+                               "DeepSpeed's param groups are not one per LDB unit; this transformers version "
+                               f"differs from the ones LDBTrainer was checked on ({VERIFIED_TRANSFORMERS})")
+        self.ldb_attachment = self.ldb_plan.attach(engine)
+        self._ldb_window = LogWindow()
+        self._ldb_resumed = False
+        if self._ldb_resume_dir is not None:
+            # DeepSpeed's 'latest' tag of the Trainer's checkpoint folder, as the engine just loaded.
+            self._ldb_resumed = self.ldb_attachment.load_state(self._ldb_resume_dir)
+
+    def _ldb_epoch_begin(self, epoch: int) -> None:
+        c = self.ldb_attachment.controller
+        if self._ldb_resumed and c.epoch == epoch:
+            # Resumed inside this epoch: keep the restored mode, mask stream and epoch mask.
+            self._ldb_resumed = False
+            return
+        self._ldb_resumed = False
+        c.set_epoch(epoch)
+
+
+class _LDBCallback(TrainerCallback):
+    """Forwards the Trainer's events to its LDBTrainer, and times the steps for the logs."""
+
+    def __init__(self, trainer: LDBTrainer):
+        self.trainer = trainer
+        self._mark = time.perf_counter()
+
+    def _now(self) -> float:
+        get_accelerator().synchronize()  # wall clock of finished work, as the TensorBoard monitor
+        return time.perf_counter()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._ldb_attach()
+        self._mark = self._now()
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # state.epoch is epoch + fraction done (exactly e.0 at the end of epoch e - 1).
+        self.trainer._ldb_epoch_begin(int(math.floor((state.epoch or 0.0) + 1e-9)))
+        self._mark = self._now()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # One optimizer step ended (the engine's step ran inside the last backward); from the
+        # previous step's end (or eval/save/log) to now: data, forward, backward, step.
+        now = self._now()
+        self.trainer._ldb_window.step_end(self.trainer.ldb_attachment.ldb, now - self._mark)
+        self._mark = now
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._mark = self._now()
+
+    on_evaluate = on_save = on_log
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        c = self.trainer.ldb_attachment.controller
+        if not c.window_open:  # training stopped between steps: leave a normal, all-trainable model
+            c.release_mask()
+
+
+def _batch_size(inputs: Any) -> int:
+    """Samples in a Trainer batch: the first dimension of its first tensor."""
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    for v in values:
+        if torch.is_tensor(v) and v.dim() > 0:
+            return int(v.shape[0])
+    return 0
+
+
+def _warn_if_unverified() -> None:
+    import transformers
+    from packaging.version import Version
+
+    low, high = (Version(v).release for v in VERIFIED_TRANSFORMERS)
+    if not low <= Version(transformers.__version__).release[:3] <= high:
+        warnings.warn(f"ldb_ds: transformers {transformers.__version__} is outside the range LDBTrainer was checked "
+                      f"on ({VERIFIED_TRANSFORMERS[0]} to {VERIFIED_TRANSFORMERS[1]}); run tests/dist/"
+                      "test_hf_trainer.py before trusting results", RuntimeWarning, stacklevel=3)
+
+
+__all__ = ["LDBTrainer", "VERIFIED_TRANSFORMERS"]
