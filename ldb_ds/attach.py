@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -186,6 +186,10 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
         raise RuntimeError("this DeepSpeed engine already has LDB attached")
     if cfg.enabled:
         zero_hooks.check_deepspeed_version()
+        # The same refusals as ldb_ds.initialize (which makes them before deepspeed.initialize;
+        # here the engine exists, but no step has run): offload variants that bypass the filter.
+        ds_config = ds_engine.config if isinstance(getattr(ds_engine, "config", None), Mapping) else {}
+        zero_hooks.refuse_unverified_step_paths(ds_config, zero_hooks.basic_optimizer(ds_engine))
         if params_of_group is not None:
             zero_hooks.check_group_order(ds_engine, params_of_group)
     controller = new_controller(ds_engine, cfg, units, unit_of_group)

@@ -142,4 +142,12 @@ def test_optimizer_section_and_accumulation_boundaries(results):
 def test_refusals_name_the_setting(results):
     errors = results[0]["errors"]
     assert errors["batch_kappa"] and '"batch_kappa": 1' in errors["batch_kappa"]
-    assert errors["block"] and "NoSuchLayer" in errors["block"]
+    assert errors["block"] and errors["block"].startswith("LDBConfigError") and "NoSuchLayer" in errors["block"]
+    # The same offload refusals as ldb_ds.initialize, before DeepSpeed builds anything.
+    assert errors["nvme"] and "offload_optimizer.device = 'nvme'" in errors["nvme"]
+
+
+def test_disabled_is_the_plain_trainer(results):
+    off = results[0]["disabled"]
+    assert off["groups"] == 2  # the Trainer's own decay / no-decay groups, not split by unit
+    assert "_LDBCallback" not in off["callbacks"]

@@ -186,7 +186,6 @@ def _ldb_initialize_run(model, trainer, batches: list[tuple[torch.Tensor, torch.
 def trainer_cases(rank: int, stages: list[int], workdir: str) -> dict[str, Any]:
     """Per stage: an LDBTrainer run (checkpoint mid-DROP-epoch), the same through ldb_ds.initialize,
     and a resume from the checkpoint; then the optimizer-section run and the refusals."""
-    from ldb_ds.config import LDBConfigError
     from ldb_ds.integrations.hf import LDBTrainer
 
     models = {(s, k): make_vit() for s in stages for k in ("trainer", "initialize", "resume")}
@@ -227,14 +226,17 @@ def trainer_cases(rank: int, stages: list[int], workdir: str) -> dict[str, Any]:
                     "units": len(trainer.ldb.units)}
 
     errors = {}
-    for name, ldb in (("batch_kappa", {"batch_kappa": 2}), ("block", {"block_classes": ["NoSuchLayer"]})):
+    nvme = ds_config(2)
+    nvme["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": workdir}
+    for name, ds in (("batch_kappa", ds_config(2, {"batch_kappa": 2})),
+                     ("block", ds_config(2, {"block_classes": ["NoSuchLayer"]})), ("nvme", nvme)):
         try:
-            t = LDBTrainer(model=make_vit(), args=training_args(os.path.join(workdir, name), ds_config(2, ldb)),
+            t = LDBTrainer(model=make_vit(), args=training_args(os.path.join(workdir, name), ds),
                            train_dataset=Digits())
             t.train()
             errors[name] = None
-        except LDBConfigError as err:
-            errors[name] = str(err)
+        except ValueError as err:  # LDBConfigError is a ValueError
+            errors[name] = f"{type(err).__name__}: {err}"
     out["errors"] = errors
 
     # LDB off: the plain Trainer (the Trainer's own two groups, no callback, nothing attached).

@@ -14,8 +14,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ... import zero_hooks
 from ...attach import Attachment, attach
-from ...config import LDBConfig, LDBConfigError
+from ...config import LDBConfig, LDBConfigError, load_ds_config
 from ...units import (Unit, build_units, check_sampleable, normalise_param_groups, split_groups_by_unit,
                       trainable_params)
 
@@ -58,17 +59,23 @@ class LDBPlan:
                       self.params_of_group if self.cfg.enabled else None)
 
 
-def plan_param_groups(model: nn.Module, ds_config: str | os.PathLike | Mapping[str, Any] | LDBConfig,
-                      param_groups: Any = None) -> LDBPlan:
+def plan_param_groups(model: nn.Module, ds_config: str | os.PathLike | Mapping[str, Any],
+                      param_groups: Any = None, optimizer: Any = None) -> LDBPlan:
     """Cut ``model`` into LDB units and ``param_groups`` into one param group per unit.
 
-    ``ds_config``: the DeepSpeed JSON (path or dict) with the ``layer_drop_back`` section, or
-    an :class:`LDBConfig`. ``param_groups``: what an optimizer takes (None: every trainable
-    parameter; tensors; or group dicts such as the Trainer's weight-decay split). With LDB
-    disabled the groups are returned as given.
+    ``ds_config``: the DeepSpeed JSON (path or dict) with the ``layer_drop_back`` section.
+    ``param_groups``: what an optimizer takes (None: every trainable parameter; tensors; or
+    group dicts such as the Trainer's weight-decay split). ``optimizer``: the optimizer the
+    groups are for, if it exists already (checked like ``ldb_ds.initialize`` checks it). With
+    LDB disabled the groups are returned as given.
     """
-    cfg = ds_config if isinstance(ds_config, LDBConfig) else LDBConfig.from_ds_config(ds_config)
+    ds = load_ds_config(ds_config)
+    cfg = LDBConfig.from_ds_config(ds)
     check_supported(cfg)
+    if cfg.enabled:
+        # Before DeepSpeed builds anything, as ldb_ds.initialize: offload variants whose step
+        # bypasses the step filter are refused (docs/design.md, section 4).
+        zero_hooks.refuse_unverified_step_paths(ds, optimizer)
     user_groups = normalise_param_groups(model, param_groups)
     # Every unit is trainable here: DeepSpeed fixes the set of optimized parameters at
     # initialize (docs/design.md, section 4), masks are applied afterwards.

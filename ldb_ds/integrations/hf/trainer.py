@@ -83,8 +83,8 @@ class LDBTrainer(Trainer):
             raise ValueError("LDBTrainer runs LayerDropBack on DeepSpeed: pass TrainingArguments(deepspeed="
                              "'ds_config.json') (or launch with Accelerate's DeepSpeed plugin); the "
                              "layer_drop_back section of that JSON configures LDB")
-        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        self.ldb_config: LDBConfig = LDBConfig.from_ds_config(ds_config)
+        self._ldb_ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        self.ldb_config: LDBConfig = LDBConfig.from_ds_config(self._ldb_ds_config)
         check_supported(self.ldb_config)  # refused here, at start-up, not epochs later
         self.ldb_plan: LDBPlan | None = None
         self.ldb_attachment: Attachment | None = None
@@ -112,10 +112,11 @@ class LDBTrainer(Trainer):
         if isinstance(opt, DummyOptim):
             # The JSON's optimizer section: DeepSpeed builds it over model_parameters, which
             # Accelerate takes from DummyOptim.params.
-            plan = plan_param_groups(opt_model, self.ldb_config, opt.params)
+            plan = plan_param_groups(opt_model, self._ldb_ds_config, opt.params)
             opt.params = plan.groups
         elif isinstance(opt, torch.optim.Optimizer):
-            plan = split_optimizer_in_place(opt, lambda groups: plan_param_groups(opt_model, self.ldb_config, groups))
+            plan = split_optimizer_in_place(
+                opt, lambda groups: plan_param_groups(opt_model, self._ldb_ds_config, groups, optimizer=opt))
         else:
             raise TypeError(f"LDBTrainer regroups a torch optimizer (or DeepSpeed's, from the JSON's optimizer "
                             f"section) into one group per LDB unit; got {type(opt).__name__} "
