@@ -1,4 +1,4 @@
-"""LDBTrainer on 2 real ranks (gloo): the real transformers.Trainer, Accelerate and DeepSpeed, ZeRO 2 and 3.
+"""LDBTrainer on 2 real ranks (gloo): the real transformers.Trainer, Accelerate and DeepSpeed, ZeRO 0-3.
 
 One process group runs every case (start-up dominates these tiny runs): per stage an LDBTrainer
 run over a FULL and a DROP epoch that checkpoints mid-DROP-epoch, the same run through
@@ -18,7 +18,7 @@ pytest.importorskip("accelerate", reason="the Hugging Face integration needs acc
 from tests.support.dist import run_distributed  # noqa: E402
 from tests.support.hf_workers import trainer_cases  # noqa: E402
 
-STAGES = (2, 3)
+STAGES = (0, 1, 2, 3)
 pytestmark = pytest.mark.slow
 
 
