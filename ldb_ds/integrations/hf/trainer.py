@@ -89,6 +89,7 @@ class LDBTrainer(Trainer):
         self.ldb_plan: LDBPlan | None = None
         self.ldb_attachment: Attachment | None = None
         self._ldb_resume_dir: str | None = None
+        self._ldb_resumed = False
         self._ldb_window = LogWindow()
         if self.ldb_config.enabled:
             _warn_if_unverified()
