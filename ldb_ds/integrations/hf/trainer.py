@@ -83,7 +83,6 @@ class LDBTrainer(Trainer):
             raise ValueError("LDBTrainer runs LayerDropBack on DeepSpeed: pass TrainingArguments(deepspeed="
                              "'ds_config.json') (or launch with Accelerate's DeepSpeed plugin); the "
                              "layer_drop_back section of that JSON configures LDB")
-        self._ldb_ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         self.ldb_config: LDBConfig = LDBConfig.from_ds_config(self._ldb_ds_config)
         check_supported(self.ldb_config)  # refused here, at start-up, not epochs later
         self.ldb_plan: LDBPlan | None = None
@@ -94,6 +93,11 @@ class LDBTrainer(Trainer):
         if self.ldb_config.enabled:
             _warn_if_unverified()
             self.add_callback(_LDBCallback(self))
+
+    @property
+    def _ldb_ds_config(self) -> dict[str, Any]:
+        # Read when needed: the Trainer rebuilds the plugin's config (propagate_args_to_deepspeed).
+        return self.accelerator.state.deepspeed_plugin.deepspeed_config
 
     @property
     def ldb(self) -> LDBState | None:
