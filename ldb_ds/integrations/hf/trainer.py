@@ -57,6 +57,7 @@ from deepspeed.accelerator import get_accelerator
 from ...attach import Attachment
 from ...config import LDBConfig
 from ...controller import LDBState
+from ...runtime import release_shm_segment
 from .logs import LogWindow
 from .plan import LDBPlan, check_supported, plan_param_groups, split_optimizer_in_place
 
@@ -173,6 +174,9 @@ class LDBTrainer(Trainer):
                                "DeepSpeed's param groups are not one per LDB unit; this transformers version "
                                f"differs from the ones LDBTrainer was checked on ({VERIFIED_TRANSFORMERS})")
         self.ldb_attachment = self.ldb_plan.attach(engine)
+        # DeepSpeed's communication backend exists from here on (the Trainer's deepspeed.initialize);
+        # on the CPU accelerator it would leave its /dev/shm segment behind (see the function).
+        release_shm_segment()
         self._ldb_window = LogWindow()
         self._ldb_resumed = False
         if self._ldb_resume_dir is not None:
