@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-bench_results}
 DEVICE=${BENCH_DEVICE:-cpu}
 WORLD_SIZES=${WORLD_SIZES:-1,2}
-PY=${PYTHON:-python}
+# The project's virtualenv (scripts/setup.sh) when there is one, so that
+# "bash scripts/setup.sh && launch/bench.sh" works without activating it; PYTHON=... overrides.
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python}; fi
 PAPER="--zero-stage 2 --precision fp32 --drop-rate 0.3 --sampling-rate 2 --kappa 2 --batch-kappa 2 --granularity module --keep-first 4 --keep-last 1"
 
 if [ "$DEVICE" = cpu ]; then

@@ -12,9 +12,11 @@ cd "$(dirname "$0")/.."
 
 NP=${NP:-2}
 CONFIG=${CONFIG:-ds_configs/zero2_ldb.json}
+# The project's virtualenv (scripts/setup.sh) when there is one; PYTHON=... overrides.
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=$PWD/.venv/bin/python; else PY=${PYTHON:-python}; fi
 export MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-}
@@ -25,4 +27,4 @@ args=(-np "$NP" -x MASTER_PORT -x OMP_NUM_THREADS -x DS_ACCELERATOR -x PATH)
 # Bind each rank to its own cores (what --bind_cores_to_rank does for the deepspeed launcher).
 args+=(--bind-to core --map-by "slot:PE=${OMP_NUM_THREADS}")
 
-exec mpirun "${args[@]}" ${MPIRUN_ARGS:-} python launch/train.py --deepspeed_config "$CONFIG" "$@"
+exec mpirun "${args[@]}" ${MPIRUN_ARGS:-} "$PY" launch/train.py --deepspeed_config "$CONFIG" "$@"
