@@ -11,7 +11,7 @@
 
 The core is this package's top level; it needs torch and DeepSpeed only.
 Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``,
-``functional``, ``controller``, ``sampler`` (torch) -> ``zero_hooks``,
+``functional``, ``controller``, ``sampler`` (torch) -> ``guards``, ``zero_hooks``,
 ``engine`` (DeepSpeed). The applications ``ldb_ds.train`` and ``ldb_ds.bench``
 (and ``ldb_ds.integrations``) import the core and are never imported by it.
 Everything that needs torch or DeepSpeed is imported on first use, so
@@ -32,12 +32,13 @@ __version__ = "0.2.0"
 _LAZY = {
     "initialize": "engine",
     "LDBEngine": "engine",
+    "LDBUnsupportedError": "guards",
     "LDBState": "controller",
     "LDBController": "controller",
     "ScalableBatchSampler": "sampler",
     "build_dataloader": "sampler",
 }
-_SUBMODULES = ("functional", "units", "controller", "sampler", "zero_hooks", "engine", "runtime")
+_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "engine", "runtime")
 
 
 def __getattr__(name: str) -> Any:
@@ -48,5 +49,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ldb_ds' has no attribute {name!r}")
 
 
-__all__ = ["initialize", "LDBConfig", "LDBConfigError", "Mode", "DEFAULTS", "LDBEngine", "LDBState",
+__all__ = ["initialize", "LDBConfig", "LDBConfigError", "LDBUnsupportedError", "Mode", "DEFAULTS", "LDBEngine", "LDBState",
            "LDBController", "ScalableBatchSampler", "build_dataloader", "functional", "__version__"]

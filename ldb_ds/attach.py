@@ -79,10 +79,13 @@ def run_step(ds_engine: Any, controller: LDBController, step_fn: Callable[..., A
     Inside a window (not the accumulation boundary) DeepSpeed's step only counts the micro
     step. At the boundary: the group dicts are re-captured (a checkpoint load may have replaced
     them), the plan is computed once (DeepSpeed calls the optimizer once per group at ZeRO
-    1-3), ZeRO-1/2 skip the all-gather of the dropped groups, and the window closes.
+    1-3), ZeRO-1/2 skip the all-gather of the dropped groups, and the window closes. A step
+    DeepSpeed skipped (fp16 loss-scale overflow, inf/NaN gradient) is counted apart.
     """
-    # DeepSpeed increments micro_steps inside step(); ask before calling it.
-    if not ds_engine.is_gradient_accumulation_boundary():
+    # DeepSpeed increments micro_steps inside step(); ask before calling it. With
+    # managed_gradient_accumulation = false the caller owns the boundary: every step() is one
+    # (DeepSpeed's is_gradient_accumulation_boundary() is True only while its step() runs).
+    if not ds_engine.is_gradient_accumulation_boundary() and ds_engine.managed_gradient_accumulation():
         return step_fn(**kwargs)
     c = controller
     if c.cfg.enabled:
@@ -92,7 +95,14 @@ def run_step(ds_engine: Any, controller: LDBController, step_fn: Callable[..., A
             result = step_fn(**kwargs)
     else:
         result = step_fn(**kwargs)
-    c.end_step()
+    # False when DeepSpeed skipped the update (fp16 loss-scale overflow, an inf/NaN norm in
+    # bf16). The overflow flag is reduced over the ranks, so every rank skips together and
+    # closes this window: the next window draws the next mask everywhere. The basic optimizer
+    # was not called, so the step filter never hid a group or applied the LR factor.
+    applied = bool(ds_engine.was_step_applied())
+    if not applied and c.cfg.enabled:
+        zero_hooks.clear_stale_gradient_partitions(ds_engine)
+    c.end_step(applied=applied)
     return result
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
@@ -45,7 +46,9 @@ class LDBConfig:
     """Validated LayerDropBack settings (the ``layer_drop_back`` JSON section)."""
 
     enabled: bool = False
-    """Turn LDB on. Absent section or ``false``: plain DeepSpeed behind the same API."""
+    """Turn LDB on. Absent section or ``false``: plain DeepSpeed behind the same API.
+    A section without this key is off too (DeepSpeed's convention for its own sections),
+    with a warning, once per process, that names the section and the key to add."""
 
     drop_rate: float = 0.3
     """p: probability that a sampleable unit is dropped in a DROP step (paper: 0.3).
@@ -174,6 +177,8 @@ class LDBConfig:
                 f"unknown key(s) in '{SECTION}': {', '.join(repr(k) for k in unknown)}; "
                 f"allowed keys: {', '.join(sorted(known))}"
             )
+        if "enabled" not in section:
+            _warn_not_enabled(section)
         return cls(**dict(section))
 
     @classmethod
@@ -185,8 +190,29 @@ class LDBConfig:
         return dataclasses.asdict(self)
 
 
+_not_enabled_warned = False
+
+
+def _warn_not_enabled(section: Mapping[str, Any]) -> None:
+    # A section with settings but no "enabled" looks like an attempt to turn LDB on; DeepSpeed's
+    # convention (off unless enabled) is kept, but not silently.
+    global _not_enabled_warned
+    if _not_enabled_warned:
+        return
+    _not_enabled_warned = True
+    keys = ", ".join(repr(k) for k in section) or "no keys"
+    warnings.warn(f"ldb_ds: the '{SECTION}' section of the DeepSpeed config ({keys}) has no \"enabled\" key, "
+                  f"so LayerDropBack is OFF (like DeepSpeed's own sections, it is off unless enabled). Add "
+                  f"\"enabled\": true to the '{SECTION}' section to turn it on (or \"enabled\": false to keep "
+                  f"it off without this warning).", UserWarning, stacklevel=4)
+
+
 def load_ds_config(ds_config: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
-    """A DeepSpeed config as a dict: from a dict, a JSON path, or ``None`` (empty)."""
+    """A DeepSpeed config as a dict: from a dict, a JSON path, or ``None`` (empty).
+
+    Files are read like DeepSpeed reads them: JSON, or hjson (JSON with comments and
+    unquoted keys; DeepSpeed depends on the ``hjson`` package) when it is installed.
+    """
     if ds_config is None:
         return {}
     if isinstance(ds_config, Mapping):
@@ -195,10 +221,23 @@ def load_ds_config(ds_config: str | os.PathLike | Mapping[str, Any] | None) -> d
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
     with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        json_error = err
+    try:
+        import hjson  # DeepSpeed's own config reader (a pure-Python dependency of DeepSpeed)
+    except ImportError:
+        hjson = None
+    if hjson is not None:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise LDBConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+            loaded = hjson.loads(text)
+        except Exception:  # hjson raises its own HjsonDecodeError; report the JSON error below
+            loaded = None
+        if isinstance(loaded, Mapping):
+            return json.loads(json.dumps(loaded))  # plain dicts, like json.load
+    raise LDBConfigError(f"DeepSpeed config {path} is not valid JSON (nor hjson): {json_error}") from json_error
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -48,11 +48,15 @@ class StepPlan:
 @dataclass
 class StepCounters:
     steps: int = 0
-    """Optimizer steps taken (overflow-skipped steps included: their mask draw was used)."""
+    """Optimizer steps applied (accumulation windows whose update DeepSpeed carried out)."""
     drop_steps: int = 0
     """Of those, steps in DROP epochs."""
     dropped_unit_steps: int = 0
-    """Sum over steps of the number of dropped units."""
+    """Sum over applied steps of the number of dropped units."""
+    skipped_steps: int = 0
+    """Windows whose update DeepSpeed skipped (fp16 loss-scale overflow, or an inf/NaN gradient
+    norm in bf16). Their mask was drawn and used, so the mask stream stays in step on every
+    rank; they are not in ``steps``."""
 
 
 class LDBController:
@@ -114,7 +118,11 @@ class LDBController:
         if self.mode is not Mode.DROP:
             return
         if self.cfg.resample == "epoch" and self.epoch_mask is not None:
-            return  # one mask for the whole DROP epoch, already applied
+            # One mask for the whole DROP epoch: no draw, but put it back if release_mask()
+            # (engine.eval(), finish()) made every unit trainable since the last window.
+            if self.dropped != self.epoch_mask:
+                self._set_dropped(self.epoch_mask)
+            return
         mask = self._broadcast_mask_from_rank0()
         if self.cfg.resample == "epoch":
             self.epoch_mask = mask
@@ -126,14 +134,20 @@ class LDBController:
         self.plan = StepPlan(skipped, tuple(self.group_dicts[gi] for gi in sorted(skipped)))
         return self.plan
 
-    def end_step(self) -> None:
+    def end_step(self, applied: bool = True) -> None:
         """After the optimizer step of a window: close it and count the step.
 
-        The mask stays applied until the next window opens, so everything
-        between two steps (eval, logging) sees a stable state.
+        ``applied=False``: DeepSpeed skipped the update (loss-scale overflow). Every
+        rank skips together (DeepSpeed reduces the overflow flag over the ranks), so the
+        window is closed on every rank and the next one draws the next mask: the mask
+        stream stays in step. The mask stays applied until the next window opens, so
+        everything between two steps (eval, logging) sees a stable state.
         """
         self.window_open = False
         self.plan = StepPlan(frozenset(), ())
+        if not applied:
+            self.counters.skipped_steps += 1
+            return
         self.counters.steps += 1
         if self.mode is Mode.DROP:
             self.counters.drop_steps += 1
@@ -173,10 +187,18 @@ class LDBController:
         finally:
             self._set_dropped(dropped)
 
-    def release_mask(self) -> None:
-        """Make every unit trainable now (the end of training); the next window draws afresh."""
-        if self.window_open:
-            raise RuntimeError("release_mask() called in the middle of a gradient-accumulation window")
+    def release_mask(self, force: bool = False) -> None:
+        """Make every unit trainable now (the end of training, evaluation).
+
+        The next window applies a mask again (a new draw; with ``resample="epoch"`` the
+        epoch's mask). In the middle of an accumulation window this raises, unless
+        ``force`` (the engine is being destroyed): the window is then abandoned.
+        """
+        if self.window_open and not force:
+            raise RuntimeError("release_mask() called in the middle of a gradient-accumulation window "
+                               "(forward/backward since the last step()); call step() first")
+        self.window_open = False
+        self.plan = StepPlan(frozenset(), ())
         self._set_dropped([False] * len(self.units))
 
     def refresh_group_dicts(self, current: Sequence[Mapping[str, Any]]) -> None:
@@ -195,12 +217,13 @@ class LDBController:
         return {"epoch": self.epoch, "mode": self.mode.value, "rng_state": self.rng.getstate(),
                 "epoch_mask": self.epoch_mask, "steps": self.counters.steps,
                 "drop_steps": self.counters.drop_steps, "dropped_unit_steps": self.counters.dropped_unit_steps,
-                "config": self.cfg.to_dict()}
+                "skipped_steps": self.counters.skipped_steps, "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version, internal, gauss = state["rng_state"]  # checkpoints may turn tuples into lists
         self.rng.setstate((version, tuple(internal), gauss))
-        self.counters = StepCounters(state["steps"], state["drop_steps"], state["dropped_unit_steps"])
+        self.counters = StepCounters(state["steps"], state["drop_steps"], state["dropped_unit_steps"],
+                                     state.get("skipped_steps", 0))  # absent in older checkpoints
         self.epoch = int(state["epoch"])
         self.mode = Mode(state["mode"])
         self.epoch_mask = state.get("epoch_mask")
@@ -249,7 +272,7 @@ class LDBState:
 
     @property
     def steps(self) -> int:
-        """Optimizer steps taken."""
+        """Optimizer steps applied (overflow-skipped windows are counted in ``skipped_steps``)."""
         return self._c.counters.steps
 
     @property
@@ -259,8 +282,13 @@ class LDBState:
 
     @property
     def dropped_unit_steps(self) -> int:
-        """Sum over steps of the number of dropped units."""
+        """Sum over applied steps of the number of dropped units."""
         return self._c.counters.dropped_unit_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Windows whose update DeepSpeed skipped (loss-scale overflow); not in ``steps``."""
+        return self._c.counters.skipped_steps
 
     @property
     def units(self) -> tuple[UnitInfo, ...]:
@@ -294,7 +322,8 @@ class LDBState:
 
     def __repr__(self) -> str:
         return (f"LDBState(enabled={self.enabled}, epoch={self.epoch}, mode={self.mode.value}, "
-                f"units={len(self._c.units)}, dropped={len(self.dropped_units)}, steps={self.steps})")
+                f"units={len(self._c.units)}, dropped={len(self.dropped_units)}, steps={self.steps}, "
+                f"skipped_steps={self.skipped_steps})")
 
 
 __all__ = ["LDBController", "LDBState", "StepPlan", "StepCounters"]

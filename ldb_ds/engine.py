@@ -12,7 +12,10 @@ all the work. Per optimizer step (= one gradient-accumulation window):
    (:mod:`ldb_ds.zero_hooks`), so parameters and optimizer state of dropped
    units stay bitwise unchanged, at every ZeRO stage.
 3. After the step the mask stays in place until the next window opens, so
-   everything between two steps (eval, logging) sees a stable state.
+   everything between two steps (logging, checkpoints) sees a stable state.
+   ``engine.eval()``, ``engine.finish()`` and ``engine.destroy()`` make every
+   unit trainable again (the end of training); the next training window
+   applies a mask again.
 
 The state and its rules live in :class:`ldb_ds.controller.LDBController`, the step protocol in
 :func:`ldb_ds.attach.run_step` (shared with engines driven by other loops); this
@@ -22,7 +25,9 @@ follows one mask from the config to the optimizer step.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import warnings
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,10 +37,11 @@ import deepspeed
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
-from . import zero_hooks
+from . import guards, zero_hooks
 from .attach import new_controller, run_step
 from .config import LDBConfig, load_ds_config
 from .controller import LDBState
+from .guards import LDBUnsupportedError
 from .sampler import ScalableBatchSampler, build_dataloader
 from .schedule import Mode
 from .units import Unit, build_units, check_sampleable, normalise_param_groups, split_groups_by_unit, trainable_params
@@ -47,8 +53,9 @@ class LDBEngine:
     """A DeepSpeed engine with LayerDropBack.
 
     Behaves as the wrapped ``deepspeed.DeepSpeedEngine`` (attribute access is
-    passed through), with ``set_epoch``, ``ldb`` and ``micro_batch_size`` added
-    and ``forward``/``step``/``save_checkpoint``/``load_checkpoint`` extended.
+    passed through), with ``set_epoch``, ``ldb``, ``micro_batch_size`` and
+    ``finish`` added and ``forward``/``step``/``train``/``eval``/``destroy``/
+    ``save_checkpoint``/``load_checkpoint`` extended.
     The wrapped engine is ``engine.ds_engine``; the LDB state is ``engine.controller``.
     """
 
@@ -59,6 +66,8 @@ class LDBEngine:
         self.controller = new_controller(ds_engine, cfg, units, unit_of_group)
         self.ldb: LDBState = self.controller.state
         self._base_train_batch = ds_engine.train_batch_size()
+        self._batch_checked = True   # set False by set_epoch in DROP epochs with micro_batch scaling
+        self._batch_warned = False
 
     # -- pass-through ---------------------------------------------------------
 
@@ -79,6 +88,8 @@ class LDBEngine:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.controller.window_open and self.ds_engine.module.training and torch.is_grad_enabled():
             self.controller.open_window()
+            if not self._batch_checked:
+                self._check_micro_batch(args, kwargs)
         return self.ds_engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> Any:
@@ -86,6 +97,53 @@ class LDBEngine:
 
     def step(self, **kwargs: Any) -> Any:
         return run_step(self.ds_engine, self.controller, self.ds_engine.step, **kwargs)
+
+    def train(self, mode: bool = True) -> "LDBEngine":
+        """DeepSpeed's ``train(mode)``; ``train(False)`` is :meth:`eval`."""
+        self.ds_engine.train(mode)
+        if not mode:
+            self._release_between_windows()
+        return self
+
+    def eval(self) -> "LDBEngine":
+        """DeepSpeed's ``eval()``, with every unit made trainable again.
+
+        Evaluation (or fine-tuning code that collects ``requires_grad`` parameters)
+        sees the whole model; the next training window applies a mask again.
+        """
+        return self.train(False)
+
+    def finish(self) -> None:
+        """End of training: every unit ``requires_grad=True`` again, as before ``initialize``.
+
+        Call after the last ``step()``; ``eval()`` and ``destroy()`` do the same. The
+        weights, the optimizer and checkpoints are not touched. Raises in the middle of
+        an accumulation window (forward/backward since the last ``step()``).
+        """
+        if self.controller.cfg.enabled:  # disabled: plain DeepSpeed, the flags are the user's
+            self.controller.release_mask()
+
+    def destroy(self) -> Any:
+        """DeepSpeed's ``destroy()``, after making every unit trainable (abandoning an open window)."""
+        if self.controller.cfg.enabled:
+            self.controller.release_mask(force=True)
+        return self.ds_engine.destroy()
+
+    def compile(self, *args: Any, **kwargs: Any) -> Any:
+        """DeepSpeed's ``compile()``: refused with LDB on (it compiles the whole model; see guards)."""
+        if self.controller.cfg.enabled:
+            raise LDBUnsupportedError(
+                "ldb_ds: engine.compile() is not supported with 'layer_drop_back' enabled: it compiles the whole "
+                "model, and torch.compile guards on requires_grad, so every new mask recompiles it until "
+                "torch._dynamo.config.recompile_limit, after which it runs uncompiled. Compile submodules that each "
+                "lie within one LDB unit before ldb_ds.initialize instead (README, 'torch.compile').")
+        return self.ds_engine.compile(*args, **kwargs)
+
+    def _release_between_windows(self) -> None:
+        # In the middle of a window the mask must stay (a unit dropped for part of a window would
+        # get a partial or stale gradient); the window's own step() ends it.
+        if self.controller.cfg.enabled and not self.controller.window_open:
+            self.controller.release_mask()
 
     @property
     def micro_batch_size(self) -> int:
@@ -111,7 +169,34 @@ class LDBEngine:
         if loader is not None and isinstance(loader.batch_sampler, ScalableBatchSampler):
             loader.batch_sampler.factor = factor if c.cfg.batch_scaling == "micro_batch" else 1
             loader.batch_sampler.sampler.set_epoch(c.epoch)
+        # A loader of the user's own cannot follow the DROP batch: check the first batch.
+        self._batch_checked = not (c.cfg.enabled and mode is Mode.DROP and c.cfg.batch_scaling == "micro_batch"
+                                   and factor != 1)
         return mode
+
+    def _check_micro_batch(self, args: tuple, kwargs: dict) -> None:
+        """Warn once if a DROP epoch's first micro batch is not ``micro_batch_size``.
+
+        Only the first window of each DROP epoch is checked: a smaller last batch
+        (``drop_last=False``) is normal and must not warn.
+        """
+        self._batch_checked = True
+        observed = _leading_batch_size(args, kwargs)
+        expected = self.micro_batch_size
+        if observed is None or observed == expected or self._batch_warned:
+            return
+        self._batch_warned = True
+        base = self.ds_engine.train_micro_batch_size_per_gpu()
+        warnings.warn(
+            f"ldb_ds: DROP epoch {self.controller.epoch} with batch_scaling 'micro_batch' expects micro batches of "
+            f"engine.micro_batch_size = {expected} per rank (batch_kappa {self.controller.batch_factor} x "
+            f"{base}), but the engine got a batch of {observed}. The DROP epoch then trains at another batch size "
+            f"than LayerDropBack's schedule with the DROP learning rate. Fixes: use the dataloader ldb_ds.initialize "
+            f"returns (training_data=...), whose batch follows the mode; or size your loader's batches from "
+            f"engine.micro_batch_size after each engine.set_epoch(); or set layer_drop_back.batch_scaling = "
+            f"'accumulation' (DROP batches grow through gradient accumulation; your loader stays as it is).",
+            UserWarning, stacklevel=3)
+
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -153,7 +238,14 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     """Like ``deepspeed.initialize``; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
     The LDB settings are read from the ``layer_drop_back`` section of the same
-    DeepSpeed config (``config`` or ``args.deepspeed_config``). With LDB enabled,
+    DeepSpeed config, given exactly one way: ``config`` (a path or a dict),
+    ``args.deepspeed_config`` (DeepSpeed's ``--deepspeed_config``, with
+    ``args`` from a parser that ``deepspeed.add_config_arguments`` extended),
+    or the deprecated ``config_params``. Two of them at once is an error (as in
+    DeepSpeed). Setups ldb_ds cannot keep exact are refused with
+    :class:`ldb_ds.guards.LDBUnsupportedError` (pipeline/tensor/sequence
+    parallelism, MoE, compiled modules spanning units, ...). With LDB enabled,
+    
     the trainable parameters are cut into units and given one param group per
     (unit, user param group); every unit is trainable at initialize, because
     DeepSpeed fixes the set of optimized parameters there.
@@ -167,9 +259,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     """
     if model is None:
         raise ValueError("ldb_ds.initialize needs a model")
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None)
-    ds_config = load_ds_config(config)
+    ds_config = load_ds_config(_resolve_config(args, config, ds_kwargs.pop("config_params", None)))
     cfg = LDBConfig.from_ds_config(ds_config)
 
     if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):
@@ -185,6 +275,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         # Before DeepSpeed builds anything: offload variants whose step bypasses the filter.
         zero_hooks.refuse_unverified_step_paths(ds_config, optimizer)
         check_sampleable(units, cfg, type(model).__name__)
+        guards.check_setup(model, ds_config, cfg, units, ds_kwargs)
         groups, unit_of_group = split_groups_by_unit(units, user_groups)
         optimizer = _rebuild_optimizer(optimizer, groups)
         model_parameters = groups
@@ -195,11 +286,17 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         # Disabled: hand DeepSpeed exactly what the user gave, for a like-for-like baseline.
         unit_of_group = []
 
-    ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-        lr_scheduler=lr_scheduler, config=ds_config, **ds_kwargs)
+    # DeepSpeed gets the config we validated, as a dict; args still carries local_rank & co.
+    with _without_config_args(args):
+        ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+            lr_scheduler=lr_scheduler, config=ds_config, **ds_kwargs)
     if cfg.enabled:
-        zero_hooks.check_group_order(ds_engine, params_of_group)
+        try:
+            zero_hooks.check_group_order(ds_engine, params_of_group)
+        except Exception:
+            ds_engine.destroy()
+            raise
     loader = None
     if training_data is not None:
         drop_last = bool(ds_engine.dataloader_drop_last())
@@ -210,6 +307,62 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                                   pin_memory=get_accelerator().device_name() != "cpu")
     engine = LDBEngine(ds_engine, cfg, units, unit_of_group, loader)
     return engine, ds_optimizer, loader, ds_scheduler
+
+
+_CONFIG_ARGS = ("deepspeed_config", "deepscale_config")  # DeepSpeed's flag and its deprecated alias
+
+
+def _resolve_config(args: Any, config: Any, config_params: Any) -> Any:
+    """The one DeepSpeed config the caller gave: ``config``, ``config_params`` or ``args``.
+
+    DeepSpeed asserts when given two; we say which two, and how to keep one.
+    """
+    if config_params is not None:
+        warnings.warn("ldb_ds.initialize(config_params=...) is deprecated (as in deepspeed.initialize); "
+                      "pass config=...", FutureWarning, stacklevel=3)
+        if config is not None:
+            raise ValueError("ldb_ds.initialize got both config= and the deprecated config_params=; pass config= only")
+        config = config_params
+    from_args = [(name, getattr(args, name)) for name in _CONFIG_ARGS if getattr(args, name, None) is not None]
+    if len(from_args) > 1:
+        raise ValueError("args has both deepspeed_config and the deprecated deepscale_config set; keep deepspeed_config")
+    if from_args and config is not None:
+        name, value = from_args[0]
+        given = "a dict" if isinstance(config, dict) else repr(config)
+        raise ValueError(f"ldb_ds.initialize got two DeepSpeed configs: args.{name} = {value!r} (from "
+                         f"--{name} on the command line) and config = {given}. Pass one: drop config= to use "
+                         f"the command line's file, or set args.{name} = None to use config=.")
+    if from_args:
+        config = from_args[0][1]
+    if config is None:
+        raise ValueError("ldb_ds.initialize needs a DeepSpeed config: config= (a JSON path or a dict), or args "
+                         "whose deepspeed_config is set (--deepspeed_config ds.json with "
+                         "deepspeed.add_config_arguments(parser))")
+    return config
+
+
+@contextlib.contextmanager
+def _without_config_args(args: Any) -> Iterator[None]:
+    # DeepSpeed asserts when args.deepspeed_config and config= are both set, and we pass the
+    # config as the dict we read; the attributes are hidden for the call and put back after.
+    saved = {name: getattr(args, name) for name in _CONFIG_ARGS if getattr(args, name, None) is not None}
+    for name in saved:
+        setattr(args, name, None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
+
+
+def _leading_batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Length of the first dimension of the first tensor among the forward's inputs."""
+    for value in list(args) + list(kwargs.values()):
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.dim() > 0:
+                return int(item.shape[0])
+    return None
 
 
 def _params_of(optimizer: Any) -> Any:
@@ -228,4 +381,4 @@ def _rebuild_optimizer(optimizer: Any, groups: list[dict[str, Any]]) -> Any:
     return type(optimizer)(groups, **defaults)
 
 
-__all__ = ["initialize", "LDBEngine", "LDBState", "CLIENT_STATE_KEY"]
+__all__ = ["initialize", "LDBEngine", "LDBState", "LDBUnsupportedError", "CLIENT_STATE_KEY"]

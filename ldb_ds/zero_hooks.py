@@ -129,6 +129,13 @@ def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[t
     opt = basic_optimizer(ds_engine)
     stage = zero_stage(ds_engine)
     wrapper = ds_engine.optimizer
+    if wrapper is not opt and type(wrapper) not in _verified_wrapper_types():
+        # Subclasses too (ZenFlow's, SuperOffload's): they step groups their own way.
+        raise RuntimeError(f"ldb_ds cannot verify the param groups of DeepSpeed's optimizer wrapper "
+                           f"{type(wrapper).__name__} (ZeRO stage {stage}, deepspeed {_installed_version()}), "
+                           "so it does not run LayerDropBack on it; ldb_ds's hooks were verified on the basic "
+                           "optimizer at stage 0, FP16_Optimizer, FP16_UnfusedOptimizer, BF16_Optimizer, "
+                           "DeepSpeedZeroOptimizer (ZeRO 1/2) and DeepSpeedZeroOptimizer_Stage3")
     n = len(expected_param_groups)
     if len(opt.param_groups) != n:
         raise RuntimeError(f"DeepSpeed has {len(opt.param_groups)} param groups, ldb_ds made {n} "
@@ -152,6 +159,20 @@ def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[t
             raise RuntimeError(f"DeepSpeed param group {i} does not hold the parameters ldb_ds put there "
                                f"(ZeRO stage {stage}, deepspeed {_installed_version()}); ldb_ds's hooks were "
                                f"verified on deepspeed {VERIFIED_DEEPSPEED[0]} to {VERIFIED_DEEPSPEED[1]}")
+
+
+def _verified_wrapper_types() -> tuple[type, ...]:
+    # The wrappers engine._configure_optimizer (engine.py:2328) builds that this module's hooks
+    # were checked on (deepspeed 0.19.8: fp16/fused_optimizer.py:35, fp16/unfused_optimizer.py:25,
+    # bf16_optimizer.py:39, zero/stage_1_and_2.py:158, zero/stage3.py:152).
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return (FP16_Optimizer, FP16_UnfusedOptimizer, BF16_Optimizer, DeepSpeedZeroOptimizer,
+            DeepSpeedZeroOptimizer_Stage3)
 
 
 def _installed_version() -> str:
@@ -364,6 +385,27 @@ def refuse_unverified_step_paths(ds_config: Mapping[str, Any], optimizer: Any = 
                            "disable layer_drop_back to use it with plain DeepSpeed")
 
 
+def clear_stale_gradient_partitions(ds_engine: Any) -> bool:
+    """ZeRO-3, after a skipped (overflow) step: zero the gradient partition buffer.
+
+    ``DeepSpeedZeroOptimizer_Stage3.has_overflow`` (``stage3.py:3013``) checks the whole
+    ``grad_partitions_flat_buffer`` (allocated and zeroed once, ``:791``) for inf/NaN. A
+    reduction writes only the regions of parameters that got a gradient (``:2024``: copy at
+    the first micro step, add after), and a dropped unit gets none, so after an fp16 overflow
+    its region keeps the inf of the skipped step. Without this, every later step that drops
+    that unit would see the stale inf and be skipped too (the loss scale halving each time)
+    until the unit is kept again. Zeroing is exact: DeepSpeed discarded the gradients of the
+    skipped step (``_overflow_clean_up``, ``:2799``), and the next window's first micro step
+    overwrites every kept region. Returns whether a buffer was cleared.
+    """
+    buffer = getattr(ds_engine.optimizer, "grad_partitions_flat_buffer", None)
+    if zero_stage(ds_engine) != 3 or not isinstance(buffer, torch.Tensor):
+        return False
+    buffer.zero_()
+    return True
+
+
 __all__ = ["VERIFIED_DEEPSPEED", "NOT_A_GRADIENT", "check_deepspeed_version", "deepspeed_version_verified",
            "zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
-           "skip_allgather_of_dropped", "install_batched_grad_norm", "refuse_unverified_step_paths"]
+           "skip_allgather_of_dropped", "install_batched_grad_norm", "refuse_unverified_step_paths",
+           "clear_stale_gradient_partitions"]

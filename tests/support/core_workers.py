@@ -67,6 +67,10 @@ def ds_config(case: dict[str, Any]) -> dict[str, Any]:
         cfg["zero_force_ds_cpu_optimizer"] = False
     if case.get("offload_param"):  # ZeRO-3 only: the parameter partitions live in CPU memory
         cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    if case.get("fp16"):  # a low initial loss scale: the only overflows are the forced ones
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 1000}
+    if case.get("unmanaged"):  # the loop owns the accumulation boundary (DeepSpeed 0.19.8 config key)
+        cfg["managed_gradient_accumulation"] = False
     if case.get("warmup"):  # DeepSpeed's own scheduler; the LDB factor must compose with it
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.02, "warmup_max_lr": 0.1,
                                                             "warmup_num_steps": 4, "warmup_type": "linear"}}
@@ -96,6 +100,8 @@ def master_tensors(engine, group_index: int) -> list[torch.Tensor]:
         return [zopt.single_partition_of_fp32_groups[group_index]]
     if hasattr(zopt, "fp32_groups_flat_partition"):  # BF16_Optimizer
         return [zopt.fp32_groups_flat_partition[group_index]]
+    if hasattr(zopt, "fp32_groups_flat"):  # FP16_Optimizer (fp16 at stage 0 with fused Adam)
+        return [zopt.fp32_groups_flat[group_index]]
     if hasattr(zopt, "fp32_groups"):  # FP16_UnfusedOptimizer (bf16 at stage 0)
         return list(zopt.fp32_groups[group_index])
     return list(engine.controller.group_dicts[group_index]["params"])
@@ -175,8 +181,9 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         random.seed(rank)
         torch.manual_seed(100 + rank)
     model = make_model()
-    if case.get("bf16"):
-        model = model.bfloat16()
+    dtype = torch.bfloat16 if case.get("bf16") else torch.float16 if case.get("fp16") else None
+    if dtype is not None:
+        model = model.to(dtype)
     engine, _, _, _ = ldb_ds.initialize(model=model, config=cfg)
     counter = ReductionCounter() if case.get("count_bytes") else None
     records: list[dict[str, Any]] = []
@@ -194,9 +201,11 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
                 x, y = window_batch(step, micro, per_rank, world)
                 x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
                 x, y = x.to(engine.device), y.to(engine.device)  # a GPU under accelerator="cuda"
-                if case.get("bf16"):
-                    x = x.bfloat16()
+                if dtype is not None:
+                    x = x.to(dtype)
                 loss = F.cross_entropy(engine(x).float(), y)
+                if step in case.get("overflow_steps", ()):
+                    loss = loss * float("inf")  # every gradient inf/NaN: DeepSpeed must skip this step
                 micro_masks.append(engine.ldb.dropped_units)
                 micro_flags.append([p.requires_grad for p in engine.module.parameters()])
                 engine.backward(loss)
@@ -205,8 +214,13 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
                     kept = [i for i in range(len(engine.ldb.units)) if i not in dropped][:2]
                     before = {u: unit_snapshot(engine, u) for u in dropped + tuple(kept)} \
                         if case.get("snapshots") else {}
-                engine.step()
+                if micro == gas - 1 or not case.get("unmanaged"):  # unmanaged: one step() per window
+                    engine.step()
             record = {"epoch": epoch, "mode": engine.ldb.mode.value, "dropped": engine.ldb.dropped_units,
+                      "applied": engine.was_step_applied(),
+                      # After the step: the groups' lr must be the scheduler's again (no factor left).
+                      "group_lrs_after": sorted({g["lr"] for g in engine.controller.group_dicts}),
+                      "scheduler_lr_after": engine.get_lr()[0],
                       "per_rank_batch": per_rank, "scheduler_lr": scheduler_lr, "micro_masks": micro_masks, "micro_flags": micro_flags,
                       "grad_bytes_expected": engine.ldb.grad_bytes_step,
                       "kept_param_fraction": engine.ldb.kept_param_fraction}
@@ -217,6 +231,7 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
                 after = {u: unit_snapshot(engine, u) for u in before}
                 record["dropped_untouched"] = {u: bitwise_equal(before[u], after[u]) for u in dropped}
                 record["kept_changed"] = {u: not bitwise_equal(before[u], after[u]) for u in kept}
+                record["kept_untouched"] = {u: bitwise_equal(before[u], after[u]) for u in kept}
                 record["snapshot_keys"] = {u: sorted(before[u]) for u in dropped}
             records.append(record)
             step += 1
@@ -231,7 +246,8 @@ def train_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         own_draw = draw_dropped(random.Random(cfg["layer_drop_back"]["seed"]), len(units), engine.ldb.config)
     result = {"records": records, "final": final, "units": units, "own_first_draw": own_draw,
               "engine": offload_state(engine),
-              "counts": (engine.ldb.steps, engine.ldb.drop_steps, engine.ldb.dropped_unit_steps)}
+              "counts": (engine.ldb.steps, engine.ldb.drop_steps, engine.ldb.dropped_unit_steps),
+              "skipped": (engine.ldb.skipped_steps, engine.ds_engine.skipped_steps)}
     engine.destroy()
     return result
 

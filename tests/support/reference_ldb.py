@@ -29,7 +29,10 @@ def reference_run(case: dict[str, Any], world_size: int = 2, device: Any = "cpu"
     what DeepSpeed's FP16_UnfusedOptimizer (ZeRO-0 with bf16, or fp16 without fused Adam) does
     when it is built: one optimizer step of the masters with all-zero gradients
     (``runtime/fp16/unfused_optimizer.py:425`` in 0.19.8), which applies weight decay and seeds
-    SGD's momentum and Adam's step counter.
+    SGD's momentum and Adam's step counter; FP16_Optimizer (fp16 with DeepSpeed's FusedAdam at
+    ZeRO-0) does the same (``runtime/fp16/fused_optimizer.py:125``). Windows listed in
+    ``case["overflow_steps"]`` draw their mask and update nothing: what a step DeepSpeed skips
+    (loss-scale overflow, inf/NaN gradient) must do.
     """
     ldb = {"drop_rate": 0.5, "sampling_rate": 2, "keep_first": 1, "keep_last": 1, "kappa": 2.0,
            "batch_kappa": 2, "seed": 7, "lr_policy": "kappa", "resample": "step", **case.get("ldb", {})}
@@ -63,6 +66,9 @@ def reference_run(case: dict[str, Any], world_size: int = 2, device: Any = "cpu"
             lr_base = (0.02 + 0.08 * min(1.0, max(0, step - 1) / 4)) if case.get("warmup") else None
             lr_scale = {"kappa": ldb["kappa"], "inverse_keep": 1 / (1 - ldb["drop_rate"]), "none": 1.0
                         }[ldb["lr_policy"]] if drop_epoch else 1.0
+            if step in case.get("overflow_steps", ()):
+                step += 1  # skipped: the mask was drawn (above), nothing is updated
+                continue
             for unit, d in zip(units, dropped):
                 for p in unit:
                     p.requires_grad_(not d)

@@ -128,3 +128,38 @@ def test_resume_inside_a_resample_epoch_drop_epoch_applies_its_mask():
     assert b.state.dropped_units == mask
     assert [m.weight.requires_grad for m in model] == [i not in mask for i in range(6)]
     assert _window(b) == mask
+
+
+def test_skipped_step_is_counted_apart_and_the_stream_goes_on():
+    c, _, _ = _controller(drop_rate=0.6)
+    ref, _, _ = _controller(drop_rate=0.6)
+    c.set_epoch(2)
+    ref.set_epoch(2)
+    masks = []
+    for applied in (True, False, True):
+        c.open_window()
+        c.begin_step()
+        masks.append(c.state.dropped_units)
+        c.end_step(applied=applied)
+    assert masks == [_window(ref) for _ in range(3)]  # the skipped window's draw was used
+    assert (c.state.steps, c.state.drop_steps, c.state.skipped_steps) == (2, 2, 1)
+    assert c.state.dropped_unit_steps == len(masks[0]) + len(masks[2])
+    state = c.state_dict()
+    assert state["skipped_steps"] == 1
+    old = {k: v for k, v in state.items() if k != "skipped_steps"}  # a checkpoint from before the counter
+    c.load_state_dict(old)
+    assert c.state.skipped_steps == 0 and c.state.steps == 2
+
+
+def test_release_between_windows_then_the_epoch_mask_comes_back():
+    c, model, _ = _controller(resample="epoch", drop_rate=0.9)
+    c.set_epoch(2)
+    first = _window(c)
+    assert first
+    c.release_mask()  # engine.eval() / finish()
+    assert all(p.requires_grad for p in model.parameters())
+    assert _window(c) == first  # one mask per DROP epoch, applied again, not redrawn
+    assert not all(p.requires_grad for p in model.parameters())
+    c.open_window()
+    c.release_mask(force=True)  # engine.destroy(): an open window is abandoned
+    assert not c.window_open and all(p.requires_grad for p in model.parameters())
