@@ -1,0 +1,310 @@
+"""The benchmark's options: typed dataclasses, one per argument group, and the CLI generated from them.
+
+Every command-line flag is a dataclass field below: its type gives the argparse type (``bool`` a
+switch, ``Literal`` the choices, ``tuple[int, ...]`` a comma-separated list, ``list[str]`` a
+repeatable flag, ``X | None`` an optional value), its default is the one default, and its
+attribute docstring is the ``--help`` text. The LayerDropBack flags are generated from
+:class:`ldb_ds.config.LDBConfig` itself (``--drop-rate``, ``--sampling-rate``, ...; the seed is
+``--ldb-seed``), so the benchmark can override any ``layer_drop_back`` key and its help is the
+config's own docstring. Nothing is listed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+
+from ..config import LDBConfig
+
+MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "scaling", "report")
+ALL = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy")
+"""What ``all`` runs."""
+DESCRIPTION = ("Benchmark LayerDropBack against the DeepSpeed baseline, side by side in one run "
+               "(docs/benchmark.md).")
+ALONE = ("scaling", "report")
+"""Modes that run alone (they start no process group of their own)."""
+
+
+@dataclass
+class RunOptions:
+    """model and training setup (both sides of every comparison)"""
+
+    model: str = "resnet18"
+    """timm name or tv:<torchvision name> (ldb_ds.train.models.create_model)."""
+    stem: Literal["auto", "cifar", "original"] = "auto"
+    """Stem adaptation for small inputs: auto gives inputs <= 64 px the CIFAR stem."""
+    img_size: int = 32
+    """Input image size in pixels."""
+    num_classes: int = 10
+    """Classes of the synthetic data and the model head."""
+    batch_size: int = 32
+    """Micro batch per rank of a FULL step (DROP epochs use batch_kappa times more)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage of both sides."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Model and input precision of both sides."""
+    lr: float = 0.05
+    """SGD learning rate (unless --ds-config has an optimizer section)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    ds_config: str | None = None
+    """Optional base DeepSpeed JSON; batch size, ZeRO stage, precision and LDB keys given on the command
+    line override it."""
+    seed: int = 0
+    """Model init and data seed."""
+    threads: int | None = None
+    """torch threads per rank (default: OMP_NUM_THREADS, else cores / local ranks)."""
+    backend: str | None = None
+    """torch.distributed backend (default: the accelerator's)."""
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "num_classes", "batch_size"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass
+class StepOptions:
+    """step mode"""
+
+    warmup_rounds: int = 2
+    """Rounds of all variants run first and discarded."""
+    rounds: int = 6
+    """Timed rounds of all variants (rotated order)."""
+    steps_per_round: int = 2
+    """Steps per variant and round."""
+    byte_steps: int = 4
+    """Untimed DROP steps whose bytes are counted."""
+    dw_reps: int = 5
+    """Repetitions of each unit's isolated dW timing."""
+    profile: bool = False
+    """torch.profiler op tables of a FULL and a DROP step."""
+
+    def __post_init__(self) -> None:
+        _positive("rounds", self.rounds)
+        _positive("steps_per_round", self.steps_per_round)
+        _positive("dw_reps", self.dw_reps)
+
+
+@dataclass
+class EpochOptions:
+    """epochs / sweep / accuracy modes"""
+
+    dataset: Literal["synthetic", "digits"] = "synthetic"
+    """Data for epochs and sweeps (accuracy always uses digits)."""
+    samples_per_rank: int = 512
+    """Training samples per rank per epoch."""
+    periods: int = 2
+    """Schedule periods (s epochs each) per timed run."""
+    reps: int = 3
+    """A/B repetitions (each: baseline run + LDB run)."""
+    warmup_steps: int = 2
+    """Untimed FULL and DROP steps per engine first."""
+    drop_rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    """Drop rates of sweep-drop-rate."""
+    sampling_rates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    """Sampling rates of sweep-sampling-rate."""
+    sweep_periods: int = 1
+    """Schedule periods per timed run in the sweeps."""
+    sweep_reps: int = 2
+    """A/B repetitions per sweep value."""
+    acc_epochs: int = 8
+    """Epochs of the accuracy comparison."""
+    acc_limit: int | None = None
+    """Use only this many digits training images."""
+    schedule_epochs: int = 200
+    """Length of the schedule whose speedup is derived from the measured epoch times."""
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_rank", "periods", "reps", "sweep_periods", "sweep_reps", "acc_epochs"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass
+class ScalingOptions:
+    """scaling mode (options of the driver, not passed on to the runs it launches)"""
+
+    world_sizes: tuple[int, ...] = (1, 2)
+    """World sizes, each a separate launch."""
+    launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
+    """The launcher that starts each world size."""
+    scaling_modes: str = "step,epochs"
+    """The modes each launch runs."""
+    launcher_args: str = ""
+    """Extra launcher arguments (e.g. --bind_cores_to_rank)."""
+
+    def __post_init__(self) -> None:
+        if not self.world_sizes or min(self.world_sizes) < 1:
+            raise SystemExit(f"--world-sizes must be integers >= 1, got {self.world_sizes}")
+
+
+@dataclass
+class OutputOptions:
+    """output"""
+
+    out: str = "bench_results"
+    """Output directory (rank 0 writes)."""
+    no_tensorboard: bool = False
+    """Write no TensorBoard scalars."""
+    note: list[str] = field(default_factory=list)
+    """A sentence added to every table (repeatable)."""
+    quiet: bool = False
+    """Print no progress and no tables."""
+
+
+GROUPS: dict[str, type] = {"run": RunOptions, "step": StepOptions, "epochs": EpochOptions,
+                           "scaling": ScalingOptions, "output": OutputOptions}
+LDB_FLAGS = {"seed": "--ldb-seed"}
+"""``layer_drop_back`` keys whose flag is not ``--<key>`` (``--seed`` is the model seed)."""
+LDB_EXCLUDED = ("enabled",)
+"""Keys not offered: the benchmark itself turns LDB on for one side and off for the other."""
+
+
+@dataclass
+class BenchOptions:
+    """Everything one benchmark invocation was asked to do."""
+
+    modes: list[str]
+    report_dirs: list[str]
+    run: RunOptions
+    step: StepOptions
+    epochs: EpochOptions
+    scaling: ScalingOptions
+    output: OutputOptions
+    ldb: dict[str, Any]
+    """The ``layer_drop_back`` keys given on the command line (the others keep LDBConfig's defaults)."""
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string right under each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _csv(elem: type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(elem(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {elem.__name__} values, got {text!r}")
+    parse.__name__ = f"comma-separated {elem.__name__}"
+    return parse
+
+
+def _show(default: Any) -> str:
+    if isinstance(default, tuple):
+        return ",".join(str(v) for v in default)
+    return repr(default) if isinstance(default, str) else str(default)
+
+
+def argument_for(tp: Any, default: Any, doc: str, name: str, optional_default: bool = False) -> dict[str, Any]:
+    """argparse keyword arguments for a field of type ``tp`` (see the module docstring)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = get_origin(tp), get_args(tp)
+    doc = doc.replace("%", "%%")
+    empty = default is None or default is False or default == [] or default == ""
+    shown = "" if empty and not optional_default else f" (default: {_show(default)})"
+    if optional_default:
+        shown = f" (default: the layer_drop_back default, {_show(default)})"
+        default = None
+    kwargs: dict[str, Any] = {"default": default, "help": doc + shown, "metavar": name.upper()}
+    if tp is bool and not optional_default:
+        kwargs = {"action": "store_true", "help": kwargs["help"]}
+    elif origin is Literal:
+        kwargs.update(type=type(args[0]), choices=args, metavar="{" + ",".join(str(a) for a in args) + "}")
+    elif origin is tuple:
+        kwargs.update(type=_csv(args[0]), metavar=f"{args[0].__name__.upper()}[,...]")
+    elif origin is list:
+        kwargs.update(action="append", type=args[0], default=[])
+    elif tp is bool:  # an optional LDB bool: --key true/false
+        kwargs.update(type=lambda s: s.lower() in ("1", "true", "yes"), metavar="{true,false}")
+    elif tp in (int, float, str):
+        kwargs.update(type=tp)
+    else:
+        raise TypeError(f"no command-line form for a field of type {tp!r}")
+    return kwargs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ldb-bench`` parser, generated from :data:`GROUPS` and :class:`LDBConfig`."""
+    p = argparse.ArgumentParser(prog="ldb-bench", description=DESCRIPTION)
+    p.add_argument("mode", help=f"comma-separated list of: {', '.join(MODES)}; or 'all' ({','.join(ALL)})")
+    p.add_argument("report_dirs", nargs="*", help="report mode: directories holding result JSON files")
+    for key, cls in GROUPS.items():
+        group = p.add_argument_group((cls.__doc__ or key).strip())
+        hints, docs = get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(flag_of(f.name), dest=f"{key}.{f.name}",
+                               **argument_for(hints[f.name], default, docs.get(f.name, ""), f.name))
+    group = p.add_argument_group("LayerDropBack (the layer_drop_back section of the LDB side)")
+    hints, docs = get_type_hints(LDBConfig), field_docs(LDBConfig)
+    for f in dataclasses.fields(LDBConfig):
+        if f.name not in LDB_EXCLUDED:
+            group.add_argument(LDB_FLAGS.get(f.name, flag_of(f.name)), dest=f"ldb.{f.name}",
+                               **argument_for(hints[f.name], f.default, docs.get(f.name, ""), f.name,
+                                              optional_default=True))
+    # The deepspeed launcher appends --local_rank=N to the module's arguments.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_modes(text: str) -> list[str]:
+    if text == "all":
+        return list(ALL)
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SystemExit(f"unknown mode(s) {', '.join(bad) or repr(text)}; expected {', '.join(MODES)} or 'all'")
+    if any(m in ALONE for m in modes) and len(modes) > 1:
+        raise SystemExit(f"{' and '.join(repr(m) for m in ALONE)} run alone")
+    return modes
+
+
+def parse(argv: Sequence[str]) -> BenchOptions:
+    """Parse ``argv`` into typed options (a bad value exits with a message naming the flag)."""
+    ns = vars(build_parser().parse_args(list(argv)))
+    groups = {key: cls(**{f.name: ns[f"{key}.{f.name}"] for f in dataclasses.fields(cls)})
+              for key, cls in GROUPS.items()}
+    ldb = {f.name: ns[f"ldb.{f.name}"] for f in dataclasses.fields(LDBConfig)
+           if f.name not in LDB_EXCLUDED and ns[f"ldb.{f.name}"] is not None}
+    return BenchOptions(modes=parse_modes(ns["mode"]), report_dirs=list(ns["report_dirs"]), ldb=ldb, **groups)
+
+
+def flags_of(cls: type) -> tuple[str, ...]:
+    """The command-line flags of one option group."""
+    return tuple(flag_of(f.name) for f in dataclasses.fields(cls))
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise SystemExit(f"{flag_of(name)} must be >= 1, got {value}")
+
+
+__all__ = ["MODES", "ALL", "ALONE", "BenchOptions", "RunOptions", "StepOptions", "EpochOptions", "ScalingOptions",
+           "OutputOptions", "GROUPS", "build_parser", "parse", "parse_modes",
+           "flags_of", "field_docs"]
