@@ -31,7 +31,9 @@ from .runtime import BenchContext
 
 def _runners() -> dict[str, Callable[[BenchContext], dict[str, Any]]]:
     from .accuracy import run_accuracy
+    from .counts import run_counts
     from .epochs import run_epochs, run_sweep
+    from .project import run_project
     from .step import run_step
 
     return {
@@ -40,6 +42,8 @@ def _runners() -> dict[str, Callable[[BenchContext], dict[str, Any]]]:
         "sweep-drop-rate": lambda ctx: run_sweep(ctx, "drop_rate"),
         "sweep-sampling-rate": lambda ctx: run_sweep(ctx, "sampling_rate"),
         "accuracy": run_accuracy,
+        "counts": run_counts,
+        "project": run_project,
     }
 
 

@@ -1,9 +1,9 @@
 """The benchmark's options: typed dataclasses, one per argument group, and the CLI generated from them.
 
 Every command-line flag is a dataclass field below: its type gives the argparse type (``bool`` a
-switch, ``Literal`` the choices, ``tuple[int, ...]`` a comma-separated list, ``list[str]`` a
-repeatable flag, ``X | None`` an optional value), its default is the one default, and its
-attribute docstring is the ``--help`` text. The LayerDropBack flags are generated from
+switch, with a ``--no-`` form when it defaults to on; ``Literal`` the choices; ``tuple[int, ...]``
+a comma-separated list; ``list[str]`` a repeatable flag; ``X | None`` an optional value), its
+default is the one default, and its attribute docstring is the ``--help`` text. The LayerDropBack flags are generated from
 :class:`ldb_ds.config.LDBConfig` itself (``--drop-rate``, ``--sampling-rate``, ...; the seed is
 ``--ldb-seed``), so the benchmark can override any ``layer_drop_back`` key and its help is the
 config's own docstring. Nothing is listed twice.
@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
 
 from ..config import LDBConfig
+from .alphabeta import Links
 
-MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "scaling", "report")
+MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "counts", "project", "scaling",
+         "report")
 ALL = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy")
 """What ``all`` runs."""
 DESCRIPTION = ("Benchmark LayerDropBack against the DeepSpeed baseline, side by side in one run "
@@ -147,6 +149,81 @@ class ScalingOptions:
 
 
 @dataclass
+class CountsOptions:
+    """counts mode (collectives, optimizer calls and kernels per step, counted)"""
+
+    count_models: tuple[str, ...] = ()
+    """Models to count, one after the other (default: --model)."""
+    count_stages: tuple[int, ...] = (0, 1, 2, 3)
+    """ZeRO stages to count."""
+    count_steps: int = 3
+    """Counted LDB DROP steps per model and stage (their masks differ: the table gives the mean)."""
+    count_profile: bool = True
+    """Count torch.profiler ops (optimizer steps, foreach/fused kernels) as well."""
+
+    def __post_init__(self) -> None:
+        _positive("count_steps", self.count_steps)
+        if any(s not in (0, 1, 2, 3) for s in self.count_stages):
+            raise SystemExit(f"--count-stages must be ZeRO stages 0-3, got {self.count_stages}")
+
+
+@dataclass
+class ProjectOptions:
+    """project mode (alpha-beta projection to large clusters; see docs/benchmark.md)"""
+
+    project_world_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    """World sizes of the projection."""
+    gpus_per_node: int = Links.gpus_per_node
+    """Ranks per node: up to this many ranks communicate over the intra-node link only."""
+    intra_bw_gbs: float = Links.intra_bw_gbs
+    """ASSUMED intra-node bandwidth per rank achieved in a collective, GB/s (bus bandwidth, as nccl-tests
+    reports it): NVLink 4 moves 450 GB/s per direction per H100; two thirds of it assumed."""
+    intra_lat_us: float = Links.intra_lat_us
+    """ASSUMED intra-node latency per algorithm step, microseconds."""
+    inter_bw_gbs: float = Links.inter_bw_gbs
+    """ASSUMED inter-node bandwidth per rank, GB/s: one 400 Gb/s (50 GB/s) InfiniBand NIC per GPU, 90% of it
+    achieved."""
+    inter_lat_us: float = Links.inter_lat_us
+    """ASSUMED inter-node latency per algorithm step, microseconds."""
+    algorithm: Literal["auto", "ring", "tree"] = "auto"
+    """Collective algorithm: ring ((W-1) latency steps), tree (log2 W steps) or auto (the faster one
+    per message, as NCCL's tuner picks)."""
+    overlap: float | None = None
+    """Fraction of the gradient reduction hidden behind backward compute (0..1; default: DeepSpeed's own
+    default for the stage: 1 at ZeRO-3 (overlap_comm on), 0 otherwise)."""
+    compute_scales: tuple[float, ...] = (1.0,)
+    """What-if factors: each divides the calibrated compute and the optimizer's per-element cost (a device
+    that many times faster than the calibrating one; an ASSUMPTION); per-call and per-group optimizer costs
+    (launch latency) stay as measured. The main table uses the measured costs; the plot and the what-if
+    table show every factor."""
+    project_reps: int = 5
+    """Profiled repetitions of each unit's forward, input-gradient and weight-gradient work."""
+    counts: str | None = None
+    """A counts.json (from ``ldb-bench counts`` at world size >= 2) holding this model and ZeRO stage, whose
+    collectives to use instead of counting here (at world size 1 DeepSpeed skips the all-gathers)."""
+    unit_costs: str | None = None
+    """A project.json whose measured per-unit costs to reuse (e.g. measured on a GPU), instead of
+    measuring here."""
+    validate: list[str] = field(default_factory=list)
+    """A step.json (with epochs.json beside it) measured at some world size, to compare the projection
+    with (repeatable)."""
+    calibrate_comm: bool = False
+    """At world size > 1: fit the latency and bandwidth of this run's backend from timed collectives and
+    use them for the intra-node link (calibrated instead of assumed)."""
+
+    def __post_init__(self) -> None:
+        if self.overlap is not None and not 0.0 <= self.overlap <= 1.0:
+            raise SystemExit(f"--overlap must lie in [0, 1], got {self.overlap}")
+        for name in ("gpus_per_node", "project_reps"):
+            _positive(name, getattr(self, name))
+        if not self.compute_scales or min(self.compute_scales) <= 0:
+            raise SystemExit(f"--compute-scales must be numbers > 0, got {self.compute_scales}")
+        for name in ("intra_bw_gbs", "inter_bw_gbs"):
+            if getattr(self, name) <= 0:
+                raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
 class OutputOptions:
     """output"""
 
@@ -161,7 +238,8 @@ class OutputOptions:
 
 
 GROUPS: dict[str, type] = {"run": RunOptions, "step": StepOptions, "epochs": EpochOptions,
-                           "scaling": ScalingOptions, "output": OutputOptions}
+                           "scaling": ScalingOptions, "counts": CountsOptions,
+                           "project": ProjectOptions, "output": OutputOptions}
 LDB_FLAGS = {"seed": "--ldb-seed"}
 """``layer_drop_back`` keys whose flag is not ``--<key>`` (``--seed`` is the model seed)."""
 LDB_EXCLUDED = ("enabled",)
@@ -178,6 +256,8 @@ class BenchOptions:
     step: StepOptions
     epochs: EpochOptions
     scaling: ScalingOptions
+    counts: CountsOptions
+    project: ProjectOptions
     output: OutputOptions
     ldb: dict[str, Any]
     """The ``layer_drop_back`` keys given on the command line (the others keep LDBConfig's defaults)."""
@@ -232,8 +312,9 @@ def argument_for(tp: Any, default: Any, doc: str, name: str, optional_default: b
         shown = f" (default: the layer_drop_back default, {_show(default)})"
         default = None
     kwargs: dict[str, Any] = {"default": default, "help": doc + shown, "metavar": name.upper()}
-    if tp is bool and not optional_default:
-        kwargs = {"action": "store_true", "help": kwargs["help"]}
+    if tp is bool and not optional_default:  # a switch; one that defaults to on gets a --no- form
+        action = argparse.BooleanOptionalAction if default else "store_true"
+        kwargs = {"action": action, "default": default, "help": kwargs["help"]}
     elif origin is Literal:
         kwargs.update(type=type(args[0]), choices=args, metavar="{" + ",".join(str(a) for a in args) + "}")
     elif origin is tuple:
@@ -306,5 +387,5 @@ def _positive(name: str, value: int) -> None:
 
 
 __all__ = ["MODES", "ALL", "ALONE", "BenchOptions", "RunOptions", "StepOptions", "EpochOptions", "ScalingOptions",
-           "OutputOptions", "GROUPS", "build_parser", "parse", "parse_modes",
+           "CountsOptions", "ProjectOptions", "OutputOptions", "GROUPS", "build_parser", "parse", "parse_modes",
            "flags_of", "field_docs"]

@@ -167,7 +167,9 @@ def cpu_model() -> str:
 
 
 def command_line(argv: Sequence[str]) -> str:
-    return " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ldb_ds.bench", *argv])
+    """The command of this run (without the ``--local_rank`` a launcher appends)."""
+    args = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    return " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ldb_ds.bench", *args])
 
 
 def conditions(ctx: BenchContext, mode: str, engine: Any = None, model: Any = None) -> dict[str, Any]:
@@ -207,11 +209,12 @@ def conditions(ctx: BenchContext, mode: str, engine: Any = None, model: Any = No
 
 
 def result(ctx: BenchContext, mode: str, results: dict[str, Any], engine: Any = None, model: Any = None,
-           notes: Sequence[str] = ()) -> dict[str, Any]:
-    """One result object (schema :data:`report.SCHEMA`): conditions, the mode's figures and notes."""
+           notes: Sequence[str] = (), timed: bool = True) -> dict[str, Any]:
+    """One result object (schema :data:`report.SCHEMA`): conditions, the mode's figures and notes
+    (``timed=False``: counts, which a shared machine does not disturb)."""
     cond = conditions(ctx, mode, engine, model)
     all_notes = list(notes)
-    if cond["accelerator"] == "cpu":
+    if cond["accelerator"] == "cpu" and timed:
         all_notes.append(SHARED_NOTE)
     all_notes += ctx.opts.output.note
     return {"schema": rep.SCHEMA, "mode": mode, "conditions": cond, "results": results, "notes": all_notes}

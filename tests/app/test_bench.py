@@ -1,8 +1,10 @@
 """The benchmark runs end to end at a tiny size and writes well-formed JSON, Markdown, PNG and
 TensorBoard files. No timing is asserted: timings on a shared CI machine mean nothing.
 
-Two subprocesses (about 15 s and 60 s on 2 cores): every measuring mode at world size 1 in one
-process, then the scaling driver at world sizes 1 and 2 through the real deepspeed launcher.
+Three subprocesses (about 30 s, 60 s and 40 s on 2 cores): every measuring mode at world size 1 in
+one process, the scaling driver at world sizes 1 and 2 through the real deepspeed launcher, and
+the projection at world size 2 through the deepspeed launcher. The projection's arithmetic is
+tested directly as well.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldb_ds.bench import cli, options, report as bench_report, scaling, step  # noqa: E402
+from ldb_ds.bench import alphabeta as ab, cli, options, report as bench_report, scaling, step  # noqa: E402
 from ldb_ds.bench.epochs import steady_epochs  # noqa: E402
 
 TINY = ["--model", "test_efficientnet", "--img-size", "16", "--batch-size", "4", "--zero-stage", "2",
         "--warmup-rounds", "1", "--rounds", "1", "--steps-per-round", "1", "--byte-steps", "2", "--dw-reps", "1",
         "--samples-per-rank", "16", "--periods", "1", "--reps", "2", "--warmup-steps", "1",
         "--drop-rates", "0.3,0.6", "--sampling-rates", "1,2", "--sweep-reps", "1", "--acc-epochs", "2",
-        "--acc-limit", "32", "--quiet"]
-MEASURING = ["step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy"]
+        "--acc-limit", "32", "--count-stages", "0,2", "--count-steps", "1", "--project-reps", "1", "--quiet"]
+MEASURING = ["step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "counts"]
 
 
 def _env() -> dict[str, str]:
@@ -104,6 +106,22 @@ def test_mode_writes_well_formed_outputs(ws1_results, mode):
         assert r["epochs"] == 2 and len(r["per_epoch"]) == 2
         assert 0.0 <= r["baseline"]["final_top1"] <= 100.0 and 0.0 <= r["ldb"]["final_top1"] <= 100.0
         assert _finite(r["speedup"])
+    elif mode == "counts":
+        assert [t["zero_stage"] for t in r["tables"]] == [0, 2]
+        for t in r["tables"]:
+            base, full, drop = (t["rows"][k] for k in ("baseline_full", "ldb_full", "ldb_drop"))
+            n = full["param_groups"]
+            assert t["foreach_forced"] and base["param_groups"] == 1 and n == t["units"] > 1
+            # Every group gets the same foreach kernel set: per-unit groups multiply the launches.
+            assert base["foreach_fused_ops_optimizer"] > 0
+            assert full["foreach_fused_ops_optimizer"] == n * base["foreach_fused_ops_optimizer"]
+            assert drop["foreach_fused_ops_optimizer"] < full["foreach_fused_ops_optimizer"]
+            # Stage 0 calls the optimizer once over all groups; ZeRO-2 once per group (its loop).
+            assert full["optimizer_calls"] == (1 if t["zero_stage"] == 0 else n)
+            assert full["torch_optimizer_steps"] == full["optimizer_calls"]
+            if t["zero_stage"] == 2:  # dropped groups never reach torch's step
+                assert drop["torch_optimizer_steps"] == n - drop["dropped_units"] < n
+            assert full["grad_bytes"] == base["grad_bytes"] > drop["grad_bytes"] > 0
 
 
 def test_report_rerenders_from_json(ws1_results, tmp_path):
@@ -162,3 +180,84 @@ def test_flags_are_generated_from_the_typed_options():
                 ["step", "--granularity", "layer"], ["bogus"]):
         with pytest.raises(SystemExit):
             options.parse(bad)
+
+
+def test_alpha_beta_model_structure():
+    links = ab.Links()
+    kinds = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "all_reduce_coalesced")
+    for kind in kinds:
+        assert ab.collective_time(kind, 1e6, 1, links) == 0.0  # one rank: no communication
+        for w in (2, 8, 16, 64, 1024):
+            for algo in ("ring", "tree", "auto"):
+                times = [ab.collective_time(kind, n, w, links, algo) for n in (0, 1e3, 1e6, 1e8, 1e9)]
+                assert all(a < b for a, b in zip(times, times[1:])), (kind, w, algo, times)  # monotone in size
+            ring, tree = (ab.collective_time(kind, 1e7, w, links, a) for a in ("ring", "tree"))
+            auto = ab.collective_time(kind, 1e7, w, links)
+            # auto picks per level: the faster of the two inside a node, and again across nodes
+            assert auto == min(ring, tree) if w <= links.gpus_per_node else auto <= min(ring, tree)
+    # Crossing the node boundary moves traffic to the slower inter-node link.
+    assert ab.collective_time("all_reduce", 1e8, 16, links) > ab.collective_time("all_reduce", 1e8, 8, links)
+    # Ring latency grows with the ranks; a tree's only with their logarithm.
+    small = [ab.collective_time("all_reduce", 8, w, links, "ring") for w in (16, 64, 256, 1024)]
+    assert all(a < b for a, b in zip(small, small[1:]))
+    assert ab.collective_time("all_reduce", 8, 1024, links, "tree") < small[-1] / 10
+    # A step at one rank is exactly its compute and optimizer inputs.
+    opt = ab.OptimizerCost(call=1e-5, group=2e-5, element=1e-9)
+    plan = [ab.Message("all_reduce", 4e7), ab.Message("all_gather_into_tensor", 4e7, 0.5)]
+    v = ab.Variant(forward=0.01, backward=0.02, optimizer_calls=3, optimizer_groups=3, optimizer_elements=1e7,
+                   plan=plan)
+    t1 = ab.step_time(v, 1, 2, opt, links)
+    assert t1.comm == t1.comm_exposed == 0.0 and t1.total == pytest.approx(0.03 + opt.time(3, 3, 1e7))
+    t64 = [ab.step_time(v, 64, 2, opt, links, overlap=o) for o in (0.0, 0.5, 1.0)]
+    assert t64[0].comm_exposed == t64[0].comm > t64[1].comm_exposed > t64[2].comm_exposed > 0  # gathers exposed
+    assert t64[2].comm_exposed >= t64[2].comm - v.backward  # hidden at most behind the backward pass
+    assert t64[0].optimizer < t1.optimizer  # ZeRO partitions the elements over the ranks
+    # No saving when LDB's steps cost the same per sample as the baseline's.
+    assert ab.schedule_speedup(1.0, 1.0, 2.0, 2, 2) == pytest.approx(0.0)
+    assert ab.schedule_speedup(1.0, 1.0, 1.0, 2, 2) == pytest.approx(0.25)
+    lat, bw = ab.fit_alpha_beta([1e3, 1e5, 1e7], [2 * 5e-6 + n / 1e9 for n in (1e3, 1e5, 1e7)], 2)
+    assert lat == pytest.approx(5e-6) and bw == pytest.approx(1e9)
+
+
+def test_project_at_world_size_2_through_deepspeed_launcher(ws1_results, tmp_path):
+    from ldb_ds.runtime import free_port
+
+    out = str(tmp_path / "project")
+    exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [exe, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ldb_ds.bench", "project",
+           *TINY, "--calibrate-comm", "--project-world-sizes", "1,2,16,1024",
+           "--validate", os.path.join(ws1_results, "step.json"), "--validate", os.path.join(ws1_results, "epochs.json"),
+           "--compute-scales", "1,100", "--out", out]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    res = _check_files(out, "project")
+    r = res["results"]
+    assert res["conditions"]["world_size"] == 2 and [row["world_size"] for row in r["rows"]] == [1, 2, 16, 1024]
+    inp = r["inputs"]
+    # Counted at 2 ranks: ZeRO-2 all-gathers every kept group's partition after the step.
+    counted = inp["counts"]["rows"]
+    gathers = {k: counted[k]["collectives"].get("all_gather_into_tensor", {}).get("calls") for k in counted}
+    assert gathers["baseline_full"] == 1 and gathers["ldb_full"] == counted["ldb_full"]["param_groups"] > 1
+    assert counted["ldb_drop"]["collectives"]["broadcast"]["calls"] == 1  # the mask, rank 0 to all
+    fit = inp["comm_fit"]
+    assert fit["latency_us"] >= 0 and fit["bandwidth_gbs"] > 0
+    # At one rank the projection reproduces its own inputs: compute plus the optimizer model, no comm.
+    one = r["rows"][0]
+    full = inp["compute"]["full"]["model"]
+    oc, base_v = inp["optimizer"], r["variants"]["baseline"]
+    expected = full["forward_s"] + full["backward_s"] + (oc["call_s"] * base_v["optimizer_calls"] + oc["group_s"]
+                                                         * base_v["optimizer_groups"] + oc["element_s"]
+                                                         * base_v["optimizer_elements"])
+    assert one["baseline"]["total_s"] == pytest.approx(expected)
+    for name in ("baseline", "ldb_full", "ldb_drop", "ldb_drop_kb"):
+        assert one[name]["comm_s"] == 0.0 and one[name]["total_s"] == pytest.approx(
+            one[name]["compute_s"] + one[name]["optimizer_s"])
+        assert all(row[name]["comm_s"] > 0 for row in r["rows"][1:])
+    assert r["rows"][-1]["baseline"]["comm_s"] > r["rows"][1]["baseline"]["comm_s"]
+    assert all(_finite(row["speedup"]) for row in r["rows"])
+    steps, epochs = r["validation"]
+    assert steps["world_size"] == epochs["world_size"] == 1 and not steps["mismatch"] and not epochs["mismatch"]
+    assert all(_finite(e["error"]) for e in steps["steps"].values()) and _finite(epochs["speedup"]["error_points"])
+    # A faster device leaves communication a larger share of the step.
+    fast, slow = r["scenarios"]["100.0"], r["scenarios"]["1.0"]
+    assert fast["comm_share_baseline"][-1] > slow["comm_share_baseline"][-1] > 0
