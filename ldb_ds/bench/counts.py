@@ -30,7 +30,7 @@ from . import report as rep
 from .alphabeta import GATHERS, REDUCTIONS
 from .comm_count import ONE_LAUNCH, CollectiveCounter, ReductionCounter
 from .epochs import first_drop_epoch
-from .runtime import BenchContext, barrier, ds_config, result
+from .runtime import BenchContext, barrier, ds_config, make_model, result
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -162,13 +162,10 @@ def count_model(ctx: BenchContext, model_name: str, stage: int) -> dict[str, Any
 
     import ldb_ds
 
-    from ..train.models import create_model
-
     opts = copy.deepcopy(ctx.opts)
     opts.run.model, opts.run.zero_stage = model_name, stage
     run = opts.run
-    torch.manual_seed(run.seed)
-    init_model = create_model(model_name, num_classes=run.num_classes, img_size=run.img_size, stem=run.stem)
+    init_model = make_model(opts)
     engines, forced = {}, False
     for name, enabled in (("baseline", False), ("ldb", True)):
         cfg = ds_config(opts, enabled)
