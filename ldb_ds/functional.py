@@ -116,5 +116,69 @@ def hide_groups(optimizer: torch.optim.Optimizer, hidden: Iterable[Mapping[str, 
         optimizer.param_groups = all_groups
 
 
+# torch optimizers whose step treats every parameter on its own: its state is keyed by the
+# parameter and the step writes nothing into the group dict. Stepping two groups with equal
+# hyperparameters as one group then gives the same bits, and the foreach/fused kernels run once
+# over all of them instead of once per group. Exact types: a subclass may keep per-group state.
+MERGEABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _hyperparameter_key(group: Mapping[str, Any]) -> tuple:
+    key = []
+    for k, v in group.items():
+        if k == "params":
+            continue
+        try:
+            hash(v)
+        except TypeError:  # a list or dict: only the same object counts as equal
+            v = ("unhashable", id(v))
+        key.append((k, v))
+    return tuple(key)
+
+
+@contextlib.contextmanager
+def merged_groups(optimizer: torch.optim.Optimizer) -> Iterator[list[dict[str, Any]]]:
+    """Inside the block, ``optimizer.param_groups`` holds one group per set of equal hyperparameters.
+
+    One param group per unit costs per-group work in every optimizer step: torch's optimizers
+    run their foreach/fused kernels once per group. For the optimizers in
+    :data:`MERGEABLE_OPTIMIZERS` (exact types) the groups whose hyperparameters are equal (every
+    key but ``params``) are stepped as one group, which is bitwise the same update: each
+    parameter's update reads only its own gradient, its own state and the shared
+    hyperparameters. Other optimizers (DeepSpeed's FusedAdam keeps its step counter per group)
+    and single groups are left as they are. On exit the original list is back; a hyperparameter
+    the step changed in a merged group is written back to each of its groups.
+    """
+    groups = optimizer.param_groups
+    if type(optimizer) not in MERGEABLE_OPTIMIZERS or len(groups) < 2:
+        yield groups
+        return
+    merged: dict[tuple, dict[str, Any]] = {}
+    members: dict[int, list[dict[str, Any]]] = {}
+    for g in groups:
+        key = _hyperparameter_key(g)
+        m = merged.get(key)
+        if m is None:
+            merged[key] = m = {**g, "params": list(g["params"])}
+            members[id(m)] = [g]
+        else:
+            m["params"].extend(g["params"])
+            members[id(m)].append(g)
+    if len(merged) == len(groups):
+        yield groups
+        return
+    try:
+        optimizer.param_groups = list(merged.values())
+        yield optimizer.param_groups
+    finally:
+        optimizer.param_groups = groups
+        for m in merged.values():
+            first = members[id(m)][0]
+            for k, v in m.items():
+                if k != "params" and v is not first.get(k):
+                    for g in members[id(m)]:
+                        g[k] = v
+
+
 __all__ = ["build_units", "build_param_groups", "draw_mask", "apply_mask", "dropped_groups", "hide_groups",
-           "epoch_mode", "lr_factor", "batch_factor", "kept_fraction"]
+           "merged_groups", "MERGEABLE_OPTIMIZERS", "epoch_mode", "lr_factor", "batch_factor", "kept_fraction"]

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .functional import hide_groups
+from .functional import hide_groups, merged_groups
 
 
 # The DeepSpeed releases every function below was checked against (file:line citations are
@@ -191,7 +191,10 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer,
     call, so the engine only has to update its own state. The hiding itself is
     :func:`ldb_ds.functional.hide_groups`; what this adds is that it happens
     inside DeepSpeed's own call of the step, whatever ``param_groups`` DeepSpeed
-    has put in place for that call (ZeRO-1/2: one group; ZeRO-3: one sub-group).
+    has put in place for that call (ZeRO-0: all groups; ZeRO-1/2: all kept groups
+    with ldb_ds's step loop, else one; ZeRO-3: one sub-group). The visible groups
+    are then stepped with :func:`ldb_ds.functional.merged_groups`, so a torch
+    optimizer runs its kernels once over all groups of equal hyperparameters.
     """
     if getattr(optimizer, "_ldb_wrapped", False):
         raise RuntimeError("optimizer already wrapped by ldb_ds")
@@ -201,11 +204,15 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer,
         hidden = hidden_groups()
         factor = lr_factor()
         if not hidden and factor == 1.0:
-            return original_step(*args, **kwargs)
+            with merged_groups(optimizer):
+                return original_step(*args, **kwargs)
         with hide_groups(optimizer, hidden, factor) as visible:
             if not any(len(g["params"]) for g in visible):
                 return None  # e.g. ZeRO's per-group call for a dropped group: nothing to do
-            return original_step(*args, **kwargs)
+            # Groups of equal hyperparameters stepped as one: one foreach/fused kernel set
+            # for all kept units instead of one per unit (bitwise the same update).
+            with merged_groups(optimizer):
+                return original_step(*args, **kwargs)
 
     optimizer.step = step
     optimizer._ldb_wrapped = True

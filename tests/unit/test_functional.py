@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 
@@ -91,3 +92,79 @@ def test_plain_pytorch_ldb_loop_leaves_dropped_units_and_state_untouched():
     assert seen_drop > 0  # the check above ran on real dropped units
     ldb.apply_mask(units, [False] * len(units))
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _grouped(opt_type, **kwargs):
+    """A model with one group per (unit, user group): weights decay, biases do not."""
+    model = _model()
+    units = ldb.build_units(model, "module")
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    groups, _ = ldb.build_param_groups(units, [{"params": decay, "weight_decay": 0.1},
+                                               {"params": no_decay, "weight_decay": 0.0}])
+    return model, opt_type(groups, **kwargs)
+
+
+def _train(model, opt, merged: bool, steps: int = 3) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(5, 4, generator=g)).pow(2).mean().backward()
+        if merged:
+            with ldb.merged_groups(opt) as groups:
+                assert len(groups) == 2  # one per distinct weight decay, not one per (unit, user group)
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("opt_type,kwargs", [
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "foreach": True}),
+    (torch.optim.Adam, {"lr": 0.01, "foreach": True}),
+    (torch.optim.Adam, {"lr": 0.01, "foreach": False}),
+    (torch.optim.AdamW, {"lr": 0.01, "foreach": True}),
+    (torch.optim.AdamW, {"lr": 0.01, "fused": True}),
+], ids=["sgd-nesterov", "sgd-foreach", "adam-foreach", "adam-loop", "adamw-foreach", "adamw-fused"])
+def test_merged_groups_step_is_bitwise_the_per_group_step(opt_type, kwargs):
+    model_a, opt_a = _grouped(opt_type, **kwargs)
+    model_b, opt_b = _grouped(opt_type, **kwargs)
+    _train(model_a, opt_a, merged=True)
+    _train(model_b, opt_b, merged=False)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+        for k, v in opt_b.state[pb].items():
+            assert torch.equal(opt_a.state[pa][k], v), k
+    assert len(opt_a.param_groups) == 8 and all(len(g["params"]) == 1 for g in opt_a.param_groups)
+
+
+def test_merged_groups_runs_the_foreach_kernels_once():
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = {}
+    for merged in (True, False):
+        model, opt = _grouped(torch.optim.SGD, lr=0.1, momentum=0.9, foreach=True)
+        _train(model, opt, merged=merged, steps=1)  # momentum buffers exist from here on
+        model(torch.ones(2, 4)).sum().backward()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with ldb.merged_groups(opt) if merged else contextlib.nullcontext():
+                opt.step()
+        counts[merged] = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::_foreach")}
+    # Each foreach kernel runs once per group stepped: 2 hyperparameter sets merged, 8 groups not.
+    assert counts[True] and counts[False].keys() == counts[True].keys(), counts
+    assert all(counts[False][k] == 4 * counts[True][k] for k in counts[True]), counts
+
+
+def test_merged_groups_leaves_other_optimizers_and_writes_back_changed_hyperparameters():
+    _, rms = _grouped(torch.optim.RMSprop, lr=0.1)
+    with ldb.merged_groups(rms) as groups:
+        assert groups is rms.param_groups and len(groups) == 8
+    model, opt = _grouped(torch.optim.SGD, lr=0.1)
+    before = opt.param_groups
+    # A step hook that changes a hyperparameter of the (merged) group it sees.
+    opt.register_step_post_hook(lambda o, args, kwargs: o.param_groups[0].__setitem__("lr", 0.5))
+    model(torch.ones(2, 4)).sum().backward()
+    with ldb.merged_groups(opt):
+        opt.step()
+    assert opt.param_groups is before
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1] * 4  # the merged group held the decayed weights
