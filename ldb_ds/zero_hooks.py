@@ -1,7 +1,8 @@
 """The only place where ldb_ds reaches into DeepSpeed's internals (deepspeed==0.19.8).
 
-A DeepSpeed upgrade should be a change to this file alone; tests/test_core_dist.py
-checks every function here at ZeRO stages 0-3.
+A DeepSpeed upgrade should be a change to this file and to ldb_ds's own step loops
+(:mod:`ldb_ds.zero_step`, :mod:`ldb_ds.zero3_step`) alone; tests/dist checks every
+function here at ZeRO stages 0-3.
 
 How a dropped unit is kept bitwise unchanged at each stage
 ----------------------------------------------------------

@@ -24,14 +24,18 @@ EXTRA = [
     {"stage": 3, "optimizer": "sgd"},
     {"stage": 3, "optimizer": "adamw", "bf16": True},
     {"stage": 3, "optimizer": "sgd", "clip": 0.05},
+    # Param groups split into several ZeRO-3 sub-groups: one call with several partitions per
+    # group (SGD), or one call per sub-group for an optimizer whose groups are not merged.
+    {"stage": 3, "optimizer": "sgd", "sub_group_size": 100},
+    {"stage": 3, "optimizer": "rmsprop", "sub_group_size": 100},
 ]
 STALE = [{"stage": 2, "optimizer": "sgd", "stale_source": True}, {"stage": 3, "optimizer": "sgd", "stale_source": True}]
 CASES = ZERO12 + EXTRA + STALE
 
 
 def case_id(c):
-    return "-".join([f"zero{c['stage']}", c["optimizer"]] + [k for k in ("bf16", "clip", "poison_step", "stale_source")
-                                                            if k in c])
+    return "-".join([f"zero{c['stage']}", c["optimizer"]] + [k for k in ("bf16", "clip", "poison_step", "stale_source",
+                                                                      "sub_group_size") if k in c])
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,10 @@ def results():
 @pytest.mark.parametrize("case", ZERO12 + EXTRA, ids=case_id)
 def test_ldb_step_is_bitwise_deepspeeds_step(results, case):
     _, r0, r1 = results[case_id(case)]
-    expected = ("zero12_step",) if case["stage"] in (1, 2) else ("zero3_grad_norm", "zero3_optimizer_step")
+    expected = ("zero12_step",) if case["stage"] in (1, 2) else ("zero3_grad_norm", "zero3_optimizer_step", "zero3_step")
     assert r0["installed"] == expected
+    if "sub_group_size" in case:
+        assert r0["sub_groups"] > r0["groups"]  # some group really is split
     modes = [s["mode"] for s in r0["steps"]]
     assert "FULL" in modes and any(s["dropped"] for s in r0["steps"])
     for rank_steps in (r0["steps"], r1["steps"]):
@@ -79,8 +85,8 @@ def test_one_collective_where_deepspeed_issues_one_per_group(results, case):
 
 
 def test_stale_deepspeed_source_keeps_deepspeeds_own_loops(results):
-    # ZeRO-1/2's step() and ZeRO-3's norm "changed": those stay DeepSpeed's; ZeRO-3's optimizer
-    # call mirrors another function, still as verified.
+    # ZeRO-1/2's step() and ZeRO-3's norm and step() "changed": those stay DeepSpeed's; ZeRO-3's
+    # optimizer call mirrors another function, still as verified.
     for case, left in zip(STALE, [(), ("zero3_optimizer_step",)]):
         _, r0, _ = results[case_id(case)]
         assert r0["installed"] == left

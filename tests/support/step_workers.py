@@ -74,6 +74,12 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
 
     world = dist.get_world_size()
     cfg = ds_config(case)
+    optimizer = None
+    if case["optimizer"] == "rmsprop":  # a torch optimizer ldb_ds does not merge groups for
+        del cfg["optimizer"]
+        optimizer = lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.9)  # noqa: E731
+    if "sub_group_size" in case:  # ZeRO-3 splits a param group into sub-groups of this many elements
+        cfg["zero_optimization"]["sub_group_size"] = case["sub_group_size"]
     model = make_model(depth=case.get("depth", 6))
     if case.get("bf16"):
         model = model.bfloat16()
@@ -81,11 +87,12 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
     if case.get("stale_source"):  # as if DeepSpeed's step() / ZeRO-3 norm had changed: no mirror of them
         zero_step.MIRRORED_SOURCES["stage_1_and_2.DeepSpeedZeroOptimizer.step"] = "0" * 16
         zero_step.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups"] = "0" * 16
+        zero_step.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3.step"] = "0" * 16
     try:
-        ours, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg))
+        ours, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg), optimizer=optimizer)
     finally:
         zero_step.MIRRORED_SOURCES.update(verified)
-    theirs, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg))
+    theirs, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg), optimizer=optimizer)
     installed = zero_step.installed(ours.ds_engine)
     zero_step.uninstall(theirs.ds_engine)
     steps = []
@@ -116,7 +123,8 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
             step += 1
     ours.destroy()
     theirs.destroy()
-    return {"installed": installed, "steps": steps}
+    return {"installed": installed, "steps": steps, "sub_groups": len(getattr(ours.ds_engine.optimizer, "fp16_groups", ())),
+            "groups": len(ours.controller.group_dicts)}
 
 
 def _same(a: Any, b: Any) -> bool:

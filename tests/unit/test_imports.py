@@ -96,8 +96,8 @@ def _imports(path: pathlib.Path) -> set[str]:
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch",
-    "guards": "deepspeed", "zero_hooks": "deepspeed", "zero_step": "deepspeed", "attach": "deepspeed",
-    "engine": "deepspeed", "runtime": "deepspeed", "__init__": "pure",
+    "guards": "deepspeed", "zero_hooks": "deepspeed", "zero_step": "deepspeed", "zero3_step": "deepspeed",
+    "attach": "deepspeed", "engine": "deepspeed", "runtime": "deepspeed", "__init__": "pure",
 }
 
 

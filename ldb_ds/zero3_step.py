@@ -1,0 +1,252 @@
+"""ldb_ds's own version of DeepSpeed's per-sub-group ZeRO-3 step (deepspeed==0.19.8).
+
+DeepSpeed internals (docs/design.md, section 4), installed by :func:`ldb_ds.zero_step.install`,
+which checks the version and the mirrored sources first. With one param group per unit, ZeRO-3
+has at least one sub-group per unit (``sub_group_size`` splits big groups further), and
+``DeepSpeedZeroOptimizer_Stage3.step`` (``stage3.py:2873``) does per sub-group: one norm
+all-reduce (``_get_norm_groups``, ``:2573``), then a flatten, an unscale, one basic-optimizer
+call that walks *every* group (``_optimizer_step``, ``:1235``), a copy to the 16-bit partition
+and an unflatten (``:2910``-``:2927``). Here:
+
+* :func:`norm_groups` - the norms of all sub-groups in one all-reduce (the same numbers);
+* :func:`step` - DeepSpeed's step with the loop over sub-groups done once for the kept ones:
+  one flatten, one unscale, one optimizer call, one batched copy; dropped units' sub-groups get
+  no work at all (their gradients are DeepSpeed's zero fill, ``:1426``);
+* :func:`optimizer_step` - where the loop stays DeepSpeed's, the optimizer call of one sub-group
+  shows the optimizer that sub-group's group only.
+
+All three apply on the plain path only (:func:`norm_group`): no offload, NVMe swapping, Muon,
+ZenFlow, torch autocast's GradScaler, model parallelism, AutoEP or per-parameter process groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .functional import MERGEABLE_OPTIMIZERS
+from .zero_hooks import NOT_A_GRADIENT
+
+MIRRORED = {
+    "norm": ["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups",
+             "stage3.DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct"],
+    "optimizer_step": ["stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step"],
+    "step": ["stage3.DeepSpeedZeroOptimizer_Stage3.step",
+             "stage3.DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group",
+             "stage3.DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads",
+             "stage3.DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters",
+             "stage3.DeepSpeedZeroOptimizer_Stage3._release_sub_group",
+             "stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step"],
+}
+"""The DeepSpeed functions each replacement mirrors (keys of ``zero_step.MIRRORED_SOURCES``)."""
+
+
+def norm_group(z: Any) -> Any:
+    """The one process group all of ZeRO-3's norms reduce over, or None off the plain path.
+
+    ``get_grad_norm_direct`` all-reduces over the first parameter's ``ds_process_group``
+    (``stage3.py:643``): batching the sub-groups is only the same when all parameters share it
+    (no per-parameter groups, AutoEP, model or sequence parallel groups), and there is no
+    offload, Muon, ZenFlow or torch autocast GradScaler.
+    """
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    except ImportError:
+        return None
+    if not isinstance(z, DeepSpeedZeroOptimizer_Stage3):
+        return None
+    if z.offload_optimizer or z.swap_optimizer or getattr(z, "use_muon", False) or getattr(z, "zenflow", False) \
+            or z.torch_autocast_gradscaler is not None or z.model_parallel_group is not None:
+        return None
+    groups = {id(getattr(p, "ds_process_group", z.dp_process_group)): getattr(p, "ds_process_group", z.dp_process_group)
+              for sub_group in z.fp16_groups for p in sub_group}
+    if len(groups) != 1 or any(getattr(p, "ds_zero_placement_family", "replicated") == "autoep_expert"
+                               for sub_group in z.fp16_groups for p in sub_group):
+        return None
+    return next(iter(groups.values()))
+
+
+def norm_groups(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
+    """``_get_norm_groups`` (``stage3.py:2573``) with one all-reduce for all sub-groups.
+
+    Per sub-group it is ``get_grad_norm_direct`` (``:2419``) on the plain path: the sum over
+    the partition's gradients of ``norm(g.to(norm dtype))**2``, summed over ranks, square-rooted,
+    inf/NaN masked to -1. The sums of all sub-groups go into one vector and one all-reduce, so
+    each sub-group's norm is the number DeepSpeed computes (at world size > 2 the cross-rank sum
+    of a vector element may be added in another order than a scalar's, as between any two
+    collective algorithms). A dropped unit's sub-group holds the zeros DeepSpeed gives a
+    ``requires_grad=False`` parameter (``:1426``): its sum is 0, not computed.
+    """
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    device_name = get_accelerator().device_name()
+    process_group = norm_group(z)
+
+    def _get_norm_groups() -> list[torch.Tensor]:
+        skipped = skipped_groups()
+        norm_dtype = get_norm_dtype()
+        sums = []
+        for i in range(len(z.fp16_groups)):
+            grads = z.averaged_gradients[i]
+            if z.sub_group_to_group_id[i] in skipped or not grads:
+                sums.append(torch.zeros((), dtype=norm_dtype, device=device_name))
+                continue
+            norms = [g.to(device_name, non_blocking=True).to(norm_dtype).norm(2.0) for g in grads]
+            sums.append(torch.sum(torch.pow(torch.stack(norms), 2.0)))
+        stacked = torch.stack(sums)
+        setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out
+        # One collective for all sub-groups; every rank adds its partition's sums.
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=process_group)
+        norms = stacked**(1. / 2.0)
+        err = torch.tensor(-1.0, device=z.device, dtype=torch.float)
+        norms = torch.where(norms.isnan().logical_or(norms.isinf()), err, norms)
+        return list(norms.unbind(0))
+
+    return _get_norm_groups
+
+
+def optimizer_step(z: Any) -> Callable:
+    """``_optimizer_step`` (``stage3.py:1235``, non-offload branch) showing one group, not all.
+
+    DeepSpeed puts the sub-group's flat partition into its group's ``params`` and steps the
+    optimizer with every other group's ``params`` empty: the optimizer walks all N groups for
+    each of the N sub-groups. Showing only the sub-group's group is the same update (an empty
+    group steps nothing) and walks one.
+    """
+
+    def _optimizer_step(sub_group_id: int) -> None:
+        optimizer = z.optimizer
+        all_groups = optimizer.param_groups
+        group = all_groups[z.sub_group_to_group_id[sub_group_id]]
+        group["params"] = [z.fp32_partitioned_groups_flat[sub_group_id]]
+        optimizer.param_groups = [group]
+        try:
+            optimizer.step()
+        finally:
+            optimizer.param_groups = all_groups
+            group["params"] = []
+
+    return _optimizer_step
+
+
+def step(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
+    """``DeepSpeedZeroOptimizer_Stage3.step`` (``stage3.py:2873``) with the sub-group loop batched.
+
+    Up to the overflow decision it calls what DeepSpeed calls, in the same order
+    (``:2877``-``:2907``); then the loop of ``:2910``-``:2927`` runs once over the kept
+    sub-groups: the same elements are flattened, multiplied by the same factor, updated by the
+    same per-parameter rule and copied to the same 16-bit partitions, so the result is bitwise
+    DeepSpeed's (tests/dist/test_zero_step_dist.py).
+    """
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.utils import combine_grad_norm_groups, is_invalid_grad_norm
+    from deepspeed.runtime.zero.stage3 import OPTIMIZER_STEP_TIMER
+    from deepspeed.utils import logger
+
+    def _step(closure: Any = None) -> None:
+        skipped = skipped_groups()
+        # :2877-2902, as DeepSpeed has them (swap_optimizer is excluded at install).
+        z._pre_step()
+        z._partition_all_parameters()
+        z._overflow_check_and_loss_scale_update(update_scale=False)
+        scaled_global_grad_norm = None
+        if not z.overflow:
+            z._apply_muon_to_accumulated_grads()
+            scaled_global_grad_norm = combine_grad_norm_groups(z._get_norm_groups())
+            if is_invalid_grad_norm(scaled_global_grad_norm):
+                z.overflow = True
+        if z._loss_scale_update_and_overflow_cleanup():
+            return
+        z._global_grad_norm = scaled_global_grad_norm / z.loss_scale
+        timer_names = {OPTIMIZER_STEP_TIMER}
+        z.timers(OPTIMIZER_STEP_TIMER).start()
+        z.zero_grad(set_to_none=True)  # :2907, non-offload
+
+        kept = [i for i in range(len(z.fp16_groups)) if z.sub_group_to_group_id[i] not in skipped]
+        masters = [z.fp32_partitioned_groups_flat[i] for i in kept]
+        # _prepare_fp32_grad_for_sub_group (:2683) for all kept sub-groups: one flatten.
+        tensors = []
+        for i, master in zip(kept, masters):
+            grads = z.averaged_gradients[i]
+            numel = sum(g.numel() for g in grads)
+            assert numel == master.numel(), \
+                f"averaged gradients have {numel} elements, partition size {master.numel()} (sub-group {i})"
+            tensors.extend(grads)
+            if not get_accelerator().is_synchronized_device():
+                for grad in filter(lambda g: get_accelerator().on_accelerator(g), grads):
+                    grad.record_stream(get_accelerator().current_stream())
+        for i in range(len(z.fp16_groups)):
+            z.averaged_gradients[i] = None  # a dropped sub-group's zero fill is released unread
+        if kept:
+            flat = z.flatten(tensors).to(masters[0].dtype)
+            del tensors
+            offset = 0
+            for master in masters:
+                master.grad = flat.narrow(0, offset, master.numel())
+                offset += master.numel()
+            # unscale_and_clip_grads (:2979): the factor depends on the norm and the loss scale
+            # only, so one multiplication of the whole buffer is each sub-group's.
+            combined_scale = z.loss_scale
+            if z.clip_grad > 0.:
+                clip = ((scaled_global_grad_norm / z.loss_scale) + 1e-6) / z.clip_grad
+                clip = torch.clamp(clip, min=1.0)
+                combined_scale = clip * z.loss_scale
+            flat.mul_(1. / combined_scale)
+            _step_kept(z, kept)
+            # _reassign_or_swap_out_partitioned_parameters (:2854) and _release_sub_group (:2731).
+            with torch.no_grad():
+                torch._foreach_copy_([z.fp16_partitioned_groups_flat[i] for i in kept], masters)
+            for i, master in zip(kept, masters):
+                z._unflatten_partitioned_parameters(i)
+                master.grad = None
+            del flat
+        z.timers(OPTIMIZER_STEP_TIMER).stop()
+        z._post_step(timer_names)
+
+        # :2934-2949: warn about caching allocator flushes, as DeepSpeed does.
+        alloc_retries = get_accelerator().memory_stats().get("num_alloc_retries") or 0
+        if alloc_retries > z.n_caching_allocator_flushes:
+            if dist.get_rank() == 0:
+                logger.warning("%d pytorch allocator cache flushes since last step. this happens when there is high "
+                               "memory pressure and is detrimental to performance.",
+                               alloc_retries - z.n_caching_allocator_flushes)
+            z.n_caching_allocator_flushes = alloc_retries
+
+    return _step
+
+
+def _step_kept(z: Any, kept: list[int]) -> None:
+    """One basic-optimizer call for all kept sub-groups (``_optimizer_step``, ``:1235``, batched).
+
+    Each sub-group's group is shown with its kept sub-groups' flat partitions as ``params``.
+    A group split into several sub-groups then holds several partitions in one call; an
+    optimizer that keeps per-group state (DeepSpeed's FusedAdam counts steps per call, not per
+    tensor) gets one call per sub-group instead, as DeepSpeed makes.
+    """
+    optimizer = z.optimizer
+    by_group: dict[int, list[torch.Tensor]] = {}
+    for i in kept:
+        by_group.setdefault(z.sub_group_to_group_id[i], []).append(z.fp32_partitioned_groups_flat[i])
+    if type(optimizer) not in MERGEABLE_OPTIMIZERS and any(len(v) > 1 for v in by_group.values()):
+        for i in kept:
+            z._optimizer_step(i)
+        return
+    all_groups = optimizer.param_groups
+    shown = []
+    for gid, flats in by_group.items():
+        all_groups[gid]["params"] = flats
+        shown.append(all_groups[gid])
+    optimizer.param_groups = shown
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = all_groups
+        for g in shown:
+            g["params"] = []
+
+
+__all__ = ["MIRRORED", "norm_group", "norm_groups", "optimizer_step", "step"]
