@@ -146,16 +146,20 @@ def merged_groups(optimizer: torch.optim.Optimizer) -> Iterator[list[dict[str, A
     key but ``params``) are stepped as one group, which is bitwise the same update: each
     parameter's update reads only its own gradient, its own state and the shared
     hyperparameters. Other optimizers (DeepSpeed's FusedAdam keeps its step counter per group)
-    and single groups are left as they are. On exit the original list is back; a hyperparameter
-    the step changed in a merged group is written back to each of its groups.
+    and single groups are left as they are; groups without params are left out (they step
+    nothing). On exit the original list is back; a hyperparameter the step changed in a merged
+    group is written back to each of its groups.
     """
     groups = optimizer.param_groups
-    if type(optimizer) not in MERGEABLE_OPTIMIZERS or len(groups) < 2:
+    # Groups without params step nothing and are left out. ZeRO-3 (with offload) shows all N
+    # groups, all but one empty, in each of its N calls: that stays a cheap check, not N keys.
+    nonempty = [g for g in groups if g["params"]] if type(optimizer) in MERGEABLE_OPTIMIZERS else []
+    if len(nonempty) < 2:
         yield groups
         return
     merged: dict[tuple, dict[str, Any]] = {}
     members: dict[int, list[dict[str, Any]]] = {}
-    for g in groups:
+    for g in nonempty:
         key = _hyperparameter_key(g)
         m = merged.get(key)
         if m is None:
@@ -164,7 +168,7 @@ def merged_groups(optimizer: torch.optim.Optimizer) -> Iterator[list[dict[str, A
         else:
             m["params"].extend(g["params"])
             members[id(m)].append(g)
-    if len(merged) == len(groups):
+    if len(merged) == len(nonempty):
         yield groups
         return
     try:

@@ -159,6 +159,11 @@ def test_merged_groups_leaves_other_optimizers_and_writes_back_changed_hyperpara
     _, rms = _grouped(torch.optim.RMSprop, lr=0.1)
     with ldb.merged_groups(rms) as groups:
         assert groups is rms.param_groups and len(groups) == 8
+    # ZeRO-3 shows one non-empty group at a time: nothing to merge, the list is left alone.
+    p = nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([{"params": [p]}] + [{"params": []} for _ in range(5)], lr=0.1)
+    with ldb.merged_groups(sgd) as groups:
+        assert groups is sgd.param_groups and len(groups) == 6
     model, opt = _grouped(torch.optim.SGD, lr=0.1)
     before = opt.param_groups
     # A step hook that changes a hyperparameter of the (merged) group it sees.
