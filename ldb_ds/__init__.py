@@ -38,8 +38,7 @@ _LAZY = {
     "ScalableBatchSampler": "sampler",
     "build_dataloader": "sampler",
 }
-_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "zero_step", "zero3_step",
-               "engine", "runtime")
+_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "engine", "runtime")
 
 
 def __getattr__(name: str) -> Any:

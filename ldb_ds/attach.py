@@ -32,7 +32,7 @@ import torch.distributed as torch_dist
 
 from deepspeed.accelerator import get_accelerator
 
-from . import zero_hooks, zero_step
+from . import zero_hooks
 from .config import LDBConfig
 from .controller import LDBController, LDBState
 from .schedule import Mode
@@ -71,7 +71,7 @@ def new_controller(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit],
         # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step.
         zero_hooks.install_batched_grad_norm(ds_engine, lambda: c.plan.skipped_groups)
         # ...and would do the rest of its step, the ZeRO-3 norm and optimizer call per group too.
-        zero_step.install(ds_engine, lambda: c.plan.skipped_groups)
+        zero_hooks.install_step_loops(ds_engine, lambda: c.plan.skipped_groups)
     return controller
 
 

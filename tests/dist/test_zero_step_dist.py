@@ -1,4 +1,4 @@
-"""ldb_ds's own ZeRO step loops (ldb_ds.zero_step) against DeepSpeed's, on 2 real ranks (gloo).
+"""ldb_ds's own ZeRO step loops (ldb_ds.zero_hooks.zero12_step, zero3_step) against DeepSpeed's, on 2 real ranks (gloo).
 
 The exactness tests of tests/dist/test_core_dist.py (parity with a plain PyTorch reference,
 dropped units bitwise untouched, exact gradient bytes, checkpoint/resume) already run with these

@@ -1,8 +1,8 @@
 """Code that runs inside each rank of the step-loop tests (tests/dist/test_zero_step_dist.py).
 
-ldb_ds's own ZeRO step loops (``ldb_ds.zero_step``) against DeepSpeed's, on the same gradients:
+ldb_ds's own ZeRO step loops (``ldb_ds.zero_hooks``) against DeepSpeed's, on the same gradients:
 two LDB engines built from the same weights and config, one with ldb_ds's loops and one with
-``zero_step.uninstall`` (DeepSpeed's own ``step()``, ``_get_norm_groups``, ``_optimizer_step``),
+``zero_hooks.uninstall_step_loops`` (DeepSpeed's own ``step()``, ``_get_norm_groups``, ``_optimizer_step``),
 trained side by side on the same batches and masks; after every step everything a step can change
 is compared bitwise. The collectives of each step are counted at DeepSpeed's communication backend.
 """
@@ -70,7 +70,7 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
     import deepspeed.comm as dist
 
     import ldb_ds
-    from ldb_ds import zero_step
+    from ldb_ds import zero_hooks
 
     world = dist.get_world_size()
     cfg = ds_config(case)
@@ -83,18 +83,18 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
     model = make_model(depth=case.get("depth", 6))
     if case.get("bf16"):
         model = model.bfloat16()
-    verified = dict(zero_step.MIRRORED_SOURCES)
+    verified = dict(zero_hooks.MIRRORED_SOURCES)
     if case.get("stale_source"):  # as if DeepSpeed's step() / ZeRO-3 norm had changed: no mirror of them
-        zero_step.MIRRORED_SOURCES["stage_1_and_2.DeepSpeedZeroOptimizer.step"] = "0" * 16
-        zero_step.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups"] = "0" * 16
-        zero_step.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3.step"] = "0" * 16
+        zero_hooks.MIRRORED_SOURCES["stage_1_and_2.DeepSpeedZeroOptimizer.step"] = "0" * 16
+        zero_hooks.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups"] = "0" * 16
+        zero_hooks.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3.step"] = "0" * 16
     try:
         ours, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg), optimizer=optimizer)
     finally:
-        zero_step.MIRRORED_SOURCES.update(verified)
+        zero_hooks.MIRRORED_SOURCES.update(verified)
     theirs, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg), optimizer=optimizer)
-    installed = zero_step.installed(ours.ds_engine)
-    zero_step.uninstall(theirs.ds_engine)
+    installed = zero_hooks.installed_step_loops(ours.ds_engine)
+    zero_hooks.uninstall_step_loops(theirs.ds_engine)
     steps = []
     step = 0
     for epoch in case.get("epochs", (0, 2, 3)):  # s = 2: FULL, DROP, FULL
@@ -167,11 +167,11 @@ def baseline_collectives(rank: int, stage: int) -> dict[str, Any]:
 
 
 def allgather_case(rank: int, sizes: list[int], bucket_numel: int) -> dict[str, Any]:
-    """``zero_step.allgather_partitions`` against DeepSpeed's one-collective-per-group all-gather."""
+    """``zero_hooks.allgather_partitions`` against DeepSpeed's one-collective-per-group all-gather."""
     import deepspeed.comm as dist
     from deepspeed.runtime.utils import all_gather_into_tensor_dp_groups
 
-    from ldb_ds import zero_step
+    from ldb_ds import zero_hooks
 
     world = dist.get_world_size()
     group = dist.get_world_group()
@@ -184,7 +184,7 @@ def allgather_case(rank: int, sizes: list[int], bucket_numel: int) -> dict[str, 
         counter = CollectiveCounter()
         try:
             if name == "ours":
-                returned = zero_step.allgather_partitions(flats, parts, group, bucket_numel)
+                returned = zero_hooks.allgather_partitions(flats, parts, group, bucket_numel)
             else:
                 all_gather_into_tensor_dp_groups(flats, parts, [group] * len(flats))
                 returned = None

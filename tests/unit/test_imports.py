@@ -96,14 +96,26 @@ def _imports(path: pathlib.Path) -> set[str]:
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch",
-    "guards": "deepspeed", "zero_hooks": "deepspeed", "zero_step": "deepspeed", "zero3_step": "deepspeed",
-    "attach": "deepspeed", "engine": "deepspeed", "runtime": "deepspeed", "__init__": "pure",
+    "guards": "deepspeed", "zero_hooks": "deepspeed", "attach": "deepspeed", "engine": "deepspeed",
+    "runtime": "deepspeed", "__init__": "pure",
 }
+# Core packages (a directory with __init__.py): every file in them is held to the package's layer.
+CORE_PACKAGES = {"zero_hooks"}
+APPLICATIONS = {"train", "bench", "integrations"}
+# ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
+ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "zero12_step", "zero3_step",
+                      "step_loops"}
+
+
+def _files_of(module: str) -> list[pathlib.Path]:
+    if module in CORE_PACKAGES:
+        return sorted((CORE / module).glob("*.py"))
+    return [CORE / f"{module}.py"]
 
 
 @pytest.mark.parametrize("module", sorted(CORE_LAYERS))
 def test_core_imports_flow_one_way(module):
-    imported = _imports(CORE / f"{module}.py")
+    imported = set().union(*(_imports(f) for f in _files_of(module)))
     roots = {n.split(".")[0] for n in imported}
     layer = CORE_LAYERS[module]
     if layer == "pure":
@@ -121,7 +133,34 @@ def test_core_imports_flow_one_way(module):
 
 def test_every_core_module_is_classified():
     on_disk = {p.stem for p in CORE.glob("*.py")}
-    assert on_disk == set(CORE_LAYERS), "add new core modules to CORE_LAYERS (and to docs/design.md, section 2)"
+    packages = {p.parent.name for p in CORE.glob("*/__init__.py")} - APPLICATIONS
+    assert packages == CORE_PACKAGES, "classify new core packages in CORE_PACKAGES (and docs/design.md, section 2)"
+    assert on_disk | packages == set(CORE_LAYERS), \
+        "add new core modules to CORE_LAYERS (and to docs/design.md, section 2)"
+    in_zero_hooks = {p.stem for p in (CORE / "zero_hooks").glob("*.py")}
+    assert in_zero_hooks == ZERO_HOOKS_MODULES, "list new zero_hooks modules (and in docs/design.md, section 2)"
+
+
+def test_zero_hooks_keeps_its_public_names():
+    # The rest of ldb_ds, the bench and the tests use zero_hooks.X and ``from ldb_ds.zero_hooks import X``.
+    from ldb_ds import zero_hooks
+
+    for name in zero_hooks.__all__:
+        assert hasattr(zero_hooks, name), name
+    assert {"basic_optimizer", "check_group_order", "install_group_step_filter", "skip_allgather_of_dropped",
+            "install_batched_grad_norm", "refuse_unverified_step_paths", "clear_stale_gradient_partitions",
+            "NOT_A_GRADIENT", "VERIFIED_DEEPSPEED", "install_step_loops"} <= set(zero_hooks.__all__)
+
+
+def test_deepspeed_internals_stay_in_zero_hooks():
+    # Private DeepSpeed modules (deepspeed.runtime.*) are imported by zero_hooks only; guards and
+    # the engine use DeepSpeed's public API and config keys.
+    for module in sorted(CORE_LAYERS):
+        if module == "zero_hooks":
+            continue
+        for f in _files_of(module):
+            private = sorted(n for n in _imports(f) if n.startswith("deepspeed.runtime"))
+            assert not private, f"{f.relative_to(ROOT)} imports DeepSpeed internals {private}: move them to zero_hooks"
 
 
 # Being split into one module per job (issue 7); this set must end empty.

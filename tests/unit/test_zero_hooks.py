@@ -52,7 +52,7 @@ def test_deepspeed_version_range(version, inside):
 
 
 def test_version_warning_names_version_and_range_once(monkeypatch):
-    monkeypatch.setattr(zero_hooks, "_version_warned", False)
+    monkeypatch.setattr(zero_hooks.version, "_version_warned", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert zero_hooks.check_deepspeed_version("0.20.1") is False

@@ -1,148 +1,41 @@
-"""ldb_ds's own version of DeepSpeed's per-group ZeRO step loops (deepspeed==0.19.8).
+"""ldb_ds's own version of DeepSpeed's per-group ZeRO-1/2 step (deepspeed==0.19.8).
 
-DeepSpeed internals, like :mod:`ldb_ds.zero_hooks` (docs/design.md, section 4): a DeepSpeed
-upgrade touches these modules only. ldb_ds gives every unit its own param group, and DeepSpeed's
-ZeRO optimizers then do per-group work in every step. ZeRO-1/2 (``DeepSpeedZeroOptimizer.step``,
-``stage_1_and_2.py:3013``) flattens, unscales, steps and copies back one group at a time
-(``:3075``-``:3164``), the basic optimizer called once per group (``_optimizer_step``,
-``:2967``), then all-gathers every group's partition with one collective per group
-(``all_gather_dp_groups``, ``runtime/utils.py:1019`` -> ``all_gather_into_tensor_dp_groups``,
-``:1008``). ZeRO-3 does the same per sub-group (:mod:`ldb_ds.zero3_step`).
+ldb_ds gives every unit its own param group, and ``DeepSpeedZeroOptimizer.step``
+(``stage_1_and_2.py:3013``) then does per-group work in every step: it flattens, unscales,
+steps and copies back one group at a time (``:3075``-``:3164``), the basic optimizer called
+once per group (``_optimizer_step``, ``:2967``), then all-gathers every group's partition with
+one collective per group (``all_gather_dp_groups``, ``runtime/utils.py:1019`` ->
+``all_gather_into_tensor_dp_groups``, ``:1008``); and ``scaled_global_norm`` (``:2943``)
+all-reduces one norm scalar per group (``get_grad_norm_direct``, ``:2648``).
 
-What :func:`install` puts in place, where the plain path applies:
+Installed by :func:`ldb_ds.zero_hooks.install_step_loops` where the plain path applies
+(:func:`plain`) and the mirrored sources hash as verified (:data:`MIRRORED`):
 
-* **ZeRO-1/2 step** (:func:`_zero12_step`): DeepSpeed's step up to the gradient norm and the
-  overflow decision, line by line; then for the *kept* groups one flatten (one ``cat``), one
-  unscale/clip, **one** basic-optimizer call over all of them (the step filter then steps
-  groups of equal hyperparameters as one, ``functional.merged_groups``), one batched copy of
-  the fp32 partitions into the bit16 ones and one coalesced all-gather
-  (:func:`allgather_partitions`). Dropped groups get no flatten, unscale, step, copy-back or
-  all-gather: their gradients are DeepSpeed's zero fill, and they are released unread.
-* **ZeRO-3** (:mod:`ldb_ds.zero3_step`): the sub-group norms in one all-reduce, and the
-  sub-group loop batched the same way.
+* :func:`step`: DeepSpeed's step up to the gradient norm and the overflow decision, line by
+  line; then for the *kept* groups one flatten (one ``cat``), one unscale/clip, **one**
+  basic-optimizer call over all of them (the step filter then steps groups of equal
+  hyperparameters as one, ``functional.merged_groups``), one batched copy of the fp32
+  partitions into the bit16 ones and one coalesced all-gather (:func:`allgather_partitions`).
+  Dropped groups get no flatten, unscale, step, copy-back or all-gather: their gradients are
+  DeepSpeed's zero fill, and they are released unread.
 
-Each replacement is checked against the installed DeepSpeed: the version must be in
-``zero_hooks.VERIFIED_DEEPSPEED`` *and* the source of every DeepSpeed function it mirrors must
-hash to what was verified (:data:`MIRRORED_SOURCES`); otherwise DeepSpeed's own code stays.
-Offload, MoE, Muon, ZenFlow, torch autocast's GradScaler, per-parameter process groups and
-AutoEP keep DeepSpeed's loops too (the replacements decline, as ``install_batched_grad_norm``
-does). Memory: the batched loops hold the kept groups' fp32 gradients at once, as DeepSpeed
-does for a model with one param group (it frees each group's after stepping it).
+:func:`install_batched_grad_norm` (one all-reduce for all group norms) is installed by
+``attach.new_controller`` itself; :func:`step` calls it through ``scaled_global_norm``.
+Memory: the batched step holds the kept groups' fp32 gradients at once, as DeepSpeed does for
+a model with one param group (it frees each group's after stepping it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from typing import Any, Callable, Sequence
 
 import torch
 
-from . import zero3_step
-from .zero_hooks import deepspeed_version_verified
+from .groups import NOT_A_GRADIENT
 
-# sha256 (first 16 hex digits) of ``inspect.getsource`` of each DeepSpeed function a replacement
-# here mirrors, as in deepspeed 0.19.8. A changed function means the mirror may be stale: the
-# replacement is then not installed and DeepSpeed's own code runs.
-MIRRORED_SOURCES = {
-    "stage_1_and_2.DeepSpeedZeroOptimizer.step": "9520884fd916d178",
-    "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step": "d7e21affbbf9b696",
-    "utils.all_gather_into_tensor_dp_groups": "6e61807fbe6b0417",
-    "stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups": "6a068faa3149b1f4",
-    "stage3.DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct": "5ba2252d5f16b541",
-    "stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step": "35f8511bba5ff760",
-    "stage3.DeepSpeedZeroOptimizer_Stage3.step": "c751b3209f83d3b9",
-    "stage3.DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group": "6c19570c775487ef",
-    "stage3.DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads": "3f0d9e8e7861fd44",
-    "stage3.DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters": "af7b449bee8786ec",
-    "stage3.DeepSpeedZeroOptimizer_Stage3._release_sub_group": "8830be5fe99207f7",
-}
-
-INSTALLED_ATTR = "_ldb_step_hooks"
-
-
-def _mirrored_object(name: str) -> Any:
-    import importlib
-
-    module_name, *attrs = name.split(".")
-    package = "deepspeed.runtime" if module_name == "utils" else "deepspeed.runtime.zero"
-    obj: Any = importlib.import_module(f"{package}.{module_name}")
-    for a in attrs:
-        obj = getattr(obj, a)
-    return obj
-
-
-def _unwrapped(fn: Any) -> Any:
-    # DeepSpeed decorates some methods with instrument_w_nvtx (utils/nvtx.py:25), whose wrapper
-    # keeps the function in its closure, not in __wrapped__.
-    for _ in range(4):
-        inner = getattr(fn, "__wrapped__", None)
-        if inner is None and getattr(fn, "__closure__", None):
-            inner = next((c.cell_contents for c in fn.__closure__ if inspect.isfunction(c.cell_contents)), None)
-        if inner is None:
-            break
-        fn = inner
-    return fn
-
-
-def source_digest(obj: Any) -> str | None:
-    """Short sha256 of a function's source (decorators looked through), None where it cannot be read."""
-    try:
-        return hashlib.sha256(inspect.getsource(_unwrapped(obj)).encode()).hexdigest()[:16]
-    except (OSError, TypeError):
-        return None
-
-
-def mirrors_verified(names: Sequence[str]) -> bool:
-    """Whether the installed DeepSpeed is verified and its functions ``names`` are as verified."""
-    import deepspeed
-
-    if not deepspeed_version_verified(deepspeed.__version__):
-        return False
-    return all(source_digest(_mirrored_object(n)) == MIRRORED_SOURCES[n] for n in names)
-
-
-def installed(ds_engine: Any) -> tuple[str, ...]:
-    """Which of this module's replacements run in ``ds_engine`` (empty: DeepSpeed's own loops)."""
-    return tuple(getattr(ds_engine.optimizer, INSTALLED_ATTR, ()))
-
-
-def install(ds_engine: Any, skipped_groups: Callable[[], frozenset[int]]) -> tuple[str, ...]:
-    """Install what applies to ``ds_engine``'s ZeRO optimizer; returns the names installed.
-
-    ``skipped_groups()`` gives the indices of the param groups of the dropped units in the
-    step about to run (read once per step).
-    """
-    z = ds_engine.optimizer
-    names: list[str] = []
-    if _zero12_plain(z) and mirrors_verified(["stage_1_and_2.DeepSpeedZeroOptimizer.step",
-                                              "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step",
-                                              "utils.all_gather_into_tensor_dp_groups"]):
-        z.step = _zero12_step(z, skipped_groups, z.step)
-        names.append("zero12_step")
-    if zero3_step.norm_group(z) is not None:
-        if mirrors_verified(zero3_step.MIRRORED["norm"]):
-            z._get_norm_groups = zero3_step.norm_groups(z, skipped_groups)
-            names.append("zero3_grad_norm")
-        if mirrors_verified(zero3_step.MIRRORED["optimizer_step"]):
-            z._optimizer_step = zero3_step.optimizer_step(z)
-            names.append("zero3_optimizer_step")
-        if type(z).step is _mirrored_object("stage3.DeepSpeedZeroOptimizer_Stage3.step") \
-                and mirrors_verified(zero3_step.MIRRORED["step"]):
-            z.step = zero3_step.step(z, skipped_groups)
-            names.append("zero3_step")
-    setattr(z, INSTALLED_ATTR, tuple(names))
-    return tuple(names)
-
-
-def uninstall(ds_engine: Any) -> None:
-    """Put DeepSpeed's own methods back (the instance attributes :func:`install` set are removed)."""
-    z = ds_engine.optimizer
-    for name, attr in (("zero12_step", "step"), ("zero3_grad_norm", "_get_norm_groups"),
-                       ("zero3_optimizer_step", "_optimizer_step"), ("zero3_step", "step")):
-        if name in installed(ds_engine):
-            delattr(z, attr)
-    setattr(z, INSTALLED_ATTR, ())
+MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.step", "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step",
+            "utils.all_gather_into_tensor_dp_groups"]
+"""The DeepSpeed functions :func:`step` mirrors (keys of ``version.MIRRORED_SOURCES``)."""
 
 
 # --------------------------------------------------------------------------- the coalesced all-gather
@@ -210,8 +103,8 @@ def allgather_partitions(flats: Sequence[torch.Tensor], partitions: Sequence[Seq
 # --------------------------------------------------------------------------- ZeRO-1/2
 
 
-def _zero12_plain(z: Any) -> bool:
-    """The ZeRO-1/2 configurations whose step() this module mirrors (no offload, MoE, Muon...)."""
+def plain(z: Any) -> bool:
+    """Whether ``z`` is a ZeRO-1/2 optimizer whose step() :func:`step` mirrors (no offload, MoE, Muon...)."""
     try:
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
         from deepspeed import comm as dist
@@ -234,7 +127,7 @@ def _plain_gradients(z: Any) -> bool:
     return True
 
 
-def _zero12_step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed_step: Callable) -> Callable:
+def step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed_step: Callable) -> Callable:
     """``DeepSpeedZeroOptimizer.step`` (``stage_1_and_2.py:3013``) with the per-group loop batched.
 
     Up to the overflow decision it is DeepSpeed's code, line for line (``:3017``-``:3072``), so
@@ -242,7 +135,7 @@ def _zero12_step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed
     (``:3075``-``:3164``) is then done once for all kept groups: the same values reach the
     same buffers (each element is flattened, converted, multiplied by the same factor and
     updated by the same per-parameter rule), so parameters and optimizer state are bitwise
-    DeepSpeed's (tests/dist/test_core_dist.py checks it).
+    DeepSpeed's (tests/dist/test_zero_step_dist.py checks it).
     """
     from deepspeed import comm as dist
     from deepspeed.runtime.utils import align_dense_tensors, is_invalid_grad_norm
@@ -359,5 +252,68 @@ def _zero12_step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed
     return step
 
 
-__all__ = ["MIRRORED_SOURCES", "install", "uninstall", "installed", "allgather_partitions", "mirrors_verified",
-           "source_digest"]
+# --------------------------------------------------------------------------- the gradient norm
+
+
+def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[int]]) -> bool:
+    """ZeRO-1/2: one all-reduce for all group norms instead of one per group.
+
+    ``DeepSpeedZeroOptimizer.scaled_global_norm`` (``stage_1_and_2.py:2943``) calls
+    ``get_grad_norm_direct`` (``:2648``) per param group, and each call all-reduces one scalar. With one group per
+    unit that is hundreds of tiny collectives per step (the benchmark counted
+    42 per step for resnet18 against 2 for the baseline). This replacement
+    does the same arithmetic - per group the sum over its gradients of
+    ``vector_norm(g.double())**2``, summed over ranks, square-rooted, inf/NaN
+    masked to -1, then ``combine_grad_norm_groups`` - but sums all groups in one
+    all-reduce of a vector, so each group's value is the same number DeepSpeed
+    computes. Dropped groups' gradients are DeepSpeed's zero fill: their
+    contribution is 0 and is not computed.
+
+    Installed only where the plain path applies (no CPU offload, MoE, model or
+    pipeline parallelism, Muon); elsewhere DeepSpeed's own method stays.
+    Returns whether it was installed.
+    """
+    z = ds_engine.optimizer
+    if not hasattr(z, "scaled_global_norm") or not hasattr(z, "bit16_groups"):
+        return False
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.utils import combine_grad_norm_groups, is_model_parallel_parameter
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    plain = (not z.cpu_offload and not z.has_moe_layers and not getattr(z, "use_muon", False)
+             and z.mpu is None and getattr(z, "model_parallel_rank", 0) == 0
+             and not any(hasattr(p, "ds_pipe_replicated") or is_model_parallel_parameter(p)
+                         for group in z.bit16_groups for p in group))
+    if not plain:
+        return False
+    original = z.scaled_global_norm
+    device = get_accelerator().current_device_name()
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        if norm_type != 2:
+            return original(norm_type)
+        dropped = dropped_groups()
+        sums = []
+        for i in range(len(z.bit16_groups)):
+            grads = [g for g in z.averaged_gradients[i] if not getattr(g, "_zero_padding", False)] \
+                if i not in dropped else []
+            if grads:
+                norms = [torch.linalg.vector_norm(g.data.to(get_norm_dtype()).detach(), ord=2).to(device)
+                         for g in grads]
+                sums.append(torch.stack(norms).pow(2).sum().float())
+            else:
+                sums.append(torch.tensor(0.0, dtype=torch.float32, device=device))
+        stacked = torch.stack(sums)
+        setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out
+        # One collective for all groups; every rank contributes its partition's sums.
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=z.dp_process_group)
+        norms = stacked.pow(0.5)
+        norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, -1.0))
+        return combine_grad_norm_groups(list(norms.unbind(0)), norm_type=2)
+
+    z.scaled_global_norm = scaled_global_norm
+    return True
+
+
+__all__ = ["MIRRORED", "plain", "step", "allgather_partitions", "install_batched_grad_norm"]

@@ -1,6 +1,6 @@
 """ldb_ds's own version of DeepSpeed's per-sub-group ZeRO-3 step (deepspeed==0.19.8).
 
-DeepSpeed internals (docs/design.md, section 4), installed by :func:`ldb_ds.zero_step.install`,
+DeepSpeed internals (docs/design.md, section 4), installed by :func:`ldb_ds.zero_hooks.install_step_loops`,
 which checks the version and the mirrored sources first. With one param group per unit, ZeRO-3
 has at least one sub-group per unit (``sub_group_size`` splits big groups further), and
 ``DeepSpeedZeroOptimizer_Stage3.step`` (``stage3.py:2873``) does per sub-group: one norm
@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from .functional import MERGEABLE_OPTIMIZERS
-from .zero_hooks import NOT_A_GRADIENT
+from ..functional import MERGEABLE_OPTIMIZERS
+from .groups import NOT_A_GRADIENT, zero_stage
 
 MIRRORED = {
     "norm": ["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups",
@@ -39,7 +39,7 @@ MIRRORED = {
              "stage3.DeepSpeedZeroOptimizer_Stage3._release_sub_group",
              "stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step"],
 }
-"""The DeepSpeed functions each replacement mirrors (keys of ``zero_step.MIRRORED_SOURCES``)."""
+"""The DeepSpeed functions each replacement mirrors (keys of ``version.MIRRORED_SOURCES``)."""
 
 
 def norm_group(z: Any) -> Any:
@@ -249,4 +249,24 @@ def _step_kept(z: Any, kept: list[int]) -> None:
             g["params"] = []
 
 
-__all__ = ["MIRRORED", "norm_group", "norm_groups", "optimizer_step", "step"]
+def clear_stale_gradient_partitions(ds_engine: Any) -> bool:
+    """ZeRO-3, after a skipped (overflow) step: zero the gradient partition buffer.
+
+    ``DeepSpeedZeroOptimizer_Stage3.has_overflow`` (``stage3.py:3013``) checks the whole
+    ``grad_partitions_flat_buffer`` (allocated and zeroed once, ``:791``) for inf/NaN. A
+    reduction writes only the regions of parameters that got a gradient (``:2024``: copy at
+    the first micro step, add after), and a dropped unit gets none, so after an fp16 overflow
+    its region keeps the inf of the skipped step. Without this, every later step that drops
+    that unit would see the stale inf and be skipped too (the loss scale halving each time)
+    until the unit is kept again. Zeroing is exact: DeepSpeed discarded the gradients of the
+    skipped step (``_overflow_clean_up``, ``:2799``), and the next window's first micro step
+    overwrites every kept region. Returns whether a buffer was cleared.
+    """
+    buffer = getattr(ds_engine.optimizer, "grad_partitions_flat_buffer", None)
+    if zero_stage(ds_engine) != 3 or not isinstance(buffer, torch.Tensor):
+        return False
+    buffer.zero_()
+    return True
+
+
+__all__ = ["MIRRORED", "norm_group", "norm_groups", "optimizer_step", "step", "clear_stale_gradient_partitions"]

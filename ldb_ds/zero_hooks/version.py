@@ -1,0 +1,123 @@
+"""Which DeepSpeed is installed, and whether it is the one ldb_ds's hooks were checked against.
+
+Two checks (docs/design.md, section 4):
+
+* the release range :data:`VERIFIED_DEEPSPEED`, checked at ``initialize``: older releases are
+  refused, newer ones warned about (:func:`check_deepspeed_version`);
+* for ldb_ds's own versions of DeepSpeed's step loops (:mod:`.zero12_step`, :mod:`.zero3_step`),
+  the *source* of every DeepSpeed function a replacement mirrors must hash to what was verified
+  (:data:`MIRRORED_SOURCES`, :func:`mirrors_verified`); otherwise DeepSpeed's own code runs.
+  A version number alone would not catch a patched or vendored DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import warnings
+from typing import Any, Sequence
+
+# The DeepSpeed releases every hook in this package was checked against (file:line citations are
+# from the last one), inclusive. Older releases are refused at initialize: they lack internals
+# used here (``runtime.utils.combine_grad_norm_groups`` is new in 0.19.8) and before 0.19.6 ZeRO-3
+# corrupts a checkpoint saved with parameters toggled around the save. Newer releases get a
+# warning; the group-order check still runs and raises if DeepSpeed no longer keeps our groups.
+VERIFIED_DEEPSPEED = ("0.19.8", "0.19.8")
+
+# sha256 (first 16 hex digits) of ``inspect.getsource`` of each DeepSpeed function a step-loop
+# replacement mirrors, as in deepspeed 0.19.8 (keys: module under deepspeed.runtime[.zero] and
+# qualified name). A changed function means the mirror may be stale: the replacement is then
+# not installed and DeepSpeed's own code runs.
+MIRRORED_SOURCES = {
+    "stage_1_and_2.DeepSpeedZeroOptimizer.step": "9520884fd916d178",
+    "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step": "d7e21affbbf9b696",
+    "utils.all_gather_into_tensor_dp_groups": "6e61807fbe6b0417",
+    "stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups": "6a068faa3149b1f4",
+    "stage3.DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct": "5ba2252d5f16b541",
+    "stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step": "35f8511bba5ff760",
+    "stage3.DeepSpeedZeroOptimizer_Stage3.step": "c751b3209f83d3b9",
+    "stage3.DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group": "6c19570c775487ef",
+    "stage3.DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads": "3f0d9e8e7861fd44",
+    "stage3.DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters": "af7b449bee8786ec",
+    "stage3.DeepSpeedZeroOptimizer_Stage3._release_sub_group": "8830be5fe99207f7",
+}
+
+_version_warned = False
+
+
+def installed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def deepspeed_version_verified(version: str) -> bool:
+    """Whether ``version`` lies in :data:`VERIFIED_DEEPSPEED` (inclusive)."""
+    # Compare releases only: 0.19.8+cu130 and 0.19.8.post1 are 0.19.8 (packaging comes with DeepSpeed).
+    from packaging.version import Version
+
+    low, high = (Version(v).release for v in VERIFIED_DEEPSPEED)
+    return low <= Version(version).release[:3] <= high
+
+
+def check_deepspeed_version(version: str | None = None) -> bool:
+    """Refuse a DeepSpeed older than the verified range, warn once for a newer one.
+
+    Returns whether ``version`` (default: the installed one) is inside the range.
+    """
+    global _version_warned
+    if version is None:
+        version = installed_version()
+    from packaging.version import Version
+
+    if Version(version).release[:3] < Version(VERIFIED_DEEPSPEED[0]).release:
+        raise RuntimeError(f"ldb_ds needs deepspeed >= {VERIFIED_DEEPSPEED[0]}, found {version}: older releases "
+                           "lack DeepSpeed internals ldb_ds uses, and before 0.19.6 ZeRO-3 checkpoints of toggled "
+                           f"parameters are corrupted. pip install 'deepspeed>={VERIFIED_DEEPSPEED[0]},<0.20'")
+    ok = deepspeed_version_verified(version)
+    if not ok and not _version_warned:
+        _version_warned = True
+        warnings.warn(f"ldb_ds: deepspeed {version} is outside the range ldb_ds's DeepSpeed hooks were verified "
+                      f"on ({VERIFIED_DEEPSPEED[0]} to {VERIFIED_DEEPSPEED[1]}); ldb_ds checks at initialize that "
+                      "DeepSpeed keeps its param groups and raises if not, but run the tests "
+                      "(tests/dist) before trusting results", RuntimeWarning, stacklevel=3)
+    return ok
+
+
+def mirrored_object(name: str) -> Any:
+    """The DeepSpeed function a :data:`MIRRORED_SOURCES` key names."""
+    module_name, *attrs = name.split(".")
+    package = "deepspeed.runtime" if module_name == "utils" else "deepspeed.runtime.zero"
+    obj: Any = importlib.import_module(f"{package}.{module_name}")
+    for a in attrs:
+        obj = getattr(obj, a)
+    return obj
+
+
+def _unwrapped(fn: Any) -> Any:
+    # DeepSpeed decorates some methods with instrument_w_nvtx (utils/nvtx.py:25), whose wrapper
+    # keeps the function in its closure, not in __wrapped__.
+    for _ in range(4):
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None and getattr(fn, "__closure__", None):
+            inner = next((c.cell_contents for c in fn.__closure__ if inspect.isfunction(c.cell_contents)), None)
+        if inner is None:
+            break
+        fn = inner
+    return fn
+
+
+def source_digest(obj: Any) -> str | None:
+    """Short sha256 of a function's source (decorators looked through), None where it cannot be read."""
+    try:
+        return hashlib.sha256(inspect.getsource(_unwrapped(obj)).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None
+
+
+def mirrors_verified(names: Sequence[str]) -> bool:
+    """Whether the installed DeepSpeed is verified and its functions ``names`` are as verified."""
+    if not deepspeed_version_verified(installed_version()):
+        return False
+    return all(source_digest(mirrored_object(n)) == MIRRORED_SOURCES[n] for n in names)
