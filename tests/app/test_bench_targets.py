@@ -44,3 +44,14 @@ def test_targets_from_a_real_step_run(tmp_path):
     assert row["overhead_difference"] == row["drop_over_oracle"]["median"] - row["baseline_over_oracle_full"]["median"]
     text = out.read_text()
     assert text.count("\n| test_efficientnet | 1 | 2 |") == 1
+
+
+def test_targets_script_refuses_too_few_rounds(tmp_path):
+    # Issue 10: the medians are over at least 5 interleaved repetitions (6 rounds: the DROP / oracle
+    # DROP pairing loses one in six); the script says so before running anything.
+    env = dict(os.environ, ROUNDS="5", PYTHON=sys.executable)
+    run = subprocess.run(["bash", os.path.join(REPO, "launch", "bench_targets.sh"), str(tmp_path / "out")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "ROUNDS must be >= 6" in run.stderr and "got 5" in run.stderr
+    assert not (tmp_path / "out").exists()
