@@ -112,6 +112,10 @@ def plain(z: Any) -> bool:
         return False
     if not isinstance(z, DeepSpeedZeroOptimizer) or type(z).step is not DeepSpeedZeroOptimizer.step:
         return False
+    # Attributes as DeepSpeedZeroOptimizer.__init__ sets them (stage_1_and_2.py): cpu_offload :221-224,
+    # zenflow :228, real_dp_process_group :293 (one per group), has_moe_layers :302,
+    # groups_lacking_loss_scale :407, torch_autocast_gradscaler :608-612; comm.has_all_gather_into_tensor
+    # (comm/comm.py:345).
     groups = z.real_dp_process_group
     return (not z.cpu_offload and not z.has_moe_layers and not z.zenflow and z.torch_autocast_gradscaler is None
             and "muon" not in type(z.optimizer).__name__.lower() and not getattr(z, "groups_lacking_loss_scale", None)

@@ -56,6 +56,10 @@ def norm_group(z: Any) -> Any:
         return None
     if not isinstance(z, DeepSpeedZeroOptimizer_Stage3):
         return None
+    # Attributes as DeepSpeedZeroOptimizer_Stage3.__init__ sets them (stage3.py): swap_optimizer
+    # :249/:826, offload_optimizer :251/:824, use_muon :356, model_parallel_group :372-375,
+    # torch_autocast_gradscaler :469-473; ds_process_group read as _get_param_partition_group (:643)
+    # does, ds_zero_placement_family as :676 does.
     if z.offload_optimizer or z.swap_optimizer or getattr(z, "use_muon", False) or getattr(z, "zenflow", False) \
             or z.torch_autocast_gradscaler is not None or z.model_parallel_group is not None:
         return None
