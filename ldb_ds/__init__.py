@@ -11,8 +11,8 @@
 
 The core is this package's top level; it needs torch and DeepSpeed only.
 Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``,
-``functional``, ``controller``, ``sampler`` (torch) -> ``guards``, ``zero_hooks``,
-``engine`` (DeepSpeed). The applications ``ldb_ds.train`` and ``ldb_ds.bench``
+``functional``, ``controller``, ``sampler``, ``checkpointing`` (torch) -> ``guards``,
+``zero_hooks``, ``attach``, ``engine``, ``safety`` (DeepSpeed). The applications ``ldb_ds.train`` and ``ldb_ds.bench``
 (and ``ldb_ds.integrations``) import the core and are never imported by it.
 Everything that needs torch or DeepSpeed is imported on first use, so
 ``import ldb_ds`` stays cheap.
@@ -38,7 +38,8 @@ _LAZY = {
     "ScalableBatchSampler": "sampler",
     "build_dataloader": "sampler",
 }
-_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "engine", "runtime")
+_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "engine", "runtime",
+               "checkpointing", "safety")
 
 
 def __getattr__(name: str) -> Any:

@@ -56,7 +56,8 @@ def new_controller(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit],
     """The controller of one run on ``ds_engine``, with the step filter and batched norm installed.
 
     ``unit_of_group[i]`` is the unit of the basic optimizer's param group ``i``. With LDB
-    disabled nothing is installed (plain DeepSpeed).
+    disabled only the non-finite skip of stage 0 in fp32 is installed (which makes stage 0
+    behave as DeepSpeed's other stages).
     """
     optimizer = zero_hooks.basic_optimizer(ds_engine) if cfg.enabled else None
     # The group dicts, captured once: ZeRO swaps optimizer.param_groups to a one-group list
@@ -72,6 +73,10 @@ def new_controller(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit],
         zero_hooks.install_batched_grad_norm(ds_engine, lambda: c.plan.skipped_groups)
         # ...and would do the rest of its step, the ZeRO-3 norm and optimizer call per group too.
         zero_hooks.install_step_loops(ds_engine, lambda: c.plan.skipped_groups)
+    # LDB on or off: a step with a non-finite gradient is skipped at every stage (ZeRO 1-3 and
+    # the fp16/bf16 optimizers do it themselves; stage 0 in fp32 gets it here), so run_step sees
+    # it as was_step_applied() False and counts it once, in counters.skipped_steps.
+    zero_hooks.install_nonfinite_skip(ds_engine)
     return controller
 
 

@@ -226,7 +226,9 @@ class LDBController:
                                      state.get("skipped_steps", 0))  # absent in older checkpoints
         self.epoch = int(state["epoch"])
         self.mode = Mode(state["mode"])
-        self.epoch_mask = state.get("epoch_mask")
+        mask = state.get("epoch_mask")
+        # Checkpoints may turn the bools into other types; keep the controller's own list type.
+        self.epoch_mask = None if mask is None else [bool(v) for v in mask]
         # Resumed inside a DROP epoch with resample "epoch": open_window keeps the epoch's one
         # mask without redrawing it, so it must be applied here. Otherwise all units are trainable
         # until the next window draws.

@@ -4,10 +4,15 @@ DROP epochs with ``batch_scaling="micro_batch"`` read ``batch_kappa`` times
 larger per-rank batches and so take fewer optimizer steps per epoch (the
 paper's B' = kappa B). :class:`ScalableBatchSampler` makes that a property of
 the loader: ``engine.set_epoch`` sets its ``factor``; nothing else changes.
+
+Mid-epoch resume: ``start_batch`` skips the batches an interrupted run already trained
+(counted in batches of the current size, so it is exact with the DROP factor), see
+:class:`ScalableBatchSampler`.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -18,6 +23,12 @@ class ScalableBatchSampler(Sampler[list[int]]):
 
     ``factor`` is set by ``engine.set_epoch`` (1 in FULL epochs, ``batch_kappa``
     in DROP epochs with ``batch_scaling="micro_batch"``).
+
+    ``start_batch``: the next iteration begins after this many batches of the epoch (a
+    resumed run skips what it trained before the interruption), then it is reset to 0. Set
+    it after ``set_epoch`` (which fixes the order and the batch size). The skip is in batches
+    of the *current* size, so a DROP epoch's position is exact. ``len()`` stays the length of
+    the whole epoch.
     """
 
     def __init__(self, sampler: Sampler[int], base_batch_size: int, drop_last: bool):
@@ -27,14 +38,18 @@ class ScalableBatchSampler(Sampler[list[int]]):
         self.base_batch_size = base_batch_size
         self.drop_last = drop_last
         self.factor = 1
+        self.start_batch = 0
 
     @property
     def batch_size(self) -> int:
         return self.base_batch_size * self.factor
 
     def __iter__(self) -> Iterator[list[int]]:
+        # Read and reset here, in the process that iterates the batch sampler (the DataLoader's
+        # main process, also with workers): a resume skips once, the next epoch starts at 0.
+        skip, self.start_batch = self.start_batch * self.batch_size, 0
         batch: list[int] = []
-        for index in self.sampler:
+        for index in itertools.islice(iter(self.sampler), skip, None):
             batch.append(index)
             if len(batch) == self.batch_size:
                 yield batch

@@ -1,10 +1,19 @@
-"""Checkpoints of the training application: DeepSpeed's, plus the loop's own state.
+"""Checkpoints of the training application: DeepSpeed's, made atomic and verified, plus the loop's state.
 
 ``engine.save_checkpoint`` stores model, optimizer and (if DeepSpeed owns one) LR scheduler
 state; the LDB engine adds its own (epoch, mode, the mask generator, step counters). This module
-adds the loop's :class:`TrainState` as client state: the next epoch, the TensorBoard x axis
-(samples seen) and the per-epoch history, so a resumed run continues exactly. The epoch-wise LR
-schedule needs no state of its own: it is a function of the epoch (see ``loop.create_lr_scheduler``).
+adds the loop's :class:`TrainState` as client state (the next epoch and, for a checkpoint taken in
+the middle of an epoch, the micro step reached and the epoch's running sums; the TensorBoard x
+axis; the per-epoch history; the best checkpoint) and each rank's BatchNorm buffers in a file of
+its own (DeepSpeed keeps rank 0's module only). The epoch-wise LR schedule needs no state: it is
+a function of the epoch (see ``loop.create_lr_scheduler``).
+
+Saving goes through :func:`ldb_ds.checkpointing.save`: ``latest`` moves only once every rank's
+files are written and a manifest with their sizes and SHA-256 is on disk. Resuming
+(:func:`plan_resume`) verifies the tag against its manifest on all ranks before anything is
+loaded and compares it with this run (model, ZeRO stage, world size, ``layer_drop_back``); a
+ZeRO 1-3 checkpoint with Adam-family state at another world size goes through DeepSpeed's
+universal checkpoint.
 
 Saving and loading are collectives: every rank calls them.
 """
@@ -13,21 +22,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from ldb_ds import checkpointing
+from ldb_ds.checkpointing import CheckpointError
 
 from .options import TrainOptions
 
 
-class ResumeError(RuntimeError):
-    """Nothing to resume from: the message says where DeepSpeed looked."""
+class ResumeError(CheckpointError):
+    """Nothing to resume from, or a checkpoint that cannot be resumed: one line naming why."""
 
 
 @dataclass
 class TrainState:
-    """What the loop carries from epoch to epoch, saved in every checkpoint."""
+    """What the loop carries from step to step, saved in every checkpoint."""
 
     next_epoch: int = 0
-    """The first epoch still to train."""
+    """The first epoch not finished."""
+
+    step_in_epoch: int = 0
+    """Micro steps of ``next_epoch`` already trained (a checkpoint taken in the middle of it)."""
 
     samples_seen: int = 0
     """Training samples seen by all ranks: the x axis of every TensorBoard tag."""
@@ -35,16 +50,32 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     """One dict of figures per finished epoch (``results.json``'s ``history``)."""
 
+    epoch_partial: dict[str, Any] | None = None
+    """The monitor's running sums of the unfinished epoch (with ``step_in_epoch``)."""
+
+    best: dict[str, Any] | None = None
+    """``{"tag", "epoch", "top1"}`` of the checkpoint with the highest evaluation top-1."""
+
+    last_tag: str | None = None
+    """The newest checkpoint written or loaded."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    """Skipped steps by cause, unreadable images skipped (results.json, TensorBoard)."""
+
     def client_state(self, opts: TrainOptions, mode: str) -> dict[str, Any]:
-        return {"epoch": self.next_epoch - 1, "mode": mode, "samples_seen": self.samples_seen,
-                "history": self.history, "args": opts.to_dict()}
+        return {"epoch": self.next_epoch - 1, "next_epoch": self.next_epoch, "step_in_epoch": self.step_in_epoch,
+                "mode": mode, "samples_seen": self.samples_seen, "history": self.history,
+                "epoch_partial": self.epoch_partial, "best": self.best, "counters": self.counters,
+                "args": opts.to_dict()}
 
     @classmethod
     def from_client_state(cls, client: dict[str, Any] | None) -> "TrainState":
         client = client or {}
-        return cls(next_epoch=int(client.get("epoch", -1)) + 1,
+        return cls(next_epoch=int(client.get("next_epoch", int(client.get("epoch", -1)) + 1)),
+                   step_in_epoch=int(client.get("step_in_epoch", 0)),
                    samples_seen=int(client.get("samples_seen", 0)),
-                   history=list(client.get("history", [])))
+                   history=list(client.get("history", [])), epoch_partial=client.get("epoch_partial"),
+                   best=client.get("best"), counters=dict(client.get("counters") or {}))
 
 
 def epoch_tag(epoch: int) -> str:
@@ -52,22 +83,135 @@ def epoch_tag(epoch: int) -> str:
     return f"epoch{epoch}"
 
 
+def step_tag(global_step: int) -> str:
+    """The tag of a checkpoint after optimizer step ``global_step`` (``step<n>``)."""
+    return f"step{global_step}"
+
+
 def save(engine: Any, ckpt_dir: str, state: TrainState, opts: TrainOptions, mode: str,
-         tag: str | None = None) -> str:
-    """Save a checkpoint after the epoch ``state.next_epoch - 1``; returns the tag."""
+         tag: str | None = None, *, kind: str = "epoch", metric: float | None = None,
+         group: Any = None) -> str:
+    """Save a checkpoint (atomically, with a manifest); returns the tag. Every rank calls it.
+
+    ``kind``: ``epoch`` (after ``state.next_epoch - 1``), ``step`` (``--ckpt-every-steps``) or
+    ``preempt``. ``metric``: the evaluation top-1 just measured, which decides the best
+    checkpoint that ``--checkpoint-hist`` keeps.
+    """
+    import torch.distributed as dist
+
     tag = tag or epoch_tag(state.next_epoch - 1)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state(opts, mode))
+    if metric is not None and (state.best is None or metric > state.best["top1"]):
+        state.best = {"tag": tag, "epoch": state.next_epoch - 1, "top1": float(metric)}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # DeepSpeed saves rank 0's module; each rank's BatchNorm statistics differ between
+    # distribute_bn calls, and a resumed run needs its own back to be exact.
+    buffers = {name: b.detach().cpu().clone() for name, b in engine.module.named_buffers()}
+    meta = {"kind": kind, "next_epoch": state.next_epoch, "step_in_epoch": state.step_in_epoch,
+            "top1": metric, "samples_seen": state.samples_seen}
+    checkpointing.save(engine, ckpt_dir, tag, client_state=state.client_state(opts, mode),
+                       rank_state={"buffers": buffers}, meta=meta, group=group)
+    state.last_tag = tag
+    if rank == 0 and opts.checkpoint_hist:
+        checkpointing.prune(ckpt_dir, opts.checkpoint_hist, keep=[state.best["tag"]] if state.best else [])
     return tag
 
 
-def resume(engine: Any, load_dir: str) -> tuple[str, TrainState]:
-    """Load the latest checkpoint in ``load_dir`` (DeepSpeed's ``latest`` file)."""
-    path, client = engine.load_checkpoint(load_dir)
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class ResumePlan:
+    """Where to resume from, decided before the engine exists (the universal checkpoint needs a config key)."""
+
+    load_dir: str
+    tag: str
+    manifest: dict[str, Any]
+    universal: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return os.path.join(self.load_dir, self.tag)
+
+
+def _locate(spec: str, run_checkpoints: str) -> tuple[str, str | None]:
+    """``(checkpoint directory, tag or None)`` named by ``--resume``."""
+    path = os.path.abspath(spec)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, checkpointing.MANIFEST)) or \
+                os.path.isfile(os.path.join(path, "mp_rank_00_model_states.pt")):
+            return os.path.dirname(path), os.path.basename(path)
+        return path, None
+    if os.sep not in spec and "/" not in spec:
+        return run_checkpoints, spec
+    raise ResumeError(f"--resume {spec}: no such directory")
+
+
+def plan_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, Any], *, group: Any = None,
+                warn: Callable[[str], None] | None = None) -> ResumePlan | None:
+    """Resolve ``--resume``; ``None`` means start afresh. Every rank calls it and gets the same answer.
+
+    ``current`` is :func:`ldb_ds.checkpointing.describe_run` of the run about to start. Raises
+    :class:`CheckpointError` (the same one-line message on every rank) when the named checkpoint is
+    bad or does not fit this run.
+    """
+    spec = opts.resume
+    if spec is None:
+        return None
+    if spec == "auto":
+        load_dir, tag = run_checkpoints, None
+    else:
+        load_dir, tag = _locate(spec, run_checkpoints)
+    if tag is None:
+        found = checkpointing.find_resumable(load_dir, group=group, warn=warn)
+        if found is None:
+            if spec == "auto":
+                return None  # requeue-safe: the first start of the run
+            where = load_dir if os.path.isdir(load_dir) else f"{load_dir} (no such directory)"
+            raise ResumeError(f"--resume {spec}: no checkpoint in {where}")
+        tag, manifest = found
+    else:
+        manifest = checkpointing.verify(load_dir, tag, group=group)
+    mid_epoch = int(manifest.get("meta", {}).get("step_in_epoch", 0)) > 0
+    verdict = checkpointing.check_compatible(manifest, current, where=f"checkpoint {os.path.join(load_dir, tag)}",
+                                             allow_ldb_change=not mid_epoch)
+    return ResumePlan(load_dir, tag, manifest, verdict["universal"], verdict["notes"])
+
+
+def load(engine: Any, plan: ResumePlan, *, rank: int, world_size: int) -> tuple[TrainState, dict | None]:
+    """Load ``plan``'s checkpoint into ``engine``; returns the loop's state and the LDB state saved.
+
+    Each rank's BatchNorm buffers come back from its own file when the world size is the same.
+    A checkpoint taken in the middle of an epoch at another world size resumes at the same
+    number of samples into the epoch (rounded down): the order of the rest of that epoch then
+    differs from the interrupted run's.
+    """
+    import torch
+
+    from ldb_ds.engine import CLIENT_STATE_KEY
+
+    tag = checkpointing.to_universal(plan.load_dir, plan.tag) if plan.universal else plan.tag
+    path, client = engine.load_checkpoint(plan.load_dir, tag=tag)
     if path is None:
-        where = load_dir if os.path.isdir(load_dir) else f"{load_dir} (no such directory)"
-        raise ResumeError(f"--resume found no checkpoint in {where}; DeepSpeed looks for the "
-                          "'latest' file written by save_checkpoint")
-    return path, TrainState.from_client_state(client)
+        raise ResumeError(f"DeepSpeed could not load {os.path.join(plan.load_dir, tag)}")
+    state = TrainState.from_client_state(client)
+    state.last_tag = plan.tag
+    saved_world = int(plan.manifest.get("run", {}).get("world_size", world_size))
+    if saved_world == world_size:
+        own = checkpointing.load_rank_state(plan.load_dir, plan.tag, rank)
+        if own is not None:
+            named = dict(engine.module.named_buffers())
+            with torch.no_grad():
+                for name, value in own["buffers"].items():
+                    if name in named:
+                        named[name].copy_(value)
+    elif state.step_in_epoch:
+        state.step_in_epoch = state.step_in_epoch * saved_world // world_size
+        plan.notes.append(f"the checkpoint was taken in the middle of epoch {state.next_epoch} at world size "
+                          f"{saved_world}: resuming {state.step_in_epoch} micro steps into it; the order of the "
+                          "rest of the epoch differs from the interrupted run's")
+    return state, (client or {}).get(CLIENT_STATE_KEY)
 
 
-__all__ = ["TrainState", "ResumeError", "epoch_tag", "save", "resume"]
+__all__ = ["TrainState", "ResumeError", "CheckpointError", "ResumePlan", "epoch_tag", "step_tag", "save",
+           "plan_resume", "load"]

@@ -209,7 +209,8 @@ def options_table() -> str:
         names = [options.flag(f.name), *m["flags"], *m["aliases"]]
         spelled = ", ".join(f"`{n}`" for n in names)
         if m["argparse"].get("nargs") == "?":
-            spelled = spelled.replace(f"`{options.flag(f.name)}`", f"`{options.flag(f.name)} [DIR]`")
+            arg = m["argparse"].get("metavar", "VALUE")
+            spelled = spelled.replace(f"`{options.flag(f.name)}`", f"`{options.flag(f.name)} [{arg}]`")
         if m["default_text"]:
             default = m["default_text"]
         else:

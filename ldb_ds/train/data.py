@@ -27,15 +27,24 @@ the data.
 Augmentation: digits get a random shift of up to 2 pixels (no flips: digits are not mirror
 symmetric); CIFAR gets the standard random crop with 4-pixel padding and horizontal flips;
 ImageFolder gets ``RandomResizedCrop`` + flip for training and resize + center crop (ratio 0.875)
-for testing. All of it draws from torch's global RNG, which ``ldb_ds.train.loop`` re-seeds at every
-epoch so a resumed run sees the same augmentation as an uninterrupted one.
+for testing. All of it draws from torch's global RNG; :class:`SeededDataset` seeds it per
+(seed, epoch, sample index) before each sample, so a run resumed in the middle of an epoch, with
+any number of DataLoader workers, sees exactly the augmentation of the uninterrupted run.
+
+Bad files: an ImageFolder image that cannot be decoded raises :class:`BadImageError` naming the
+file; :class:`SkipBadImages` with :func:`collate_skipping` drops such samples from their batch
+and counts them instead (``--skip-bad-images``). A present but empty dataset directory is an
+error naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import os
 import pickle
+import random
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -57,6 +66,10 @@ _CIFAR_URLS = {
 
 class DatasetError(RuntimeError):
     """A dataset that is missing, malformed or asked for with impossible options."""
+
+
+class BadImageError(DatasetError):
+    """An image file that cannot be read or decoded; the message names the file."""
 
 
 @dataclass
@@ -246,6 +259,42 @@ def _cifar(name: str, data_dir, img_size: int, augment: bool, download: bool,
 # --------------------------------------------------------------------------------------------
 # ImageFolder
 
+def load_image(path: str):
+    """torchvision's image loader, with a clear error naming a file that cannot be decoded.
+
+    PIL decodes lazily; ``convert("RGB")`` (inside torchvision's loader) forces the whole
+    decode, so a truncated file fails here, not later.
+    """
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise BadImageError(f"unreadable image {path}: {type(err).__name__}: {err}. Remove or replace the "
+                            "file, or pass --skip-bad-images to skip such files") from None
+
+
+def _check_class_folders(split_dir: str, layout: str) -> None:
+    """A split folder that is present but empty, or with empty class folders, named."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        what = "is empty" if not os.listdir(split_dir) else "has no class sub-folders"
+        raise DatasetError(f"imagefolder: {split_dir} {what}: expected {layout}")
+
+    def has_image(folder: str) -> bool:
+        for _, _, files in os.walk(folder, followlinks=True):
+            if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+                return True
+        return False
+
+    empty = [os.path.join(split_dir, c) for c in classes if not has_image(os.path.join(split_dir, c))]
+    if empty:
+        raise DatasetError(f"imagefolder: no image files ({', '.join(IMG_EXTENSIONS)}) in "
+                           f"{', '.join(empty[:5])}{f' and {len(empty) - 5} more' if len(empty) > 5 else ''}")
+
+
 def _imagefolder(data_dir, img_size: int, augment: bool) -> DataBundle:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
@@ -255,6 +304,8 @@ def _imagefolder(data_dir, img_size: int, augment: bool) -> DataBundle:
         raise DatasetError(f"dataset imagefolder needs --data-dir laid out as {layout} "
                            "(the ImageNet layout).")
     root = os.path.abspath(os.fspath(data_dir))
+    if os.path.isdir(root) and not os.listdir(root):
+        raise DatasetError(f"imagefolder: the data directory {root} is empty: expected {layout}")
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test")
                      if os.path.isdir(os.path.join(root, d))), None)
@@ -263,6 +314,8 @@ def _imagefolder(data_dir, img_size: int, augment: bool) -> DataBundle:
                            f"{os.path.join(root, 'val')} (or test). Expected {layout}; for "
                            "ImageNet, extract ILSVRC2012 into train/ and val/ with one folder "
                            "per class.")
+    _check_class_folders(train_dir, layout)
+    _check_class_folders(test_dir, layout)
     crop_pct = 0.875
     if augment:
         train_tf = [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
@@ -271,8 +324,8 @@ def _imagefolder(data_dir, img_size: int, augment: bool) -> DataBundle:
     test_tf = [T.Resize(int(img_size / crop_pct)), T.CenterCrop(img_size)]
     post = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     try:
-        train = ImageFolder(train_dir, transform=T.Compose(train_tf + post))
-        test = ImageFolder(test_dir, transform=T.Compose(test_tf + post))
+        train = ImageFolder(train_dir, transform=T.Compose(train_tf + post), loader=load_image)
+        test = ImageFolder(test_dir, transform=T.Compose(test_tf + post), loader=load_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise DatasetError(f"imagefolder at {root} is malformed: {err}. Expected {layout}.") from err
     if train.classes != test.classes:
@@ -339,5 +392,79 @@ class ShardedEval(Dataset):
         return self.dataset[self.indices[i]]
 
 
-__all__ = ["DATASETS", "DataBundle", "DatasetError", "build_datasets", "digits_path",
-           "TensorImageDataset", "SyntheticDataset", "ShardedEval"]
+# --------------------------------------------------------------------------------------------
+# reproducible augmentation, bad files
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (a hash: nearby inputs give unrelated seeds)."""
+    text = ",".join(str(int(p)) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+class SeededDataset(Dataset):
+    """Seeds the augmentation of each sample by (seed, epoch, sample index).
+
+    torch's CPU generator, Python's ``random`` and NumPy's global generator are seeded before
+    ``dataset[index]``, in whichever process loads the sample. The augmentation of a sample then
+    depends on nothing else: not on the worker that loads it, not on what was loaded before, so
+    a run resumed in the middle of an epoch draws exactly what the uninterrupted run drew. Call
+    :meth:`set_epoch` before each epoch's iterator is created (workers copy the dataset then).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        s = mix_seed(self.seed, self.epoch, index)
+        torch.default_generator.manual_seed(s)  # the CPU generator only: the model's device RNG is not touched
+        random.seed(s)
+        np.random.seed(s % (1 << 32))
+        return self.dataset[index]
+
+
+class SkipBadImages(Dataset):
+    """Returns ``None`` (and says so once per file) for a sample whose file is unreadable."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except BadImageError as err:
+            line = f"[ldb-train] warning: skipping {err}".split(". Remove or")[0]
+            sys.stdout.write(line + "\n")  # one write: workers and ranks share the launcher's pipe
+            sys.stdout.flush()
+            return None
+
+
+def collate_skipping(batch):
+    """``default_collate`` of the readable samples, plus how many were skipped: ``(x, y, n_skipped)``."""
+    from torch.utils.data import default_collate
+
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        raise DatasetError(f"every image of a batch of {len(batch)} is unreadable: the dataset is broken")
+    x, y = default_collate(kept)
+    return x, y, torch.tensor(len(batch) - len(kept))
+
+
+def unwrap_error(err: BaseException) -> str:
+    """The message of a dataset error, also when a DataLoader worker re-raised it (last line)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    return last.split(": ", 1)[1] if last.startswith(("BadImageError:", "DatasetError:", "ldb_ds.")) else last
+
+
+__all__ = ["DATASETS", "DataBundle", "DatasetError", "BadImageError", "build_datasets", "digits_path",
+           "TensorImageDataset", "SyntheticDataset", "ShardedEval", "load_image", "mix_seed",
+           "SeededDataset", "SkipBadImages", "collate_skipping", "unwrap_error"]

@@ -15,11 +15,22 @@ Two kinds of hooks, both run on every rank (``TrainContext.step_hooks``/``epoch_
 
 Every rank must return the same answer (the next step is a collective): a hook that looks at
 rank-local state (a signal, a non-finite local loss) has to agree with the others through a
-collective first.
+collective first. The application's own checks (numerical faults, replica hashes, preemption,
+``--ckpt-every-steps``) are one such hook, :class:`ldb_ds.train.guard.RunGuard`; a hook that
+ends the run sets ``ctx.exit_code``/``ctx.exit_message`` with :meth:`TrainContext.stop`.
+
+Reproducibility: before every micro step torch's RNG (dropout, drop-path) is seeded from
+(seed, epoch, micro step, rank), and :class:`ldb_ds.train.data.SeededDataset` seeds each
+sample's augmentation from (seed, epoch, index). A run resumed from a checkpoint taken in the
+middle of an epoch (``ctx.state.step_in_epoch``) skips the batches already trained
+(``ScalableBatchSampler.start_batch``), restores the LDB mask stream and the epoch's running
+sums, and continues bitwise as the uninterrupted run (on the CPU, or with deterministic
+algorithms on a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,8 +69,11 @@ EpochHook = Callable[[int, dict], Optional[bool]]
 @dataclass
 class EpochOutcome:
     steps: int
+    """Micro steps run by this call."""
     stopped: bool = False
     """A step hook ended the epoch early."""
+    bad_images: int = 0
+    """Unreadable images skipped on this rank (``--skip-bad-images``)."""
 
 
 @dataclass
@@ -79,6 +93,21 @@ class TrainContext:
     criterion: Any = field(default_factory=torch.nn.CrossEntropyLoss)
     step_hooks: list[StepHook] = field(default_factory=list)
     epoch_hooks: list[EpochHook] = field(default_factory=list)
+    heartbeat: Any = None
+    """A :class:`ldb_ds.train.faults.Heartbeat` the loop beats (epoch, micro step, phase)."""
+    ldb_resume_state: dict | None = None
+    """The LDB state of a mid-epoch checkpoint, put back after ``set_epoch`` of that epoch."""
+    control_group: Any = None
+    """A gloo group for host-side agreement (checkpoint manifests, stop flags, hashes)."""
+    precheck: Callable[["TrainContext"], None] | None = None
+    """Run before the first epoch (the DROP-batch memory check)."""
+    exit_code: int = 0
+    exit_message: str = ""
+
+    def stop(self, code: int, message: str) -> None:
+        """End the run with ``code`` (the hook that calls this returns True)."""
+        if not self.exit_code:
+            self.exit_code, self.exit_message = code, message
 
 
 def create_lr_scheduler(opts: TrainOptions, optimizer: Any) -> Any:
@@ -109,13 +138,16 @@ def create_lr_scheduler(opts: TrainOptions, optimizer: Any) -> Any:
         quiet.setLevel(level)
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed torch's global RNG for ``epoch`` on ``rank``.
+def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
+    """Seed torch's RNG (CPU and devices) for micro step ``step`` of ``epoch`` on ``rank``.
 
-    Augmentation and dropout draw from it: seeding per epoch (and rank) makes a resumed run
-    draw exactly what the uninterrupted run drew.
+    Dropout and drop-path draw from it: seeding per step makes a run resumed in the middle of an
+    epoch draw exactly what the uninterrupted run drew (the data's augmentation is seeded per
+    sample, :class:`ldb_ds.train.data.SeededDataset`).
     """
-    torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+    from .data import mix_seed
+
+    torch.manual_seed(mix_seed(seed, epoch, step, rank))
 
 
 def micro_steps(loader_len: int, gas: int, max_steps_per_epoch: int = 0) -> int:
@@ -129,25 +161,42 @@ def micro_steps(loader_len: int, gas: int, max_steps_per_epoch: int = 0) -> int:
 def train_one_epoch(engine: Any, loader: Any, epoch: int, *, monitor: TrainMonitor,
                     criterion: Any, steps: int, input_dtype: torch.dtype,
                     hooks: Sequence[StepHook] = (), progress: bool = True,
-                    log_interval: int = 10, epochs: int | None = None) -> EpochOutcome:
-    """Train ``steps`` micro steps of ``loader``; call after ``engine.set_epoch(epoch)``."""
+                    log_interval: int = 10, epochs: int | None = None, start: int = 0,
+                    seed: int | None = None, rank: int = 0, heartbeat: Any = None) -> EpochOutcome:
+    """Train micro steps ``start`` to ``steps`` of ``loader``; call after ``engine.set_epoch(epoch)``.
+
+    With ``start > 0`` the loader must already skip the first ``start`` batches (the caller sets
+    ``ScalableBatchSampler.start_batch``). ``seed``: seed torch's RNG per micro step
+    (:func:`seed_step`). Batches are ``(x, y)`` or ``(x, y, n_skipped_images)``.
+    """
     from tqdm import tqdm
 
     engine.train()
     gas = engine.gradient_accumulation_steps()
     mode_name = engine.ldb.mode.value
-    bar = tqdm(total=steps, desc=f"epoch {epoch}" + (f"/{epochs - 1}" if epochs else "")
+    bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}" + (f"/{epochs - 1}" if epochs else "")
                + f" {mode_name}", disable=not progress, dynamic_ncols=True, leave=True,
                mininterval=1.0)
-    done, stopped = 0, False
-    for x, y in loader if steps > 0 else ():
+    beat = heartbeat.beat if heartbeat is not None else (lambda *a, **k: None)
+    done, stopped, bad = start, False, 0
+    beat("data loading", epoch, done)
+    for batch in loader if steps > start else ():
+        x, y = batch[0], batch[1]
+        if len(batch) > 2:
+            bad += int(batch[2])
+        if seed is not None:
+            seed_step(seed, epoch, done, rank)
+        beat("forward", epoch, done)
         with monitor.phase("forward"):
             x, y = x.to(engine.device, dtype=input_dtype), y.to(engine.device)
             loss = criterion(engine(x).float(), y)
+        beat("backward (gradient reduction)")
         with monitor.phase("backward"):
             engine.backward(loss)
+        beat("optimizer step")
         with monitor.phase("optimizer_step"):
             engine.step()
+        beat("step bookkeeping")
         stats = monitor.end_step(loss, x.size(0))
         done += 1
         bar.update(1)
@@ -159,12 +208,13 @@ def train_one_epoch(engine: Any, loader: Any, epoch: int, *, monitor: TrainMonit
             stopped = True
         if stopped or done >= steps:  # checked here: no batch is fetched only to be dropped
             break
+        beat("data loading")
     bar.close()
-    return EpochOutcome(done, stopped)
+    return EpochOutcome(done - start, stopped, bad)
 
 
-def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None
-             ) -> dict[str, float]:
+def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None,
+             heartbeat: Any = None) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent, timm's ``accuracy``) and mean loss over all ranks' shards.
 
     Every rank evaluates its own disjoint shard (:class:`ldb_ds.train.data.ShardedEval`); the
@@ -183,8 +233,10 @@ def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, images
     with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(engine.device, dtype=dtype), y.to(engine.device)
+        for i, batch in enumerate(loader):
+            if heartbeat is not None:
+                heartbeat.beat(f"evaluation batch {i}")
+            x, y = batch[0].to(engine.device, dtype=dtype), batch[1].to(engine.device)
             out = engine(x).float()
             n = y.numel()
             top1, top5 = accuracy(out, y, topk=(1, 5))  # percent of this batch
@@ -219,30 +271,71 @@ def _due(every: int, epoch: int, last: int) -> bool:
     return bool(every and (epoch + 1) % every == 0) or epoch == last
 
 
+def paused(heartbeat: Any, phase: str) -> Any:
+    """The heartbeat's pause (a legitimate long wait, e.g. rank 0 writing a checkpoint), if any."""
+    return heartbeat.pause(phase) if heartbeat is not None else contextlib.nullcontext()
+
+
+def _all_sum(value: int, group: Any) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
 def fit(ctx: TrainContext) -> float:
-    """Train from ``ctx.state.next_epoch`` to the last epoch; returns the seconds it took."""
+    """Train from ``ctx.state`` (next epoch, micro step) to the last epoch; returns the seconds it took.
+
+    Ends early when a hook stops the run (``ctx.exit_code`` says why).
+    """
     opts, engine, state = ctx.opts, ctx.engine, ctx.state
     last = opts.epochs - 1
     if opts.stop_after_epoch is not None:
         last = min(last, opts.stop_after_epoch)
     t0 = time.perf_counter()
+    if ctx.precheck is not None and state.next_epoch <= last:
+        ctx.precheck(ctx)
+        if ctx.exit_code:
+            return time.perf_counter() - t0
+    hb = ctx.heartbeat
     for epoch in range(state.next_epoch, last + 1):
-        seed_epoch(opts.seed, epoch, ctx.rank)
+        start = state.step_in_epoch if epoch == state.next_epoch else 0
         if ctx.scheduler is not None:
             ctx.scheduler.step(epoch)
         mode = engine.set_epoch(epoch)
-        ctx.monitor.begin_epoch(epoch)
+        if start and ctx.ldb_resume_state is not None:
+            # set_epoch starts the epoch afresh; a mid-epoch checkpoint's mask stream (and the
+            # epoch's mask with resample="epoch") continues where the interrupted run was.
+            engine.load_ldb_state_dict(ctx.ldb_resume_state)
+        ctx.monitor.begin_epoch(epoch, state.epoch_partial if start else None)
         steps = micro_steps(len(ctx.train_loader), engine.gradient_accumulation_steps(),
                             opts.max_steps_per_epoch)
+        start = min(start, steps)
+        sampler = getattr(ctx.train_loader, "batch_sampler", None)
+        if start and sampler is not None:
+            sampler.start_batch = start
+        dataset = getattr(ctx.train_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         outcome = train_one_epoch(
             engine, ctx.train_loader, epoch, monitor=ctx.monitor, criterion=ctx.criterion,
             steps=steps, input_dtype=ctx.input_dtype, hooks=ctx.step_hooks,
             progress=ctx.rank == 0 and not opts.no_progress, log_interval=opts.log_interval,
-            epochs=opts.epochs)
+            epochs=opts.epochs, start=start, seed=opts.seed, rank=ctx.rank, heartbeat=hb)
+        state.step_in_epoch, state.epoch_partial = 0, None
+        if opts.skip_bad_images:  # every rank takes part, stopped or not (a collective)
+            skipped = _all_sum(outcome.bad_images, ctx.control_group)
+            state.counters["bad_images"] = state.counters.get("bad_images", 0) + skipped
+            ctx.monitor.write([("Data/skipped_images", float(state.counters["bad_images"]),
+                                ctx.monitor.samples_seen)])
         if outcome.stopped:
             break
+        if hb is not None:
+            hb.beat("end of epoch (BatchNorm synchronisation, evaluation)", epoch, steps)
         distribute_bn(engine.module, opts.dist_bn)
-        res = validate(engine, ctx.eval_loader, ctx.input_dtype) if _due(
+        res = validate(engine, ctx.eval_loader, ctx.input_dtype, heartbeat=hb) if _due(
             opts.eval_every, epoch, last) else None
         ep = ctx.monitor.end_epoch(res)
         # The LR applied in the epoch: the scheduled LR times LDB's factor (1 in FULL epochs).
@@ -261,12 +354,14 @@ def fit(ctx: TrainContext) -> float:
                         "steps": ep["steps"], "mode": mode.value},
                 {k: (res or {}).get(k) for k in ("top1", "top5", "loss")}, lr)
         if opts.ckpt_every and _due(opts.ckpt_every, epoch, last):
-            checkpoint.save(engine, ctx.run.checkpoints, state, opts, mode.value)
+            with paused(hb, "checkpoint save"):
+                checkpoint.save(engine, ctx.run.checkpoints, state, opts, mode.value, kind="epoch",
+                                metric=(res or {}).get("top1"), group=ctx.control_group)
         if any([bool(hook(epoch, ep)) for hook in ctx.epoch_hooks]):
             break
     return time.perf_counter() - t0
 
 
 __all__ = ["StepEvent", "StepHook", "EpochHook", "EpochOutcome", "TrainContext",
-           "create_lr_scheduler", "seed_epoch", "micro_steps", "train_one_epoch", "validate",
-           "distribute_bn", "fit"]
+           "create_lr_scheduler", "seed_step", "micro_steps", "train_one_epoch", "validate",
+           "distribute_bn", "paused", "fit"]

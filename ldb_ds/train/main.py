@@ -17,8 +17,11 @@ checkpoints (:mod:`.checkpoint`), the loop (:mod:`.loop`), TensorBoard figures
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import warnings
+from typing import Any
 
 from .cli import default_experiment, parse_args, resolve_ds_config
 from .console import error, log
@@ -60,15 +63,20 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     from torch.utils.data import DataLoader
 
     import ldb_ds
+    from ldb_ds import checkpointing
+    from ldb_ds.config import LDBConfig
     from ldb_ds.runtime import init_process, input_dtype, teardown
-    from ldb_ds.train import checkpoint
-    from ldb_ds.train.data import ShardedEval
+    from ldb_ds.safety import weights_digest
+    from ldb_ds.train import checkpoint, faults
+    from ldb_ds.train.data import (DatasetError, SeededDataset, ShardedEval, SkipBadImages, collate_skipping,
+                                   unwrap_error)
+    from ldb_ds.train.guard import RunGuard, drop_precheck
     from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit, validate
     from ldb_ds.train.models import create_model
     from ldb_ds.train.monitor import TrainMonitor
     from ldb_ds.train.rundir import RunDir
 
-    proc = init_process(threads=opts.threads)
+    proc = init_process(threads=opts.threads, timeout_s=opts.dist_timeout)
     # DeepSpeed 0.19.8's ZeRO calls a torch collective that torch marks deprecated; the warning
     # is about DeepSpeed's code, not ours, and would repeat on every rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
@@ -78,13 +86,15 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
 
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
+    signals = faults.parse_signals(opts.preempt_signals)
+    stop_signal = faults.StopSignal(signals)  # from now on a preemption signal is a request, not death
 
     opts.experiment = opts.experiment or default_experiment(opts, ds_config_in, proc.world_size)
     run = RunDir(opts.output, opts.experiment)
     if not run.prepare(overwrite=opts.overwrite, continuing=bool(opts.resume or opts.eval),
                        is_main=proc.is_main, device=proc.device):
         teardown()
-        return 2
+        return faults.EXIT_USAGE
     ds_config = resolve_ds_config(ds_config_in, opts)
     if "gradient_clipping" not in ds_config:
         # DeepSpeed 0.19.8 clips at 1.0 unless told otherwise; say so instead of hiding it.
@@ -93,6 +103,11 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         data = make_data(True) if proc.is_main else None
         dist.barrier()
         data = data or make_data(False)
+    # Host-side agreement (manifests, stop flags, hashes) on gloo groups of their own: no device
+    # sync, and the watchdog's group is used by its thread only.
+    control = faults.gloo_group(opts.dist_timeout) if proc.world_size > 1 else None
+    watch_group = faults.gloo_group(faults.watchdog_timing(opts.dist_timeout)[1] + 5.0) \
+        if proc.world_size > 1 else None
 
     num_classes = opts.num_classes or data.num_classes
     torch.manual_seed(opts.seed)  # same initial weights on every rank
@@ -105,28 +120,53 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         f"parameters, {num_classes} classes, world size {proc.world_size}, "
         f"{proc.threads} thread(s)/rank")
 
+    # The checkpoint to resume from is verified and compared with this run before the engine
+    # exists: another world size at ZeRO 1-3 needs DeepSpeed's universal loader, a config key.
+    current = checkpointing.describe_run(
+        model, world_size=proc.world_size, zero_stage=(ds_config.get("zero_optimization") or {}).get("stage", 0),
+        optimizer=(ds_config.get("optimizer") or {}).get("type"), ldb=LDBConfig.from_ds_config(ds_config).to_dict())
+    try:
+        plan = checkpoint.plan_resume(opts, run.checkpoints, current, group=control, warn=log)
+    except checkpoint.CheckpointError as err:
+        faults.print_rank(proc.rank, str(err))  # every rank: the same line, in bounded time
+        if proc.is_main:
+            run.write_status("failed", faults.EXIT_USAGE, str(err))
+        teardown()
+        return faults.EXIT_USAGE
+    if plan is not None and plan.universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+    train_set = SeededDataset(SkipBadImages(data.train) if opts.skip_bad_images else data.train, opts.seed)
+    test_set = SkipBadImages(data.test) if opts.skip_bad_images else data.test
+    collate = collate_skipping if opts.skip_bad_images else None
     engine, _, train_loader, _ = ldb_ds.initialize(
-        model=model, model_parameters=list(model.parameters()), training_data=data.train,
-        config=ds_config, num_workers=opts.workers)
+        model=model, model_parameters=list(model.parameters()), training_data=train_set,
+        config=ds_config, num_workers=opts.workers, collate_fn=collate)
     ldb = engine.ldb
     log(f"LDB {'enabled' if ldb.enabled else 'disabled'}: {len(ldb.units)} units"
         + (f", {ldb.config}" if ldb.enabled else ""))
     eval_bs = opts.validation_batch_size or 2 * engine.train_micro_batch_size_per_gpu()
-    eval_loader = DataLoader(ShardedEval(data.test, proc.rank, proc.world_size),
-                             batch_size=eval_bs, shuffle=False, num_workers=opts.workers)
+    eval_loader = DataLoader(ShardedEval(test_set, proc.rank, proc.world_size), batch_size=eval_bs,
+                             shuffle=False, num_workers=opts.workers, collate_fn=collate)
+    if opts.workers:  # SLURM and the launchers signal whole process trees; the rank decides
+        train_loader.worker_init_fn = eval_loader.worker_init_fn = faults.ignore_signals_in_worker(signals)
     # Before resuming: the scheduler takes the base LRs from the config (see loop.py).
     scheduler = create_lr_scheduler(opts, engine.optimizer)
 
-    state = checkpoint.TrainState()
-    if opts.resume:
-        load_dir = run.checkpoints if opts.resume == "auto" else opts.resume
+    state, ldb_state = checkpoint.TrainState(), None
+    if plan is not None:
         try:
-            path, state = checkpoint.resume(engine, load_dir)
-        except checkpoint.ResumeError as err:
-            error(str(err))
+            state, ldb_state = checkpoint.load(engine, plan, rank=proc.rank, world_size=proc.world_size)
+        except checkpoint.CheckpointError as err:
+            faults.print_rank(proc.rank, str(err))
             teardown(engine)
-            return 2
-        log(f"resumed from {path}: continuing at epoch {state.next_epoch}")
+            return faults.EXIT_USAGE
+        for note in plan.notes:
+            log(f"note: {note}")
+        at = f"epoch {state.next_epoch}" + (f", micro step {state.step_in_epoch}" if state.step_in_epoch else "")
+        log(f"resumed from {plan.where} (verified against its manifest): continuing at {at}")
+    elif opts.resume == "auto":
+        log(f"--resume auto: no checkpoint in {run.checkpoints} yet, starting afresh")
 
     if proc.is_main:
         run.write_args(opts, {
@@ -141,22 +181,64 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         run.write_ds_config(ds_config)
         if opts.resume and not opts.eval:
             run.trim_summary(state.next_epoch)
+            run.trim_masks(state.next_epoch, state.step_in_epoch)
 
     dtype = input_dtype(engine)
     if opts.eval:
         res = validate(engine, eval_loader, dtype)
         log(f"eval: top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
         teardown(engine)
-        return 0
+        return faults.EXIT_OK
 
     monitor = TrainMonitor(engine, log_every=opts.log_interval, samples_seen=state.samples_seen,
                            sync=not opts.no_sync_timing,
                            mask_log=run.masks_jsonl if opts.log_masks else None)
+    heartbeat = faults.Heartbeat()
     ctx = TrainContext(opts=opts, engine=engine, train_loader=train_loader,
                        eval_loader=eval_loader, monitor=monitor, run=run, rank=proc.rank,
-                       input_dtype=dtype, scheduler=scheduler, state=state)
-    run_s = fit(ctx)
+                       input_dtype=dtype, scheduler=scheduler, state=state, heartbeat=heartbeat,
+                       ldb_resume_state=ldb_state, control_group=control,
+                       precheck=lambda c: drop_precheck(c, (data.in_chans, data.img_size, data.img_size),
+                                                        num_classes))
+    agreement = faults.StopAgreement(stop_signal, control, opts.stop_check_every) if signals else None
+    ctx.step_hooks.append(RunGuard(ctx, agreement))
+    if proc.is_main:
+        run.write_status("running", None, "", pid=os.getpid())
+    watchdog = None
+    if proc.world_size > 1:
+        def report(msg: str) -> None:
+            if proc.is_main:
+                run.write_status("failed", faults.EXIT_HUNG, msg)
 
+        watchdog = faults.Watchdog(heartbeat, watch_group, rank=proc.rank, world_size=proc.world_size,
+                                   timeout_s=opts.dist_timeout, on_report=report)
+        watchdog.start()
+    try:
+        run_s = fit(ctx)
+    except DatasetError as err:  # e.g. an unreadable image on this rank: the others cannot go on either
+        _die(proc.rank, run if proc.is_main else None, faults.EXIT_USAGE, unwrap_error(err))
+    except Exception as err:
+        if not faults.is_distributed_failure(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _die(proc.rank, run if proc.is_main else None, faults.EXIT_HUNG,
+             f"a collective failed at {heartbeat.describe()}: {first}")
+    if watchdog is not None:
+        watchdog.stop()
+    stop_signal.restore()
+
+    if ctx.exit_code:
+        if ctx.exit_code == faults.EXIT_PREEMPTED:
+            log(ctx.exit_message)
+        else:
+            error(ctx.exit_message)
+        if proc.is_main:
+            status = "preempted" if ctx.exit_code == faults.EXIT_PREEMPTED else "failed"
+            run.write_status(status, ctx.exit_code, ctx.exit_message, checkpoint=state.last_tag)
+        teardown(engine)
+        return ctx.exit_code
+
+    digest = weights_digest(engine)  # a collective at ZeRO-3 (parameters gathered)
     if proc.is_main:
         history = state.history
         final = history[-1] if history else {}
@@ -164,12 +246,29 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
             "experiment": opts.experiment, "world_size": proc.world_size,
             "epochs_run": [h["epoch"] for h in history], "train_time_s_this_process": run_s,
             "final_top1": final.get("eval_top1"), "final_loss": final.get("eval_loss"),
-            "ldb_steps": ldb.steps, "ldb_drop_steps": ldb.drop_steps, "history": history})
+            "ldb_steps": ldb.steps, "ldb_drop_steps": ldb.drop_steps,
+            "weights_sha256": digest["params"], "buffers_sha256": digest["buffers"],
+            "optimizer_steps": int(engine.global_steps), "skipped_steps": ldb.skipped_steps,
+            "counters": state.counters, "best_checkpoint": state.best, "history": history})
+        run.write_status("completed", faults.EXIT_OK, "", checkpoint=state.last_tag)
         log(f"done: {run_s:.1f} s in this process; final top1 "
-            f"{final.get('eval_top1', float('nan')):.2f}%. TensorBoard: tensorboard --logdir "
-            f"{opts.output}")
+            f"{final.get('eval_top1', float('nan')):.2f}%; weights SHA-256 {digest['params'][:16]}... "
+            f"TensorBoard: tensorboard --logdir {opts.output}")
     teardown(engine)
-    return 0
+    return faults.EXIT_OK
+
+
+def _die(rank: int, run: Any, code: int, message: str) -> None:
+    """Report and leave at once: a peer may be gone, so a collective teardown could wait forever."""
+    from ldb_ds.train import faults
+
+    faults.print_rank(rank, message)
+    if run is not None:
+        with contextlib.suppress(Exception):
+            run.write_status("failed", code, message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -143,14 +143,30 @@ class TrainMonitor:
         finally:
             self._phase_s[name] += self._now() - t0
 
-    def begin_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, epoch: int, partial: dict[str, Any] | None = None) -> None:
+        """Start an epoch; ``partial`` (from :meth:`epoch_partial`) continues an interrupted one."""
         self.epoch = int(epoch)
         self._ep = _Epoch(start=self._now())
+        if partial:
+            loss = partial.get("loss_sum")
+            self._ep = _Epoch(start=self._ep.start - float(partial["elapsed_s"]), steps=int(partial["steps"]),
+                              samples_global=int(partial["samples_global"]), train_s=float(partial["train_s"]),
+                              loss_sum=None if loss is None else loss.to(self.accel.current_device_name()),
+                              grad_bytes=int(partial["grad_bytes"]),
+                              grad_bytes_saved=int(partial["grad_bytes_saved"]))
         self._win = _Window()
-        self._last_end = self._ep.start
+        self._last_end = self._now()
         self._step_start = None
-        self._epoch_step = 0
+        self._epoch_step = self._ep.steps
         self._phase_s = dict.fromkeys(PHASES, 0.0)
+
+    def epoch_partial(self) -> dict[str, Any]:
+        """The running sums of the current epoch, for a checkpoint taken in the middle of it."""
+        ep = self._ep
+        return {"steps": ep.steps, "samples_global": ep.samples_global, "train_s": ep.train_s,
+                "elapsed_s": time.perf_counter() - ep.start,
+                "loss_sum": None if ep.loss_sum is None else ep.loss_sum.detach().cpu().clone(),
+                "grad_bytes": ep.grad_bytes, "grad_bytes_saved": ep.grad_bytes_saved}
 
     # -- per step -----------------------------------------------------------------------------
 

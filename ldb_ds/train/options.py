@@ -26,8 +26,9 @@ Stem = Literal["auto", "cifar", "original"]
 Sched = Literal["none", "cosine"]
 DistBN = Literal["reduce", "broadcast", "none"]
 Scope = Literal["run", "invocation", "cli"]
+NonFinite = Literal["stop", "skip"]
 
-GROUPS = ("DeepSpeed", "model", "data", "training", "evaluation", "output")
+GROUPS = ("DeepSpeed", "model", "data", "training", "evaluation", "output", "reliability")
 
 
 class OptionsError(ValueError):
@@ -58,6 +59,7 @@ _data = functools.partial(_opt, "data")
 _train = functools.partial(_opt, "training")
 _eval = functools.partial(_opt, "evaluation")
 _out = functools.partial(_opt, "output")
+_rel = functools.partial(_opt, "reliability")
 
 
 @dataclass
@@ -103,6 +105,9 @@ class TrainOptions:
     no_aug: bool = _data(False, "no training augmentation")
     workers: int = _data(0, "data loader worker processes per rank", flags=("-j",), minimum=0)
     synthetic_size: int = _data(10_000, "synthetic train images (test: a fifth)", minimum=1)
+    skip_bad_images: bool = _data(False, "skip ImageFolder images that cannot be decoded (each named in a "
+                                  "warning; counted in results.json and TensorBoard) instead of stopping "
+                                  "with an error naming the file")
 
     # -- training ----------------------------------------------------------------------------
     epochs: int = _train(10, "epochs (the LR schedule spans them)", minimum=1)
@@ -152,9 +157,16 @@ class TrainOptions:
                            scope="invocation")
     ckpt_every: int = _out(1, "save a checkpoint every N epochs and after the last (0: never)",
                            minimum=0)
+    ckpt_every_steps: int = _out(0, "also save a checkpoint every N optimizer steps, in the middle of an "
+                                 "epoch too (0: never); a resume continues at that step", minimum=0)
+    checkpoint_hist: int = _out(0, "keep only the last N checkpoints, plus the best (highest eval top-1) "
+                                "and the one 'latest' names (0: keep all)", minimum=0)
     resume: Optional[str] = _out(
-        None, "continue from the latest checkpoint of this run (or of the checkpoint "
-        "directory given)", scope="invocation", nargs="?", const="auto", metavar="DIR")
+        None, "auto: resume from the newest valid checkpoint of this run, or start afresh if there is "
+        "none (the same command can be requeued forever); a tag of this run (epoch3, step120); a tag "
+        "directory; or a checkpoint directory. A tag that fails its manifest is an error naming the "
+        "file; auto falls back to the previous valid tag", scope="invocation", nargs="?",
+        const="auto", metavar="auto|TAG|DIR")
     stop_after_epoch: Optional[int] = _out(
         None, "end the run after this epoch, as if interrupted (the schedule still spans "
         "--epochs)", scope="invocation", minimum=0)
@@ -165,10 +177,39 @@ class TrainOptions:
     no_progress: bool = _out(False, "no tqdm progress bar")
     no_sync_timing: bool = _out(False, "do not synchronise the device around the timed phases")
 
+    # -- reliability -------------------------------------------------------------------------
+    preempt_signals: str = _rel(
+        "SIGTERM,SIGUSR1", "signals that stop the run after the current optimizer step with a checkpoint "
+        "and exit code 75 (comma-separated; none: off). See docs/reliability.md for what each launcher "
+        "delivers")
+    stop_check_every: int = _rel(1, "agree on a stop request every N optimizer steps (one all-reduce of an "
+                                 "integer over a gloo side group: no device synchronisation)", minimum=1)
+    dist_timeout: float = _rel(
+        600.0, "collective timeout in seconds (deepspeed.init_distributed); a rank that makes no progress "
+        "for most of it is named by the watchdog and the job exits with code 4 within it", minimum=5.0)
+    on_nonfinite: NonFinite = _rel(
+        "stop", "a step whose gradient norm is not finite (every ZeRO stage skips it): stop (exit code 3, "
+        "nothing saved after the last good checkpoint) or skip it and go on")
+    max_consecutive_skips: int = _rel(
+        10, "stop (exit code 3) after this many skipped optimizer steps in a row, fp16 loss-scaler "
+        "overflows included (0: never)", minimum=0)
+    verify_every: int = _rel(0, "every N optimizer steps, all-gather hashes of the LDB mask and of each rank's "
+                             "parameters and stop (exit code 5) naming the ranks that differ (0: never)",
+                             minimum=0)
+    no_memory_check: bool = _rel(False, "skip the forward and backward at the DROP micro batch run before "
+                                 "training (it finds an out-of-memory in the first minute, not at the "
+                                 "first DROP epoch)")
+
     def __post_init__(self) -> None:
         hints = type_hints()
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name), hints[f.name])
+        from .faults import parse_signals  # pure Python, like this module
+
+        try:
+            parse_signals(self.preempt_signals)
+        except ValueError as err:
+            raise OptionsError(f"--preempt-signals (preempt_signals) = {self.preempt_signals!r}: {err}") from None
 
     def to_dict(self, scope: tuple[str, ...] = ("run", "invocation", "cli")) -> dict[str, Any]:
         """Option values by name, limited to the given scopes (``("run",)``: what args.yaml holds)."""
@@ -243,5 +284,5 @@ def _check(f: dataclasses.Field, value: Any, hint: Any) -> None:
         raise OptionsError(f"{where} = {value!r} is not allowed: expected a value >= {minimum}")
 
 
-__all__ = ["TrainOptions", "OptionsError", "Dataset", "Stem", "Sched", "DistBN", "GROUPS",
+__all__ = ["TrainOptions", "OptionsError", "Dataset", "Stem", "Sched", "DistBN", "NonFinite", "GROUPS",
            "fields", "type_hints", "base_type", "flag", "key_aliases", "check_value"]

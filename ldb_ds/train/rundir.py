@@ -8,8 +8,10 @@
 ``ds_config.json``     the config actually handed to DeepSpeed
 ``summary.csv``        one row per epoch, written with timm's ``update_summary``
 ``results.json``       per-epoch figures and the final accuracy (``launch/sweep.py`` reads it)
-``checkpoints/<tag>/`` DeepSpeed checkpoints (:mod:`ldb_ds.train.checkpoint`)
+``checkpoints/<tag>/`` DeepSpeed checkpoints with a manifest (:mod:`ldb_ds.train.checkpoint`)
 ``masks.jsonl``        every step's dropped units, with ``--log-masks``
+``status.json``        how the run ended (or ``running``): what requeue scripts read, since
+                       the ``deepspeed`` launcher does not pass on the exit code
 =====================  ========================================================================
 
 Only rank 0 writes files; :meth:`RunDir.prepare` is collective so all ranks agree on whether the
@@ -41,6 +43,7 @@ class RunDir:
         self.summary_csv = os.path.join(self.path, "summary.csv")
         self.results_json = os.path.join(self.path, "results.json")
         self.masks_jsonl = os.path.join(self.path, "masks.jsonl")
+        self.status_json = os.path.join(self.path, "status.json")
 
     def prepare(self, *, overwrite: bool, continuing: bool, is_main: bool, device: Any) -> bool:
         """Create, replace or refuse the directory; ``False`` (on every rank) when refused.
@@ -108,6 +111,35 @@ class RunDir:
     def write_results(self, results: dict[str, Any]) -> None:
         with open(self.results_json, "w") as f:
             json.dump(results, f, indent=2)
+
+    def write_status(self, status: str, exit_code: int | None = None, message: str = "",
+                     **extra: Any) -> None:
+        """``status.json``, replaced atomically: ``running``, ``completed``, ``preempted`` or ``failed``.
+
+        A requeue script requeues on ``preempted`` (and on ``running`` left by a job that was
+        killed outright); ``failed`` needs a person.
+        """
+        import time
+
+        data = {"status": status, "exit_code": exit_code, "message": message, "time": time.time(), **extra}
+        tmp = f"{self.status_json}.tmp{os.getpid()}"
+        os.makedirs(self.path, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.status_json)
+
+    def trim_masks(self, epoch: int, step: int) -> None:
+        """Drop ``masks.jsonl`` lines after micro step ``step`` of ``epoch`` (a resume trains them again)."""
+        if not os.path.isfile(self.masks_jsonl):
+            return
+        with open(self.masks_jsonl) as f:
+            lines = f.readlines()
+        keep = [line for line in lines if (lambda r: (r["epoch"], r["step"]) <= (epoch, step))(json.loads(line))]
+        if len(keep) != len(lines):
+            with open(self.masks_jsonl, "w") as f:
+                f.writelines(keep)
 
 
 __all__ = ["RunDir"]

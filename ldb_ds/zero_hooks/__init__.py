@@ -65,7 +65,7 @@ from __future__ import annotations
 
 from .groups import NOT_A_GRADIENT, basic_optimizer, check_group_order, zero_stage
 from .refusals import refuse_unverified_step_paths
-from .step_filter import install_group_step_filter, skip_allgather_of_dropped
+from .step_filter import install_group_step_filter, install_nonfinite_skip, skip_allgather_of_dropped
 from .step_loops import install as install_step_loops
 from .step_loops import installed as installed_step_loops
 from .step_loops import uninstall as uninstall_step_loops
@@ -77,5 +77,5 @@ from .zero12_step import allgather_partitions, install_batched_grad_norm
 __all__ = ["VERIFIED_DEEPSPEED", "NOT_A_GRADIENT", "check_deepspeed_version", "deepspeed_version_verified",
            "zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
            "skip_allgather_of_dropped", "install_batched_grad_norm", "refuse_unverified_step_paths",
-           "clear_stale_gradient_partitions", "install_step_loops", "uninstall_step_loops", "installed_step_loops",
+           "clear_stale_gradient_partitions", "install_nonfinite_skip", "install_step_loops", "uninstall_step_loops", "installed_step_loops",
            "allgather_partitions", "MIRRORED_SOURCES", "mirrors_verified", "source_digest"]

@@ -1,4 +1,5 @@
-"""The step filter: dropped units' groups hidden inside DeepSpeed's call of the basic optimizer.
+"""The step filter: dropped units' groups hidden inside DeepSpeed's call of the basic optimizer;
+and the stage-0 fp32 skip of a step with non-finite gradients, which the other stages do themselves.
 
 See the package docstring (:mod:`ldb_ds.zero_hooks`) for why hiding group dicts inside the
 basic optimizer's ``step`` keeps a dropped unit bitwise unchanged at every ZeRO stage.
@@ -85,3 +86,45 @@ def skip_allgather_of_dropped(ds_engine: Any, skipped_group_indices: set[int]) -
         yield
     finally:
         module.all_gather_dp_groups = original
+
+
+def install_nonfinite_skip(ds_engine: Any) -> bool:
+    """Stage 0 in fp32: skip an optimizer step whose gradients are not finite, as ZeRO 1-3 do.
+
+    ZeRO-1/2 (``stage_1_and_2.py:3043``), ZeRO-3 (``stage3.py:2887``), ``BF16_Optimizer``
+    (``bf16_optimizer.py:401``) and the fp16 optimizers skip a step whose gradient norm is inf or
+    NaN and set ``optimizer.overflow``; ``engine._take_model_step`` (``engine.py:3535-3541``)
+    then counts it in ``engine.skipped_steps`` and leaves the LR scheduler alone. At stage 0 in
+    fp32 ``engine.optimizer`` is the basic torch optimizer, which checks nothing: a NaN gradient
+    would be applied. This wraps its ``step`` (outside ldb_ds's group filter): if the norm of
+    all gradients is not finite, nothing is stepped and ``optimizer.overflow = True`` tells
+    ``_take_model_step`` (``was_step_applied()`` False, so ``attach.run_step`` counts it in
+    ``counters.skipped_steps`` as an fp16 overflow and the window's mask draw is consumed), so
+    every stage skips and counts alike. The gradients were all-reduced
+    in backward (``engine.py:3165``), so every rank decides the same without a collective; the
+    cost is one norm over the gradients and one host sync per step, as at ZeRO 1-3.
+    Returns whether it was installed (only stage 0 without fp16/bf16 needs it).
+    """
+    opt = ds_engine.optimizer
+    if (zero_stage(ds_engine) != 0 or ds_engine.fp16_enabled() or ds_engine.bfloat16_enabled()
+            or opt is not getattr(ds_engine, "basic_optimizer", None)):
+        return False
+    if getattr(opt, "_ldb_nonfinite_wrapped", False):
+        return True
+    original_step = opt.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        opt.overflow = False
+        if grads:
+            norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") \
+                else [torch.linalg.vector_norm(g) for g in grads]
+            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+                opt.overflow = True
+                return None
+        return original_step(*args, **kwargs)
+
+    opt.step = step
+    opt.overflow = False
+    opt._ldb_nonfinite_wrapped = True
+    return True

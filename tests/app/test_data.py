@@ -97,10 +97,64 @@ def test_imagefolder_errors(tmp_path):
                                    splits=("train",))
     with pytest.raises(DatasetError, match="val"):
         build_datasets("imagefolder", tmp_path / "x")
+    # Present but empty: the error names the directory.
     (tmp_path / "y" / "train").mkdir(parents=True)
     (tmp_path / "y" / "val").mkdir()
-    with pytest.raises(DatasetError, match="malformed"):
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'y' / 'train'} is empty"):
         build_datasets("imagefolder", tmp_path / "y")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=f"data directory {tmp_path / 'empty'} is empty"):
+        build_datasets("imagefolder", tmp_path / "empty")
+    train_utils.write_image_folder(str(tmp_path / "z"), classes=("a", "b"), per_class=1)
+    (tmp_path / "z" / "val" / "c").mkdir()
+    (tmp_path / "z" / "val" / "c" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match=f"no image files .* in {tmp_path / 'z' / 'val' / 'c'}$"):
+        build_datasets("imagefolder", tmp_path / "z")
+
+
+def test_unreadable_image_is_named_or_skipped(tmp_path):
+    """A truncated PNG and a text file named .jpg: an error naming the file, or skipped and counted."""
+    from torch.utils.data import DataLoader
+
+    from ldb_ds.train.data import BadImageError, SeededDataset, SkipBadImages, collate_skipping, unwrap_error
+
+    train_utils.write_image_folder(str(tmp_path), classes=("a", "b"), per_class=3, size=16)
+    truncated = tmp_path / "train" / "a" / "1.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    (tmp_path / "train" / "b" / "9.jpg").write_text("not a jpeg")
+    data = build_datasets("imagefolder", tmp_path, img_size=16)
+    index = [p for p, _ in data.train.samples].index(str(truncated))
+    with pytest.raises(BadImageError, match=f"unreadable image {truncated}.*--skip-bad-images"):
+        data.train[index]
+    # Through a DataLoader worker the error arrives re-raised; the message still names the file.
+    loader = DataLoader(data.train, batch_size=len(data.train), num_workers=1)
+    with pytest.raises(BadImageError) as err:
+        next(iter(loader))
+    assert unwrap_error(err.value).startswith(f"unreadable image {truncated}")
+    skipping = DataLoader(SeededDataset(SkipBadImages(data.train), seed=0), batch_size=4, num_workers=1,
+                          collate_fn=collate_skipping)
+    batches = list(skipping)
+    assert sum(int(b[2]) for b in batches) == 2
+    assert sum(b[0].shape[0] for b in batches) == len(data.train) - 2
+
+
+def test_seeded_dataset_draws_per_epoch_and_index():
+    """The augmentation of a sample depends on (seed, epoch, index) only: not on order or workers."""
+    from torch.utils.data import DataLoader
+
+    from ldb_ds.train.data import SeededDataset
+
+    data = build_datasets("digits")  # training split: random shifts
+    ds = SeededDataset(data.train, seed=7)
+    ds.set_epoch(3)
+    first = [ds[i][0] for i in (5, 6, 7)]
+    torch.manual_seed(123)  # whatever the global state was
+    again = [ds[i][0] for i in (7, 6, 5)][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    by_worker = next(iter(DataLoader(ds, batch_size=3, sampler=[5, 6, 7], num_workers=2)))[0]
+    assert all(torch.equal(a, b) for a, b in zip(first, by_worker))
+    ds.set_epoch(4)
+    assert any(not torch.equal(a, ds[i][0]) for a, i in zip(first, (5, 6, 7)))
 
 
 def test_synthetic_is_deterministic():

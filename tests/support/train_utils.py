@@ -159,3 +159,128 @@ def write_image_folder(root: str, classes: Sequence[str] = ("cat", "dog", "fox")
                 arr = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(os.path.join(d, f"{i}.png"))
     return root
+
+
+# --------------------------------------------------------------------------- runs to inject faults into
+
+
+class Background:
+    """A launcher started in its own session (so the test can signal its whole process tree).
+
+    stdout/stderr go to files (read them with :meth:`output`); :meth:`ranks` finds the rank
+    processes by their ``--local_rank`` argument, :meth:`launcher` the per-node
+    ``deepspeed.launcher.launch`` process.
+    """
+
+    def __init__(self, cmd: Sequence[str], log_dir: str, env: dict | None = None):
+        import time
+
+        os.makedirs(log_dir, exist_ok=True)
+        self.out_path = os.path.join(log_dir, "stdout.txt")
+        self.err_path = os.path.join(log_dir, "stderr.txt")
+        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(list(cmd), cwd=REPO, env=env or cpu_env(), stdout=self._out,
+                                     stderr=self._err, start_new_session=True, text=True)
+        self.pgid = self.proc.pid
+
+    def elapsed(self) -> float:
+        import time
+
+        return time.monotonic() - self.t0
+
+    def processes(self) -> list:
+        import psutil
+
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getpgid(p.info["pid"]) == self.pgid:
+                    out.append(p)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return out
+
+    def ranks(self) -> dict[int, int]:
+        """``{local_rank: pid}`` of the training processes (not their DataLoader workers)."""
+        found = {}
+        for p in self.processes():
+            cmd = p.info["cmdline"] or []
+            if any(a.endswith("train.py") for a in cmd):
+                for a in cmd:
+                    if a.startswith("--local_rank="):
+                        found[int(a.split("=", 1)[1])] = p.info["pid"]
+        return found
+
+    def launcher(self) -> int:
+        """pid of the per-node launcher (``python -m deepspeed.launcher.launch``)."""
+        for p in self.processes():
+            if "deepspeed.launcher.launch" in " ".join(p.info["cmdline"] or []):
+                return p.info["pid"]
+        raise AssertionError("no deepspeed.launcher.launch process")
+
+    def wait(self, timeout: float) -> int:
+        """Wait until every process of the session is gone (``timeout`` counts from the start).
+
+        Returns the top process's exit code; kills everything and fails after the timeout.
+        """
+        import time
+
+        deadline = self.t0 + timeout
+        try:
+            code = self.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the run did not end within {timeout:.0f} s:\n{self.explain()}") from None
+        while self.processes():
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"processes of the run still alive after {timeout:.0f} s")
+            time.sleep(0.2)
+        self._out.close()
+        self._err.close()
+        return code
+
+    def kill(self) -> None:
+        import signal as _signal
+
+        try:
+            os.killpg(self.pgid, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def output(self) -> tuple[str, str]:
+        with open(self.out_path) as f, open(self.err_path) as g:
+            return f.read(), g.read()
+
+    def explain(self) -> str:
+        out, err = self.output()
+        return "\n".join(out.splitlines()[-40:] + err.splitlines()[-40:])
+
+
+def start_deepspeed(args: Sequence[str], log_dir: str, nproc: int = 2) -> Background:
+    cmd = [tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), TRAIN, *args]
+    return Background(cmd, log_dir)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate()`` until it returns something true; fail naming ``what`` after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def last_mask_line(run_dir: str) -> dict | None:
+    """The newest line of ``masks.jsonl`` (one per micro step, written by rank 0), if any."""
+    path = os.path.join(run_dir, "masks.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return json.loads(lines[-1]) if lines else None

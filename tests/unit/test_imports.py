@@ -95,9 +95,9 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
-    "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch",
+    "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
     "guards": "deepspeed", "zero_hooks": "deepspeed", "attach": "deepspeed", "engine": "deepspeed",
-    "runtime": "deepspeed", "__init__": "pure",
+    "runtime": "deepspeed", "safety": "deepspeed", "__init__": "pure",
 }
 # Core packages (a directory with __init__.py): every file in them is held to the package's layer.
 CORE_PACKAGES = {"zero_hooks"}

@@ -1,0 +1,235 @@
+"""Faults injected from outside into real 2-rank runs under the ``deepspeed`` launcher.
+
+Each test starts ``launch/train.py`` on 2 CPU ranks (gloo), injects one fault as a cluster would
+(a real signal to a real process, a truncated file on disk, an absurd learning rate, an
+unreadable image) and checks the exit code, the message, the time it took and what was kept.
+docs/reliability.md has the table these tests back. The model is timm's ``test_efficientnet``
+on the bundled digits; epochs are capped with ``--max-steps-per-epoch``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from ldb_ds import checkpointing
+from tests.support import train_utils as tu
+
+pytestmark = pytest.mark.slow
+
+MODEL = "test_efficientnet"
+
+
+def _args(cfg: str, out, *extra: str) -> list[str]:
+    return ["--deepspeed_config", cfg, "--model", MODEL, "--no-progress", "--output", str(out), *extra]
+
+
+def _status(run_dir) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def _load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _assert_same(a, b, where: str, skip: tuple[str, ...] = ()) -> None:
+    """Tensors bitwise, everything else by ==, recursively (keys in ``skip`` ignored)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) - set(skip) == set(b) - set(skip), f"{where}: keys differ"
+        for k in a:
+            if k not in skip:
+                _assert_same(a[k], b[k], f"{where}.{k}", skip)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]", skip)
+    elif hasattr(a, "__dict__") and type(a).__eq__ is object.__eq__:  # e.g. DeepSpeed's loss scaler
+        assert type(a) is type(b), f"{where}: types differ"
+        _assert_same(vars(a), vars(b), where, skip)
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_sigterm_mid_drop_epoch_saves_and_resumes_bitwise(tmp_path):
+    """Preemption: SIGTERM reaches rank 0 only (the launcher signals rank after rank); both ranks stop
+    after the same optimizer step, save, and the same command resumes to bitwise the uninterrupted run."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero2_ldb.json", gradient_accumulation_steps=2,
+                          ldb={"sampling_rate": 1, "resample": "epoch"})  # epochs 1, 2 are DROP epochs
+    command = _args(cfg, tmp_path, "--epochs", "3", "--max-steps-per-epoch", "6", "--log-masks",
+                    "--log-interval", "1", "--resume", "auto", "--experiment", "part")
+    run_dir = tmp_path / "part"
+    bg = tu.start_deepspeed(command, str(tmp_path / "log1"))
+    at = tu.wait_until(lambda: (m := tu.last_mask_line(str(run_dir))) and m["mode"] == "DROP" and m, 300,
+                       "the first DROP step")
+    assert at["epoch"] == 1
+    t_signal = time.monotonic()
+    os.kill(bg.launcher(), signal.SIGTERM)  # launch.py passes it to rank 0 first, waits up to 30 s for it
+    code = bg.wait(timeout=bg.elapsed() + 60)
+    stop_s = time.monotonic() - t_signal
+    out, err = bg.output()
+    assert code != 0 and stop_s < 30, bg.explain()  # within the launcher's 30 s before its SIGKILL
+    assert "stopped by SIGTERM after optimizer step" in out, bg.explain()
+    status = _status(run_dir)
+    assert status["status"] == "preempted" and status["exit_code"] == 75
+    tag = status["checkpoint"]
+    manifest = checkpointing.verify_local(str(run_dir / "checkpoints"), tag)
+    meta = manifest["meta"]
+    assert meta["kind"] == "preempt" and meta["next_epoch"] == 1 and 0 < meta["step_in_epoch"] < 10
+    assert meta["step_in_epoch"] % 2 == 0  # at an accumulation boundary (gradient_accumulation_steps 2)
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag
+
+    # The requeue: exactly the same command.
+    again = tu.run_deepspeed(command, timeout=400)
+    assert again.returncode == 0, tu.explain(again)
+    assert f"continuing at epoch 1, micro step {meta['step_in_epoch']}" in again.stdout, tu.explain(again)
+    assert _status(run_dir)["status"] == "completed"
+
+    whole = tu.run_deepspeed([*command[:-1], "whole"], timeout=400)
+    assert whole.returncode == 0, tu.explain(whole)
+    a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "part"))
+    assert a["weights_sha256"] == b["weights_sha256"] and a["buffers_sha256"] == b["buffers_sha256"]
+    assert a["optimizer_steps"] == b["optimizer_steps"] and a["final_top1"] == b["final_top1"]
+    assert (tmp_path / "whole" / "masks.jsonl").read_text() == (run_dir / "masks.jsonl").read_text()
+    with open(run_dir / "summary.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2"]
+    # Parameters, optimizer state (ZeRO-2 partitions, fp32 masters, momentum) and LDB state, bitwise.
+    for name in ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"]:
+        x, y = (_load(str(tmp_path / n / "checkpoints" / "epoch2" / name)) for n in ("whole", "part"))
+        if name.startswith("mp_rank"):
+            _assert_same(x["module"], y["module"], "module")
+            _assert_same(x["layer_drop_back"], y["layer_drop_back"], "LDB state")
+            assert x["global_steps"] == y["global_steps"]
+        else:
+            _assert_same(x["optimizer_state_dict"], y["optimizer_state_dict"], name, skip=("ds_config", "ds_version"))
+
+
+def test_sigstop_rank_is_named_within_the_timeout(tmp_path):
+    """A rank that stops answering (SIGSTOP: its sockets stay open) is named, and the job exits."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
+    timeout = 10
+    command = _args(cfg, tmp_path, "--epochs", "3", "--max-steps-per-epoch", "40", "--log-masks",
+                    "--ckpt-every-steps", "3", "--dist-timeout", str(timeout), "--experiment", "hung")
+    run_dir = tmp_path / "hung"
+    bg = tu.start_deepspeed(command, str(tmp_path / "log"))
+    tu.wait_until(lambda: (m := tu.last_mask_line(str(run_dir))) and m["step"] >= 4 and m, 300, "step 4")
+    victim = bg.ranks()[1]
+    t_stop = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    code = bg.wait(timeout=bg.elapsed() + timeout + 60)  # kills everything if it does not end
+    total_s = time.monotonic() - t_stop
+    out, err = bg.output()
+    assert code == 4, bg.explain()
+    line = next((ln for ln in err.splitlines() if "rank 0: error: no progress for" in ln), None)
+    assert line is not None, bg.explain()
+    assert "rank(s) that did not answer: 1" in line and "epoch 0, micro step" in line, line
+    status = _status(run_dir)
+    assert status["status"] == "failed" and status["exit_code"] == 4 and "did not answer: 1" in status["message"]
+    # The watchdog reported within the timeout; the launcher then waits 30 s for the stopped rank
+    # to obey SIGTERM before it kills it.
+    assert total_s < timeout + 30 + 15, total_s
+    tag = checkpointing.read_latest(str(run_dir / "checkpoints"))
+    checkpointing.verify_local(str(run_dir / "checkpoints"), tag)  # what was kept is intact
+
+
+def test_sigkill_rank_then_requeue_resumes_from_the_last_complete_checkpoint(tmp_path):
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero1_ldb.json")
+    command = _args(cfg, tmp_path, "--epochs", "2", "--max-steps-per-epoch", "40", "--log-masks",
+                    "--ckpt-every-steps", "4", "--resume", "auto", "--experiment", "killed")
+    run_dir = tmp_path / "killed"
+    bg = tu.start_deepspeed(command, str(tmp_path / "log"))
+    tu.wait_until(lambda: (m := tu.last_mask_line(str(run_dir))) and m["step"] >= 6 and m, 300, "step 6")
+    t_kill = time.monotonic()
+    os.kill(bg.ranks()[1], signal.SIGKILL)
+    code = bg.wait(timeout=bg.elapsed() + 60)
+    assert code != 0 and time.monotonic() - t_kill < 30, bg.explain()
+    reached = tu.last_mask_line(str(run_dir))["step"]
+    tag = checkpointing.read_latest(str(run_dir / "checkpoints"))
+    manifest = checkpointing.verify_local(str(run_dir / "checkpoints"), tag)
+    lost = reached - manifest["meta"]["step_in_epoch"]
+    assert tag.startswith("step") and 0 <= lost <= 4 + 1, (tag, reached)  # at most --ckpt-every-steps (+1 in flight)
+    again = tu.run_deepspeed(command, timeout=400)
+    assert again.returncode == 0, tu.explain(again)
+    assert f"resumed from {run_dir / 'checkpoints' / tag}" in again.stdout, tu.explain(again)
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == [0, 1]
+
+
+def test_truncated_checkpoint_fallback_and_explicit_error(tmp_path):
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
+    base = _args(cfg, tmp_path, "--max-steps-per-epoch", "3", "--experiment", "trunc")
+    first = tu.run_deepspeed(base + ["--epochs", "2"], timeout=400)
+    assert first.returncode == 0, tu.explain(first)
+    ckpts = tmp_path / "trunc" / "checkpoints"
+    bad = ckpts / "epoch1" / "mp_rank_00_model_states.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+
+    t0 = time.monotonic()
+    explicit = tu.run_deepspeed(base + ["--epochs", "3", "--resume", "epoch1"], timeout=200)
+    assert explicit.returncode == 2 and time.monotonic() - t0 < 120, tu.explain(explicit)
+    for rank in (0, 1):
+        lines = [ln for ln in explicit.stderr.splitlines() if ln.startswith(f"[ldb-train] rank {rank}: error:")]
+        assert len(lines) == 1 and f"{bad} is truncated" in lines[0], tu.explain(explicit)
+    assert "Traceback" not in explicit.stderr and "PytorchStreamReader" not in explicit.stderr
+
+    auto = tu.run_deepspeed(base + ["--epochs", "3", "--resume", "auto"], timeout=400)
+    assert auto.returncode == 0, tu.explain(auto)
+    assert f"skipping checkpoint epoch1: {bad} is truncated" in auto.stdout, tu.explain(auto)
+    assert f"resumed from {ckpts / 'epoch0'}" in auto.stdout
+    assert json.loads((tmp_path / "trunc" / "results.json").read_text())["epochs_run"] == [0, 1, 2]
+    for tag in ("epoch0", "epoch1", "epoch2"):  # epoch1 was written again, whole
+        checkpointing.verify_local(str(ckpts), tag)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_absurd_learning_rate_stops_with_the_step_named(tmp_path, policy):
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
+    t0 = time.monotonic()
+    proc = tu.run_deepspeed(_args(cfg, tmp_path, "--epochs", "2", "--max-steps-per-epoch", "20", "--lr", "1e30",
+                                  "--ckpt-every-steps", "1", "--on-nonfinite", policy,
+                                  "--max-consecutive-skips", "3", "--experiment", policy), timeout=300)
+    assert proc.returncode == 3, tu.explain(proc)
+    run_dir = tmp_path / policy
+    status = _status(run_dir)
+    assert status["status"] == "failed" and status["exit_code"] == 3
+    message = next(ln for ln in proc.stderr.splitlines() if "error:" in ln)
+    if policy == "stop":
+        assert "non-finite gradient norm at epoch 0 (FULL), micro step" in message, message
+        assert "dropped units: none" in message and "nothing was saved after checkpoint step" in message
+    else:
+        assert "3 optimizer steps in a row were skipped" in message, message
+        scalars = tu.read_scalars(str(run_dir))
+        assert max(v for _, v in scalars["Reliability/nonfinite_steps"]) >= 1
+    # Nothing was saved from the first bad step on: the newest checkpoint is the last good step.
+    tags = checkpointing.list_tags(str(run_dir / "checkpoints"))
+    steps = sorted(int(t[len("step"):]) for t in tags if t.startswith("step"))
+    bad_step = int(message.split("optimizer step ")[1].split()[0].strip(",;")) if policy == "stop" else None
+    if bad_step is not None:
+        assert steps and max(steps) == bad_step - 1, (steps, bad_step)
+    assert time.monotonic() - t0 < 200
+
+
+def test_unreadable_image_named_or_skipped(tmp_path):
+    tu.write_image_folder(str(tmp_path / "data"), classes=("a", "b"), per_class=8, size=16)
+    bad = tmp_path / "data" / "train" / "b" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:50])
+    # 8 images per rank in 2 batches: a batch that loses its bad image still has 3 (BatchNorm needs 2).
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json", train_micro_batch_size_per_gpu=4)
+    base = _args(cfg, tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
+                 "--img-size", "16", "--epochs", "1", "--ckpt-every", "0")
+    failing = tu.run_deepspeed(base + ["--experiment", "strict"], timeout=300)
+    assert failing.returncode == 2, tu.explain(failing)
+    assert f"unreadable image {bad}" in failing.stderr and "--skip-bad-images" in failing.stderr
+    skipping = tu.run_deepspeed(base + ["--experiment", "skip", "--skip-bad-images", "-j", "1"], timeout=300)
+    assert skipping.returncode == 0, tu.explain(skipping)
+    results = json.loads((tmp_path / "skip" / "results.json").read_text())
+    assert results["counters"]["bad_images"] == 1
+    assert f"skipping unreadable image {bad}" in skipping.stdout

@@ -1,0 +1,148 @@
+"""Reliability pieces that need one process: sampler position, LDB state, compatibility rules,
+signals, the watchdog's exit, the run directory's status and mask files (docs/design.md, section 9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from ldb_ds import LDBConfig, Mode
+from ldb_ds.checkpointing import CheckpointError, check_compatible, describe_run
+from ldb_ds.controller import LDBController
+from ldb_ds.functional import build_param_groups, build_units
+from ldb_ds.sampler import ScalableBatchSampler
+from ldb_ds.train import faults
+from ldb_ds.train.rundir import RunDir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("factor", [1, 3])
+def test_sampler_start_batch_resumes_exactly_and_once(factor):
+    base = DistributedSampler(range(103), num_replicas=2, rank=1, shuffle=True, seed=5)
+    s = ScalableBatchSampler(base, 4, drop_last=False)
+    s.factor = factor
+    base.set_epoch(7)
+    whole = list(s)
+    s.start_batch = 3
+    assert list(s) == whole[3:]  # the same epoch, from the fourth batch of the current size
+    assert s.start_batch == 0 and list(s) == whole  # the skip applies to one iteration only
+    assert len(s) == len(whole)
+
+
+def _controller(**ldb):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    cfg = LDBConfig(**{"enabled": True, "keep_first": 1, "keep_last": 1, "drop_rate": 0.5, "sampling_rate": 1,
+                       **ldb})
+    units = build_units(model, cfg.granularity)
+    groups, unit_of_group = build_param_groups(units, [{"params": list(model.parameters())}])
+    opt = torch.optim.SGD(groups, lr=0.1)
+    return LDBController(cfg, units, unit_of_group, opt.param_groups, [u.numel * 4 for u in units]), model
+
+
+def test_mid_epoch_state_puts_the_epoch_mask_back():
+    """resample=epoch: after set_epoch, loading a mid-epoch state applies the epoch's mask."""
+    a, _ = _controller(resample="epoch")
+    assert a.set_epoch(1) is Mode.DROP
+    a.open_window()
+    a.begin_step()
+    a.end_step()
+    saved, mask = a.state_dict(), list(a.dropped)
+    assert any(mask)
+    b, model = _controller(resample="epoch")
+    b.set_epoch(1)  # what the resumed loop does first
+    b.load_state_dict(saved)
+    assert b.dropped == mask and b.epoch_mask == mask
+    b.open_window()  # keeps the epoch's mask, draws nothing
+    assert b.dropped == mask and b.rng.getstate() == a.rng.getstate()
+    frozen = [not p.requires_grad for p in model.parameters()]
+    assert any(frozen)
+
+
+def _run(world=2, stage=2, optimizer="AdamW", **ldb):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    cfg = LDBConfig(enabled=True, **ldb).to_dict()
+    return describe_run(model, world_size=world, zero_stage=stage, optimizer=optimizer, ldb=cfg)
+
+
+def test_compatibility_rules():
+    same = check_compatible({"run": _run()}, _run(), where="ckpt")
+    assert same == {"universal": False, "notes": []}
+    assert check_compatible({"run": _run(world=4)}, _run(), where="ckpt")["universal"]
+    zero0 = check_compatible({"run": _run(world=4, stage=0, optimizer="SGD")}, _run(stage=0, optimizer="SGD"),
+                             where="ckpt")
+    assert not zero0["universal"] and "ZeRO-0 checkpoint loads as it is" in zero0["notes"][0]
+    with pytest.raises(CheckpointError, match="optimizer SGD.*Adam-family.*Resume at world size 4"):
+        check_compatible({"run": _run(world=4, optimizer="SGD")}, _run(optimizer="SGD"), where="ckpt")
+    with pytest.raises(CheckpointError, match="ZeRO stage 1, this run uses stage 2"):
+        check_compatible({"run": _run(stage=1)}, _run(), where="ckpt")
+    other = describe_run(nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)), world_size=2, zero_stage=2,
+                         optimizer="AdamW", ldb=LDBConfig(enabled=True).to_dict())
+    with pytest.raises(CheckpointError, match=r"another model.*first difference: 0.weight \(4, 3\) there, "
+                                              r"0.weight \(5, 3\) here"):
+        check_compatible({"run": _run()}, other, where="ckpt")
+    with pytest.raises(CheckpointError, match="granularity: 'module' -> 'param'.*param groups"):
+        check_compatible({"run": _run()}, _run(granularity="param"), where="ckpt")
+    changed = check_compatible({"run": _run()}, _run(drop_rate=0.5), where="ckpt")
+    assert "drop_rate: 0.3 -> 0.5" in changed["notes"][0]
+    with pytest.raises(CheckpointError, match="middle of an epoch"):
+        check_compatible({"run": _run()}, _run(drop_rate=0.5), where="ckpt", allow_ldb_change=False)
+
+
+def test_stop_signal_records_the_first_real_signal():
+    stop = faults.StopSignal(faults.parse_signals("SIGUSR1, usr2"))
+    try:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second one does not replace it (nor kill us)
+        time.sleep(0.05)
+        assert stop.received == "SIGUSR2"
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert faults.parse_signals("none") == ()
+    with pytest.raises(ValueError, match="SIGKILL"):
+        faults.parse_signals("SIGTERM,SIGKILL")
+
+
+def test_watchdog_timing_reports_before_the_collective_timeout():
+    for timeout in (5.0, 10.0, 60.0, 600.0, 1800.0):
+        fire, barrier = faults.watchdog_timing(timeout)
+        assert 0 < fire and fire + barrier < timeout and fire >= timeout / 2
+
+
+def test_watchdog_ends_a_stalled_process_with_code_4():
+    code = ("import time\nfrom ldb_ds.train import faults\nhb = faults.Heartbeat()\n"
+            "hb.beat('backward (gradient reduction)', epoch=2, step=7)\n"
+            "w = faults.Watchdog(hb, None, rank=0, world_size=1, timeout_s=5.0)\nw.start()\n"
+            "time.sleep(30)\nprint('not stopped')\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 4 and time.monotonic() - t0 < 15, proc.stderr
+    assert "rank 0: error: no progress for" in proc.stderr
+    assert "epoch 2, micro step 7, in backward (gradient reduction)" in proc.stderr
+
+
+def test_status_file_and_mask_trim(tmp_path):
+    run = RunDir(str(tmp_path), "x")
+    run.write_status("preempted", 75, "stopped", checkpoint="step4")
+    status = json.loads(open(run.status_json).read())
+    assert status["status"] == "preempted" and status["exit_code"] == 75 and status["checkpoint"] == "step4"
+    with open(run.masks_jsonl, "w") as f:
+        for e, s in [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]:
+            f.write(json.dumps({"epoch": e, "step": s, "mode": "FULL", "dropped": []}) + "\n")
+    run.trim_masks(1, 2)
+    assert [json.loads(line)["step"] for line in open(run.masks_jsonl)] == [1, 2, 1, 2]
+    run.trim_masks(1, 0)
+    assert len(open(run.masks_jsonl).read().splitlines()) == 2
