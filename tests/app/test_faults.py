@@ -31,6 +31,12 @@ def _args(cfg: str, out, *extra: str) -> list[str]:
     return ["--deepspeed_config", cfg, "--model", MODEL, "--no-progress", "--output", str(out), *extra]
 
 
+def _report(fault: str, **figures) -> None:
+    """Measured figures, shown with ``pytest -s`` (docs/reliability.md quotes them)."""
+    print(f"\nMEASURED {fault}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in figures.items()), flush=True)
+
+
 def _status(run_dir) -> dict:
     return json.loads((run_dir / "status.json").read_text())
 
@@ -86,6 +92,10 @@ def test_sigterm_mid_drop_epoch_saves_and_resumes_bitwise(tmp_path):
     assert meta["kind"] == "preempt" and meta["next_epoch"] == 1 and 0 < meta["step_in_epoch"] < 10
     assert meta["step_in_epoch"] % 2 == 0  # at an accumulation boundary (gradient_accumulation_steps 2)
     assert (run_dir / "checkpoints" / "latest").read_text() == tag
+    saved_s = float(out.split(f"checkpoint {tag} saved in ")[1].split()[0])
+    _report("SIGTERM", launcher_exit=code, rank_exit=status["exit_code"], signal_to_all_gone_s=stop_s,
+            save_s=saved_s, signalled_at_micro_step=at["step"], stopped_at_micro_step=meta["step_in_epoch"],
+            steps_lost=0)
 
     # The requeue: exactly the same command.
     again = tu.run_deepspeed(command, timeout=400)
@@ -137,6 +147,8 @@ def test_sigstop_rank_is_named_within_the_timeout(tmp_path):
     # The watchdog reported within the timeout; the launcher then waits 30 s for the stopped rank
     # to obey SIGTERM before it kills it.
     assert total_s < timeout + 30 + 15, total_s
+    silent_s = float(line.split("no progress for ")[1].split()[0])
+    _report("SIGSTOP", exit=code, dist_timeout_s=timeout, reported_after_s=silent_s, stop_to_all_gone_s=total_s)
     tag = checkpointing.read_latest(str(run_dir / "checkpoints"))
     checkpointing.verify_local(str(run_dir / "checkpoints"), tag)  # what was kept is intact
 
@@ -157,6 +169,8 @@ def test_sigkill_rank_then_requeue_resumes_from_the_last_complete_checkpoint(tmp
     manifest = checkpointing.verify_local(str(run_dir / "checkpoints"), tag)
     lost = reached - manifest["meta"]["step_in_epoch"]
     assert tag.startswith("step") and 0 <= lost <= 4 + 1, (tag, reached)  # at most --ckpt-every-steps (+1 in flight)
+    _report("SIGKILL", exit=code, kill_to_all_gone_s=time.monotonic() - t_kill, checkpoint=tag,
+            micro_steps_lost=lost)
     again = tu.run_deepspeed(command, timeout=400)
     assert again.returncode == 0, tu.explain(again)
     assert f"resumed from {run_dir / 'checkpoints' / tag}" in again.stdout, tu.explain(again)
@@ -179,12 +193,15 @@ def test_truncated_checkpoint_fallback_and_explicit_error(tmp_path):
         lines = [ln for ln in explicit.stderr.splitlines() if ln.startswith(f"[ldb-train] rank {rank}: error:")]
         assert len(lines) == 1 and f"{bad} is truncated" in lines[0], tu.explain(explicit)
     assert "Traceback" not in explicit.stderr and "PytorchStreamReader" not in explicit.stderr
+    _report("truncated checkpoint, --resume epoch1", exit=explicit.returncode, start_to_exit_s=time.monotonic() - t0)
 
     auto = tu.run_deepspeed(base + ["--epochs", "3", "--resume", "auto"], timeout=400)
     assert auto.returncode == 0, tu.explain(auto)
     assert f"skipping checkpoint epoch1: {bad} is truncated" in auto.stdout, tu.explain(auto)
     assert f"resumed from {ckpts / 'epoch0'}" in auto.stdout
     assert json.loads((tmp_path / "trunc" / "results.json").read_text())["epochs_run"] == [0, 1, 2]
+    _report("truncated checkpoint, --resume auto", exit=auto.returncode, fell_back_to="epoch0",
+            epochs_retrained=1)
     for tag in ("epoch0", "epoch1", "epoch2"):  # epoch1 was written again, whole
         checkpointing.verify_local(str(ckpts), tag)
 
@@ -215,6 +232,8 @@ def test_absurd_learning_rate_stops_with_the_step_named(tmp_path, policy):
     if bad_step is not None:
         assert steps and max(steps) == bad_step - 1, (steps, bad_step)
     assert time.monotonic() - t0 < 200
+    _report(f"NaN ({policy})", exit=proc.returncode, start_to_exit_s=time.monotonic() - t0,
+            newest_checkpoint=max(steps) if steps else None, bad_step=bad_step)
 
 
 def test_unreadable_image_named_or_skipped(tmp_path):

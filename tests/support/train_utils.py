@@ -183,6 +183,7 @@ class Background:
         self.proc = subprocess.Popen(list(cmd), cwd=REPO, env=env or cpu_env(), stdout=self._out,
                                      stderr=self._err, start_new_session=True, text=True)
         self.pgid = self.proc.pid
+        self._seen: set[int] = {self.proc.pid}
 
     def elapsed(self) -> float:
         import time
@@ -190,15 +191,24 @@ class Background:
         return time.monotonic() - self.t0
 
     def processes(self) -> list:
+        """The live processes of the run: the session's, the launcher's descendants (torchrun puts
+        its workers in sessions of their own) and any seen before (orphans keep counting)."""
         import psutil
 
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                self._seen.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
         out = []
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if os.getpgid(p.info["pid"]) == self.pgid:
-                    out.append(p)
+                mine = p.info["pid"] in self._seen or os.getpgid(p.info["pid"]) == self.pgid
             except (ProcessLookupError, PermissionError):
                 continue
+            if mine and p.status() != psutil.STATUS_ZOMBIE:
+                self._seen.add(p.info["pid"])
+                out.append(p)
         return out
 
     def ranks(self) -> dict[int, int]:
@@ -244,6 +254,11 @@ class Background:
     def kill(self) -> None:
         import signal as _signal
 
+        for p in self.processes():
+            try:
+                os.kill(p.info["pid"], _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(self.pgid, _signal.SIGKILL)
         except ProcessLookupError:
