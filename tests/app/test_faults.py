@@ -1,4 +1,5 @@
-"""Faults injected from outside into real 2-rank runs under the ``deepspeed`` launcher.
+"""Faults injected from outside into real 2-rank runs under the ``deepspeed`` launcher (and the stop
+signal under torchrun and mpirun).
 
 Each test starts ``launch/train.py`` on 2 CPU ranks (gloo), injects one fault as a cluster would
 (a real signal to a real process, a truncated file on disk, an absurd learning rate, an
@@ -13,6 +14,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -121,6 +123,39 @@ def test_sigterm_mid_drop_epoch_saves_and_resumes_bitwise(tmp_path):
             assert x["global_steps"] == y["global_steps"]
         else:
             _assert_same(x["optimizer_state_dict"], y["optimizer_state_dict"], name, skip=("ds_config", "ds_version"))
+
+
+LAUNCHERS = {  # launcher -> (how to start it, the signal it passes to every rank)
+    "torchrun": (tu.start_torchrun, signal.SIGTERM),
+    "torchrun-usr1": (lambda a, d: tu.start_torchrun(a, d, extra=("--signals-to-handle",
+                                                                  "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")),
+                      signal.SIGUSR1),
+    "mpirun": (tu.start_mpirun, signal.SIGUSR1),
+    "mpirun-term": (tu.start_mpirun, signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_stop_signal_to_other_launchers(tmp_path, launcher):
+    """The signal each launcher forwards to every rank stops the run with a checkpoint (docs/reliability.md)."""
+    if launcher.startswith("mpirun") and shutil.which("mpirun") is None:
+        pytest.skip("needs Open MPI's mpirun")
+    start, sig = LAUNCHERS[launcher]
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
+    run_dir = tmp_path / "run"
+    bg = start(_args(cfg, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "40", "--log-masks",
+                     "--experiment", "run"), str(tmp_path / "log"))
+    tu.wait_until(lambda: (m := tu.last_mask_line(str(run_dir))) and m["step"] >= 2 and m, 300, "step 2")
+    t_signal = time.monotonic()
+    os.kill(bg.proc.pid, sig)
+    code = bg.wait(timeout=bg.elapsed() + 60)
+    stop_s = time.monotonic() - t_signal
+    out, _ = bg.output()
+    status = _status(run_dir)
+    assert status["status"] == "preempted" and status["exit_code"] == 75, bg.explain()
+    assert f"stopped by {sig.name} after optimizer step" in out and stop_s < 30, bg.explain()
+    checkpointing.verify_local(str(run_dir / "checkpoints"), status["checkpoint"])
+    _report(f"{sig.name} to {launcher}", launcher_exit=code, signal_to_all_gone_s=stop_s)
 
 
 def test_sigstop_rank_is_named_within_the_timeout(tmp_path):

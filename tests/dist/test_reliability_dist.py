@@ -84,3 +84,11 @@ def test_resume_at_another_world_size(tmp_path):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (i, (a - b).abs().max())
     assert "world size 2 with ZeRO stage 2 and optimizer SGD" in sgd2["error"]
     assert "ds_to_universal" in sgd2["error"] and "Adam-family" in sgd2["error"]
+
+
+def test_atomic_checkpoint_of_an_attached_engine_carries_the_ldb_state(tmp_path):
+    """The Hugging Face path (``ldb_ds.attach``): the LDB state file is hashed in the manifest."""
+    for r in run_distributed(W.attached_checkpoint, 2, str(tmp_path), timeout=300):
+        assert r["state_file"] in r["files"] and "mp_rank_00_model_states.pt" in r["files"], r
+        assert r["ldb"] is not None and r["ldb"]["enabled"], r  # compatibility checks see the LDB section
+        assert r["verified"] == "t" and r["same_state"] and r["steps"] == 2, r

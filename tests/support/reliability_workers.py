@@ -322,3 +322,43 @@ def resume_at_world_size_1(rank: int, root: str) -> list[dict[str, Any]]:
                     "loaded": loaded, "after": full_params(engine), "ldb_steps": engine.ldb.steps})
         engine.destroy()
     return out
+
+
+# --------------------------------------------------------------------------- attached engines
+
+
+def attached_checkpoint(rank: int, save_dir: str) -> dict[str, Any]:
+    """``checkpointing.save``/``verify`` on a raw DeepSpeed engine given LDB by ``ldb_ds.attach``
+    (the Hugging Face path): the LDB state file is in the manifest, and it loads back."""
+    import deepspeed
+
+    from ldb_ds import checkpointing
+    from ldb_ds.attach import STATE_FILE, attach
+    from ldb_ds.config import LDBConfig
+    from ldb_ds.units import build_units, split_groups_by_unit
+
+    def build():
+        cfg = config(2)
+        model = conv_model()
+        ldb_cfg = LDBConfig.from_ds_config(cfg)
+        units = build_units(model, ldb_cfg.granularity)
+        groups, unit_of_group = split_groups_by_unit(units, [{"params": list(model.parameters())}])
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
+        return engine, attach(engine, ldb_cfg, units, unit_of_group)
+
+    engine, att = build()
+    att.set_epoch(1)
+    for step in (1, 2):
+        x, y = batch(step, rank)
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+    manifest = checkpointing.save(engine, save_dir, "t")
+    saved = att.controller.state_dict()
+    engine.destroy()
+    engine, att = build()
+    verified = checkpointing.verify(save_dir, "t")
+    engine.load_checkpoint(save_dir, tag="t")
+    out = {"files": sorted(manifest["files"]), "state_file": STATE_FILE, "ldb": manifest["run"]["ldb"],
+           "verified": verified["tag"], "same_state": att.controller.state_dict() == saved, "steps": saved["steps"]}
+    engine.destroy()
+    return out

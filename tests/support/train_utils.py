@@ -278,6 +278,19 @@ def start_deepspeed(args: Sequence[str], log_dir: str, nproc: int = 2) -> Backgr
     return Background(cmd, log_dir)
 
 
+def start_torchrun(args: Sequence[str], log_dir: str, nproc: int = 2, extra: Sequence[str] = ()) -> Background:
+    cmd = [tool("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *extra,
+           TRAIN, *args]
+    return Background(cmd, log_dir)
+
+
+def start_mpirun(args: Sequence[str], log_dir: str, nproc: int = 2) -> Background:
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(nproc),
+           "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", "-x", "TORCH_EXTENSIONS_DIR",
+           "-x", "PYTHONPATH", "-x", "MASTER_PORT", "-x", "PATH", sys.executable, TRAIN, *args]
+    return Background(cmd, log_dir, env=cpu_env(MASTER_PORT=str(free_port())))
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll ``predicate()`` until it returns something true; fail naming ``what`` after ``timeout``."""
     import time
