@@ -143,7 +143,9 @@ def test_stop_signal_to_other_launchers(tmp_path, launcher):
     start, sig = LAUNCHERS[launcher]
     cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
     run_dir = tmp_path / "run"
-    bg = start(_args(cfg, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "40", "--log-masks",
+    # Far more epochs than the test waits for (an epoch of the digits takes about a second): the
+    # signal must arrive while the run trains, and the run stops at it.
+    bg = start(_args(cfg, tmp_path, "--epochs", "100", "--ckpt-every", "0", "--log-masks",
                      "--experiment", "run"), str(tmp_path / "log"))
     tu.wait_until(lambda: (m := tu.last_mask_line(str(run_dir))) and m["step"] >= 2 and m, 300, "step 2")
     t_signal = time.monotonic()
