@@ -90,6 +90,8 @@ class RunGuard:
             except ReplicaDivergence as err:
                 ctx.stop(EXIT_DIVERGED, str(err))
                 return True
+            # Counted (results.json "counters"), so a run can show that its replicas were checked.
+            ctx.state.counters["replica_checks"] = ctx.state.counters.get("replica_checks", 0) + 1
         signal_name = self.agreement.check(step) if self.agreement is not None else None
         if signal_name:
             t0 = time.perf_counter()

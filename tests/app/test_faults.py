@@ -289,3 +289,26 @@ def test_unreadable_image_named_or_skipped(tmp_path):
     results = json.loads((tmp_path / "skip" / "results.json").read_text())
     assert results["counters"]["bad_images"] == 1
     assert f"skipping unreadable image {bad}" in skipping.stdout
+
+
+def test_healthy_run_with_every_check_on(tmp_path):
+    """No fault: the replica check, mid-epoch checkpoints with --checkpoint-hist and the DROP-batch
+    memory check all run, and the run ends normally with what each promises."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json",  # batch_kappa 2
+                          ldb={"sampling_rate": 1})  # epoch 1 is a DROP epoch
+    proc = tu.run_deepspeed(_args(cfg, tmp_path, "--epochs", "2", "--max-steps-per-epoch", "4", "--verify-every", "1",
+                                  "--ckpt-every-steps", "2", "--checkpoint-hist", "1", "--experiment", "ok"),
+                            timeout=300)
+    assert proc.returncode == 0, tu.explain(proc)
+    assert "DROP-batch memory check: a micro batch of 64 per rank fits" in proc.stdout, tu.explain(proc)
+    run_dir = tmp_path / "ok"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["counters"]["replica_checks"] == results["optimizer_steps"] > 0, results["counters"]
+    assert len(results["weights_sha256"]) == 64
+    ckpts = str(run_dir / "checkpoints")
+    tags = checkpointing.list_tags(ckpts)
+    best = results["best_checkpoint"]["tag"]
+    latest = checkpointing.read_latest(ckpts)
+    assert set(tags) == {best, latest}, (tags, best, latest)  # the last one plus the best
+    for tag in tags:
+        checkpointing.verify_local(ckpts, tag)
