@@ -38,7 +38,7 @@ _LAZY = {
     "ScalableBatchSampler": "sampler",
     "build_dataloader": "sampler",
 }
-_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "engine", "runtime",
+_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "attach", "engine", "runtime",
                "checkpointing", "safety")
 
 
