@@ -118,19 +118,29 @@ def _unique_graphs_under_masks(model: nn.Module, call, steps: int = 24) -> tuple
     return counters["stats"]["unique_graphs"], len(masks)
 
 
+# Dynamo's limit was called cache_size_limit before torch 2.6 (the floor is 2.4.1).
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def test_measured_whole_model_compile_recompiles_for_every_mask():
     """Why a compiled model is refused: every new mask is a new graph, until Dynamo gives up.
 
     Measured at Dynamo's default limit (8) and at a raised one (timm.optim sets 1_000_000 when
     imported): either the model runs uncompiled after 8 masks, or it compiles once per mask.
     """
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14):
+        # Measured on torch 2.4.1 and 2.11.0: Dynamo compiles one graph for every mask (no guard on
+        # the parameters' requires_grad), so there is nothing to measure. The refusal stays: a
+        # compiled graph that does not see the mask is no safer (AOT autograd fixes which weight
+        # gradients it forms when it traces). torch 2.14.1 recompiles per mask, as measured here.
+        pytest.skip(f"torch {torch.__version__}: measured on 2.14.1 (2.4.1 and 2.11.0 compile one graph for all masks)")
     for limit in (8, 1_000_000):
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        with torch._dynamo.config.patch(**{_LIMIT: limit}):
             model = _model(10)  # 8 droppable units: masks are almost all distinct
             graphs, masks = _unique_graphs_under_masks(model, torch.compile(model, backend="eager"))
         assert masks > 8 and graphs == min(limit, masks), (limit, graphs, masks)
     # The documented alternative: compile each unit's module; graphs stay few whatever the masks.
-    with torch._dynamo.config.patch(recompile_limit=8):
+    with torch._dynamo.config.patch(**{_LIMIT: 8}):
         model = _model(10)
         for layer in model:
             layer.compile(backend="eager")
