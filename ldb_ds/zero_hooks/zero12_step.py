@@ -66,6 +66,9 @@ def allgather_partitions(flats: Sequence[torch.Tensor], partitions: Sequence[Seq
     if world == 1 or not flats:
         return 0  # DeepSpeed skips it too (runtime/utils.py:1012): one rank holds every partition
     rank = dist.get_rank(group=process_group)
+    # Every rank forms the same buckets: they depend only on the partition sizes (equal on all
+    # ranks, by DeepSpeed's partitioning) and bucket_numel (one config), and every rank passes
+    # the same kept groups (the mask was broadcast). So the collectives pair up rank by rank.
     buckets: list[list[int]] = [[]]
     size = 0
     for k in range(len(flats)):
