@@ -375,21 +375,38 @@ def _synthetic(img_size: int, num_classes: int, n_train: int, n_test: int,
 # evaluation split across ranks
 
 class ShardedEval(Dataset):
-    """Rank ``rank``'s share of ``dataset`` (indices rank, rank + world, ...), without padding.
+    """Rank ``rank``'s share of ``dataset`` (indices rank, rank + world, ...), padded with ignored samples.
 
     A DistributedSampler pads the last batch with repeats, which would count some test images
     twice; evaluating disjoint shards and summing the counts gives the exact test accuracy.
+    Every shard has the same length, ``ceil(len(dataset) / world_size)``, because evaluation is
+    collective: at ZeRO-3 every forward all-gathers parameters, and the batches are agreed
+    across ranks (``ldb_ds.train.faults.agreed_batches``), so a rank with one batch fewer would
+    leave the others waiting. A shard short of that length is padded with a repeat of a real
+    image whose label is :data:`IGNORE_LABEL`; :func:`ldb_ds.train.loop.validate` counts no such
+    sample.
     """
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
         self.dataset = dataset
         self.indices = list(range(rank, len(dataset), world_size))
+        self.length = -(-len(dataset) // world_size)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.length
 
     def __getitem__(self, i: int):
-        return self.dataset[self.indices[i]]
+        if i < len(self.indices):
+            return self.dataset[self.indices[i]]
+        item = self.dataset[0]  # padding: any readable image, never counted
+        if item is None:
+            return None
+        label = item[1]  # of the dataset's label type, so that the batch collates
+        return item[0], torch.full_like(label, IGNORE_LABEL) if torch.is_tensor(label) else IGNORE_LABEL
+
+
+IGNORE_LABEL = -100
+"""The label of a padding sample (``torch.nn.CrossEntropyLoss``'s default ``ignore_index``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,5 +483,5 @@ def unwrap_error(err: BaseException) -> str:
 
 
 __all__ = ["DATASETS", "DataBundle", "DatasetError", "BadImageError", "build_datasets", "digits_path",
-           "TensorImageDataset", "SyntheticDataset", "ShardedEval", "load_image", "mix_seed",
+           "TensorImageDataset", "SyntheticDataset", "ShardedEval", "IGNORE_LABEL", "load_image", "mix_seed",
            "SeededDataset", "SkipBadImages", "collate_skipping", "unwrap_error"]

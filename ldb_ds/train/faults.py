@@ -30,6 +30,13 @@ gloo's ``monitored_barrier`` on a second side group which ranks still answer, pr
 naming the step, the phase (the collective the rank waits in) and the ranks that did not answer,
 and ends the process with exit code 4. A rank that answers but is stuck elsewhere (a hung read)
 is named by comparing the ranks' heartbeats.
+
+**Bad data.** A batch that fails to load on one rank (an unreadable image) must stop every rank
+before any of them enters the step's first collective, or the others would fail there (exit 4)
+and the error would be reported as a lost peer. :func:`agreed_batches` fetches each batch one
+step ahead and all-reduces a per-rank status over a gloo side group while the current step
+runs, so every rank learns of the failure, with the failing rank's message, and raises it
+before the batch's step: every rank exits 2.
 """
 
 from __future__ import annotations
@@ -154,6 +161,95 @@ class StopAgreement:
         return self.agreed
 
 
+# --------------------------------------------------------------------------- bad data
+
+_OK, _END, _DATA_ERROR, _OTHER_ERROR = 0, 1, 2, 3
+
+
+class PeerBatchError(RuntimeError):
+    """Another rank failed to load its batch with an error that is not a data error (a bug, a killed worker)."""
+
+
+def agreed_batches(loader: Any, count: int, group: Any) -> Iterator[Any]:
+    """Up to ``count`` batches of ``loader``, each yielded only once every rank has fetched its own.
+
+    Why: a rank whose batch fails to load cannot take part in the step, and the other ranks would
+    already be inside its first collective (ZeRO-3's forward all-gather, the backward's gradient
+    reduction) when it exits; they would fail there with a lost-peer error (exit 4), and the
+    launcher would report whichever rank it polls first. Here batch k+1 is fetched, and its
+    status all-reduced asynchronously over ``group`` (gloo: host memory, no device sync), before
+    batch k is yielded; the wait happens when the caller asks for batch k+1, after step k, so the
+    agreement overlaps the step instead of adding a round trip to it. If any rank failed, every
+    rank raises before training the batch: the failing rank its own exception, the others a
+    :class:`~ldb_ds.train.data.DatasetError` (or :class:`PeerBatchError`) carrying its message.
+
+    Every rank must call this with the same ``count`` (the ranks' samplers give equal lengths),
+    and the group must carry no other collective while a batch is pending. ``group=None`` (one
+    rank) passes the loader through.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        for i, batch in zip(range(count), loader):
+            yield batch
+        return
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    it = iter(loader)
+
+    def fetch() -> tuple[Any, BaseException | None, torch.Tensor, Any]:
+        batch, err, code = None, None, _OK
+        try:
+            batch = next(it)
+        except StopIteration:
+            code = _END
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then raised here
+            from .data import DatasetError
+
+            err, code = e, _DATA_ERROR if isinstance(e, DatasetError) else _OTHER_ERROR
+        status = torch.zeros(world, dtype=torch.int32)
+        status[rank] = code
+        return batch, err, status, dist.all_reduce(status, group=group, async_op=True)
+
+    pending = fetch() if count > 0 else None
+    try:
+        for i in range(count):
+            assert pending is not None
+            batch, err, status, work = pending
+            pending = None
+            work.wait()
+            if int(status.max()) != _OK:
+                _raise_agreed(status, err, group, rank)
+            pending = fetch() if i + 1 < count else None  # in flight while batch i trains
+            yield batch
+    finally:
+        if pending is not None:  # the caller stopped early: complete the collective every rank issued
+            pending[3].wait()
+
+
+def _raise_agreed(status: Any, err: BaseException | None, group: Any, rank: int) -> None:
+    import torch.distributed as dist
+
+    from .data import DatasetError, unwrap_error
+
+    codes = [int(c) for c in status.tolist()]
+    failed = [r for r, c in enumerate(codes) if c in (_DATA_ERROR, _OTHER_ERROR)]
+    if not failed:  # some ranks' loaders ended early: the samplers disagree on the epoch's length
+        ended = [r for r, c in enumerate(codes) if c == _END]
+        raise RuntimeError(f"the data loader of rank(s) {ended} ran out of batches before the others' "
+                           "(the ranks' samplers give different lengths)")
+    # A rare path: gather the failing ranks' messages so every rank names the file.
+    messages: list[Any] = [None] * len(codes)
+    dist.all_gather_object(messages, unwrap_error(err) if err is not None else None, group=group)
+    if err is not None:
+        raise err
+    first = failed[0]
+    text = f"rank {first} could not load its batch: {messages[first]}"
+    if codes[first] == _DATA_ERROR:
+        raise DatasetError(text)
+    raise PeerBatchError(text)
+
+
 # --------------------------------------------------------------------------- hung ranks
 
 
@@ -275,5 +371,5 @@ def is_distributed_failure(err: BaseException) -> bool:
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_HUNG", "EXIT_DIVERGED", "EXIT_MEMORY",
            "EXIT_PREEMPTED", "SIGNALS", "parse_signals", "print_rank", "gloo_group", "StopSignal",
-           "ignore_signals_in_worker", "StopAgreement", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
+           "ignore_signals_in_worker", "StopAgreement", "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
            "is_distributed_failure"]

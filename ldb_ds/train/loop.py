@@ -99,6 +99,8 @@ class TrainContext:
     """The LDB state of a mid-epoch checkpoint, put back after ``set_epoch`` of that epoch."""
     control_group: Any = None
     """A gloo group for host-side agreement (checkpoint manifests, stop flags, hashes)."""
+    data_group: Any = None
+    """A gloo group that carries only the per-batch load agreement (:func:`ldb_ds.train.faults.agreed_batches`)."""
     precheck: Callable[["TrainContext"], None] | None = None
     """Run before the first epoch (the DROP-batch memory check)."""
     exit_code: int = 0
@@ -162,14 +164,20 @@ def train_one_epoch(engine: Any, loader: Any, epoch: int, *, monitor: TrainMonit
                     criterion: Any, steps: int, input_dtype: torch.dtype,
                     hooks: Sequence[StepHook] = (), progress: bool = True,
                     log_interval: int = 10, epochs: int | None = None, start: int = 0,
-                    seed: int | None = None, rank: int = 0, heartbeat: Any = None) -> EpochOutcome:
+                    seed: int | None = None, rank: int = 0, heartbeat: Any = None,
+                    data_group: Any = None) -> EpochOutcome:
     """Train micro steps ``start`` to ``steps`` of ``loader``; call after ``engine.set_epoch(epoch)``.
 
     With ``start > 0`` the loader must already skip the first ``start`` batches (the caller sets
     ``ScalableBatchSampler.start_batch``). ``seed``: seed torch's RNG per micro step
-    (:func:`seed_step`). Batches are ``(x, y)`` or ``(x, y, n_skipped_images)``.
+    (:func:`seed_step`). Batches are ``(x, y)`` or ``(x, y, n_skipped_images)``. ``data_group``:
+    a gloo group over which the ranks agree that each batch loaded before any of them trains it
+    (:func:`ldb_ds.train.faults.agreed_batches`: a file unreadable on one rank stops every rank
+    with the same error, instead of leaving the others to fail in the step's collective).
     """
     from tqdm import tqdm
+
+    from .faults import agreed_batches
 
     engine.train()
     gas = engine.gradient_accumulation_steps()
@@ -178,9 +186,23 @@ def train_one_epoch(engine: Any, loader: Any, epoch: int, *, monitor: TrainMonit
                + f" {mode_name}", disable=not progress, dynamic_ncols=True, leave=True,
                mininterval=1.0)
     beat = heartbeat.beat if heartbeat is not None else (lambda *a, **k: None)
+    beat("data loading", epoch, start)
+    batches = contextlib.closing(agreed_batches(loader, max(steps - start, 0), data_group))
+    with batches as agreed:
+        done, stopped, bad = _train_batches(engine, agreed, epoch, monitor=monitor, criterion=criterion,
+                                            steps=steps, input_dtype=input_dtype, hooks=hooks, bar=bar,
+                                            log_interval=log_interval, start=start, seed=seed, rank=rank,
+                                            gas=gas, beat=beat)
+    bar.close()
+    return EpochOutcome(done - start, stopped, bad)
+
+
+def _train_batches(engine: Any, batches: Any, epoch: int, *, monitor: TrainMonitor, criterion: Any,
+                   steps: int, input_dtype: torch.dtype, hooks: Sequence[StepHook], bar: Any,
+                   log_interval: int, start: int, seed: int | None, rank: int, gas: int,
+                   beat: Callable[..., None]) -> tuple[int, bool, int]:
     done, stopped, bad = start, False, 0
-    beat("data loading", epoch, done)
-    for batch in loader if steps > start else ():
+    for batch in batches:
         x, y = batch[0], batch[1]
         if len(batch) > 2:
             bad += int(batch[2])
@@ -206,20 +228,21 @@ def train_one_epoch(engine: Any, loader: Any, epoch: int, *, monitor: TrainMonit
         event = StepEvent(epoch, done, steps, done % gas == 0, loss, x.size(0), stats)
         if any([bool(hook(event)) for hook in hooks]):  # every hook runs (a list, not lazy)
             stopped = True
-        if stopped or done >= steps:  # checked here: no batch is fetched only to be dropped
+        if stopped or done >= steps:
             break
         beat("data loading")
-    bar.close()
-    return EpochOutcome(done - start, stopped, bad)
+    return done, stopped, bad
 
 
 def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None,
-             heartbeat: Any = None) -> dict[str, float]:
+             heartbeat: Any = None, data_group: Any = None) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent, timm's ``accuracy``) and mean loss over all ranks' shards.
 
-    Every rank evaluates its own disjoint shard (:class:`ldb_ds.train.data.ShardedEval`); the
-    counts are summed with one all-reduce, so the result is exact (not an average of
-    averages) and the same on every rank.
+    Every rank evaluates its own disjoint shard (:class:`ldb_ds.train.data.ShardedEval`, equal
+    lengths: at ZeRO-3 every forward is a collective); samples labelled
+    :data:`~ldb_ds.train.data.IGNORE_LABEL` (the shards' padding) are not counted. The counts
+    are summed with one all-reduce, so the result is exact (not an average of averages) and the
+    same on every rank. ``data_group``: as in :func:`train_one_epoch`.
     """
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
@@ -227,19 +250,25 @@ def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None,
 
     from ldb_ds.runtime import input_dtype as dtype_of
 
+    from .data import IGNORE_LABEL
+    from .faults import agreed_batches
+
     dtype = input_dtype or dtype_of(engine)
-    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORE_LABEL)
     was_training = engine.module.training
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, images
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
+    with torch.no_grad(), contextlib.closing(agreed_batches(loader, len(loader), data_group)) as batches:
+        for i, batch in enumerate(batches):
             if heartbeat is not None:
                 heartbeat.beat(f"evaluation batch {i}")
             x, y = batch[0].to(engine.device, dtype=dtype), batch[1].to(engine.device)
-            out = engine(x).float()
-            n = y.numel()
-            top1, top5 = accuracy(out, y, topk=(1, 5))  # percent of this batch
+            out = engine(x).float()  # also for a batch of padding only: at ZeRO-3 a collective
+            counted = y != IGNORE_LABEL
+            n = int(counted.sum())
+            if n == 0:
+                continue
+            top1, top5 = accuracy(out[counted], y[counted], topk=(1, min(5, out.size(1))))  # percent
             sums += torch.tensor([float(criterion(out, y)), round(float(top1) * n / 100.0),
                                   round(float(top5) * n / 100.0), n], dtype=torch.float64)
     if was_training:
@@ -323,7 +352,8 @@ def fit(ctx: TrainContext) -> float:
             engine, ctx.train_loader, epoch, monitor=ctx.monitor, criterion=ctx.criterion,
             steps=steps, input_dtype=ctx.input_dtype, hooks=ctx.step_hooks,
             progress=ctx.rank == 0 and not opts.no_progress, log_interval=opts.log_interval,
-            epochs=opts.epochs, start=start, seed=opts.seed, rank=ctx.rank, heartbeat=hb)
+            epochs=opts.epochs, start=start, seed=opts.seed, rank=ctx.rank, heartbeat=hb,
+            data_group=ctx.data_group)
         state.step_in_epoch, state.epoch_partial = 0, None
         if opts.skip_bad_images:  # every rank takes part, stopped or not (a collective)
             skipped = _all_sum(outcome.bad_images, ctx.control_group)
@@ -335,7 +365,7 @@ def fit(ctx: TrainContext) -> float:
         if hb is not None:
             hb.beat("end of epoch (BatchNorm synchronisation, evaluation)", epoch, steps)
         distribute_bn(engine.module, opts.dist_bn)
-        res = validate(engine, ctx.eval_loader, ctx.input_dtype, heartbeat=hb) if _due(
+        res = validate(engine, ctx.eval_loader, ctx.input_dtype, heartbeat=hb, data_group=ctx.data_group) if _due(
             opts.eval_every, epoch, last) else None
         ep = ctx.monitor.end_epoch(res)
         # The LR applied in the epoch: the scheduled LR times LDB's factor (1 in FULL epochs).

@@ -108,6 +108,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     control = faults.gloo_group(opts.dist_timeout) if proc.world_size > 1 else None
     watch_group = faults.gloo_group(faults.watchdog_timing(opts.dist_timeout)[1] + 5.0) \
         if proc.world_size > 1 else None
+    # The per-batch load agreement runs asynchronously beside the step's hooks: a group of its own.
+    data_group = faults.gloo_group(opts.dist_timeout) if proc.world_size > 1 else None
 
     num_classes = opts.num_classes or data.num_classes
     torch.manual_seed(opts.seed)  # same initial weights on every rank
@@ -185,7 +187,10 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
 
     dtype = input_dtype(engine)
     if opts.eval:
-        res = validate(engine, eval_loader, dtype)
+        try:
+            res = validate(engine, eval_loader, dtype, data_group=data_group)
+        except DatasetError as err:  # every rank raises it (the batches are agreed)
+            _die(proc.rank, run if proc.is_main else None, faults.EXIT_USAGE, unwrap_error(err))
         log(f"eval: top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
         teardown(engine)
         return faults.EXIT_OK
@@ -197,7 +202,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     ctx = TrainContext(opts=opts, engine=engine, train_loader=train_loader,
                        eval_loader=eval_loader, monitor=monitor, run=run, rank=proc.rank,
                        input_dtype=dtype, scheduler=scheduler, state=state, heartbeat=heartbeat,
-                       ldb_resume_state=ldb_state, control_group=control,
+                       ldb_resume_state=ldb_state, control_group=control, data_group=data_group,
                        precheck=lambda c: drop_precheck(c, (data.in_chans, data.img_size, data.img_size),
                                                         num_classes))
     agreement = faults.StopAgreement(stop_signal, control, opts.stop_check_every) if signals else None
@@ -215,8 +220,12 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         watchdog.start()
     try:
         run_s = fit(ctx)
-    except DatasetError as err:  # e.g. an unreadable image on this rank: the others cannot go on either
+    except DatasetError as err:
+        # An unreadable image, on this rank or another: every rank raises it before the batch's
+        # step (faults.agreed_batches), so every rank exits 2 with the file named.
         _die(proc.rank, run if proc.is_main else None, faults.EXIT_USAGE, unwrap_error(err))
+    except faults.PeerBatchError as err:  # another rank's loader crashed (its traceback is above)
+        _die(proc.rank, run if proc.is_main else None, faults.EXIT_ERROR, str(err))
     except Exception as err:
         if not faults.is_distributed_failure(err):
             raise

@@ -9,8 +9,8 @@ import torch
 
 from tests.support import train_utils  # noqa: E402
 
-from ldb_ds.train.data import (DatasetError, ShardedEval, SyntheticDataset,  # noqa: E402
-                         build_datasets, digits_path)
+from ldb_ds.train.data import (IGNORE_LABEL, DatasetError, ShardedEval, SyntheticDataset,  # noqa: E402
+                               build_datasets, digits_path)
 
 
 def test_digits_bundled_real_data():
@@ -171,6 +171,10 @@ def test_sharded_eval_covers_each_image_once():
     shards = [ShardedEval(ds, r, 3) for r in range(3)]
     idx = sorted(i for s in shards for i in s.indices)
     assert idx == list(range(11))
+    # Equal lengths (evaluation is collective); the padding is a real image labelled to be ignored.
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert [s[3][1] for s in shards] == [ds[9][1], ds[10][1], IGNORE_LABEL]
+    assert torch.equal(shards[2][3][0], ds[0][0])
 
 
 def test_unknown_dataset():

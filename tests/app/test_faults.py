@@ -282,12 +282,13 @@ def test_unreadable_image_named_or_skipped(tmp_path):
     base = _args(cfg, tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
                  "--img-size", "16", "--epochs", "1", "--ckpt-every", "0")
     failing = tu.run_deepspeed(base + ["--experiment", "strict"], timeout=300)
-    # The rank that read the file exits 2 naming it. The other rank is then inside a gradient
-    # all-reduce and fails there (exit 4, "a collective failed"); the launcher reports whichever
-    # rank it polls first (seen: 2 and 4). Known gap: a data error is not yet agreed across ranks
-    # before the collective (docs/reliability.md).
-    assert failing.returncode in (2, 4), tu.explain(failing)
+    # The ranks agree on every batch before its step (faults.agreed_batches): the rank that read
+    # the file names it, the other names the rank and the file, and both exit 2 before the step.
+    assert failing.returncode == 2, tu.explain(failing)
     assert f"unreadable image {bad}" in failing.stderr and "--skip-bad-images" in failing.stderr
+    assert "could not load its batch: unreadable image" in failing.stderr, tu.explain(failing)
+    assert "a collective failed" not in failing.stderr, tu.explain(failing)
+    assert _status(tmp_path / "strict")["exit_code"] == 2
     skipping = tu.run_deepspeed(base + ["--experiment", "skip", "--skip-bad-images", "-j", "1"], timeout=300)
     assert skipping.returncode == 0, tu.explain(skipping)
     results = json.loads((tmp_path / "skip" / "results.json").read_text())

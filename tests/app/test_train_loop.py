@@ -138,3 +138,113 @@ def test_validate_is_exact_over_the_shards(ranks):
     assert a["top5"] == pytest.approx(direct["top5"], abs=1e-9)
     assert a["loss"] == pytest.approx(direct["loss"], rel=1e-5)
     assert a["top5"] > a["top1"] or a["top5"] == 100.0
+
+
+class _Batches:
+    """A loader stand-in: ``n`` batches; batch ``fail_at`` raises ``error`` (a real exception)."""
+
+    def __init__(self, n: int, fail_at: int = -1, error: Exception | None = None):
+        self.n, self.fail_at, self.error = n, fail_at, error
+
+    def __iter__(self):
+        for i in range(self.n):
+            if i == self.fail_at:
+                raise self.error
+            yield torch.full((2,), float(i))
+
+
+def _run_agreed(loader, count: int, group, stop_after: int | None = None) -> dict:
+    """Train-step stand-in: one all-reduce on the default group per batch, as a step's gradients."""
+    import torch.distributed as dist
+
+    from ldb_ds.train.faults import agreed_batches
+
+    stepped = 0
+    try:
+        for batch in agreed_batches(loader, count, group):
+            dist.all_reduce(batch)
+            stepped += 1
+            if stop_after is not None and stepped == stop_after:
+                break
+    except Exception as err:  # noqa: BLE001 - the test looks at which error each rank got
+        return {"stepped": stepped, "error": type(err).__name__, "message": str(err)}
+    return {"stepped": stepped, "error": None}
+
+
+def _data_worker(rank: int) -> dict:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import ldb_ds
+    from ldb_ds.train.data import BadImageError, ShardedEval
+    from ldb_ds.train.faults import gloo_group
+    from ldb_ds.train.loop import validate
+
+    group = gloo_group(60.0)
+    out = {}
+    bad = BadImageError("unreadable image /data/b/3.png: OSError: truncated. Remove or replace the file, "
+                        "or pass --skip-bad-images")
+    out["bad_image"] = _run_agreed(_Batches(6, fail_at=3 if rank == 1 else -1, error=bad), 6, group)
+    out["crash"] = _run_agreed(_Batches(6, fail_at=1 if rank == 0 else -1, error=ValueError("worker bug")), 6, group)
+    out["early_stop"] = _run_agreed(_Batches(10), 5, group, stop_after=2)
+    flag = torch.ones(1)
+    dist.all_reduce(flag, group=group)  # the group is usable after an early stop (nothing left pending)
+    out["group_after_stop"] = float(flag)
+    out["short"] = _run_agreed(_Batches(2 if rank == 1 else 4), 4, group)
+
+    # ZeRO-3 evaluation over an odd number of images: every forward all-gathers parameters, so
+    # the shards must have equal lengths (padding that is not counted).
+    torch.manual_seed(0)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = ldb_ds.initialize(model=_model(), config=cfg)
+    g = torch.Generator().manual_seed(99)
+    images = torch.randn(TEST_IMAGES, 3, 8, 8, generator=g)
+    labels = torch.randint(0, CLASSES, (TEST_IMAGES,), generator=g)
+    loader = DataLoader(ShardedEval(TensorDataset(images, labels), rank, 2), batch_size=1)
+    out["zero3_batches"] = len(loader)
+    out["zero3_validate"] = validate(engine, loader, data_group=group)
+    engine.eval()
+    with torch.no_grad():
+        out["zero3_loss"] = float(F.cross_entropy(engine(images).float(), labels))
+    engine.destroy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_ranks():
+    return run_distributed(_data_worker, 2, timeout=300)
+
+
+def test_a_bad_batch_stops_every_rank_before_its_step(data_ranks):
+    r0, r1 = (r["bad_image"] for r in data_ranks)
+    # Three batches trained everywhere; no rank entered the fourth batch's collective.
+    assert r0["stepped"] == r1["stepped"] == 3, (r0, r1)
+    assert r1["error"] == "BadImageError" and "/data/b/3.png" in r1["message"]
+    assert r0["error"] == "DatasetError"
+    assert r0["message"].startswith("rank 1 could not load its batch: unreadable image /data/b/3.png")
+    assert "--skip-bad-images" in r0["message"]
+
+
+def test_a_crashed_loader_is_reported_to_the_other_ranks(data_ranks):
+    r0, r1 = (r["crash"] for r in data_ranks)
+    assert r0 == {"stepped": 1, "error": "ValueError", "message": "worker bug"}
+    assert r1["stepped"] == 1 and r1["error"] == "PeerBatchError"
+    assert r1["message"] == "rank 0 could not load its batch: worker bug"
+
+
+def test_early_stop_and_unequal_lengths(data_ranks):
+    for r in data_ranks:
+        assert r["early_stop"] == {"stepped": 2, "error": None}
+        assert r["group_after_stop"] == 2.0
+        short = r["short"]
+        assert short["stepped"] == 2 and short["error"] == "RuntimeError", short
+        assert "rank(s) [1] ran out of batches" in short["message"]
+
+
+def test_zero3_validate_over_an_odd_test_set(data_ranks):
+    a, b = data_ranks
+    assert a["zero3_batches"] == b["zero3_batches"] == 6  # 6 images per shard, one of them padding
+    assert a["zero3_validate"] == b["zero3_validate"]
+    assert a["zero3_validate"]["loss"] == pytest.approx(a["zero3_loss"], rel=1e-5)
