@@ -12,6 +12,13 @@ For each run (one model, ZeRO stage, world size):
 * **DROP / oracle DROP - baseline / oracle FULL**: the wrapper's own overhead in a DROP step
   over plain PyTorch with the same units frozen (paired per mask), against DeepSpeed's own
   overhead over plain PyTorch in a FULL step (paired per round). Target: within 0.03.
+* **the same overheads in milliseconds**: (median DROP step - median oracle DROP step) -
+  (median baseline step - median oracle FULL step). The ratio target above assumes DeepSpeed's
+  overhead scales with the step's compute. A fixed per-step cost does not: at ZeRO-3 every
+  forward and backward all-gathers every unit's parameters, dropped units included (their
+  weights are needed for the forward and for the input gradients), so the same milliseconds
+  over the DROP step's smaller compute give a larger ratio. A difference near 0 ms (or below)
+  says LDB adds nothing to DeepSpeed's own overhead in a DROP step even where the ratio misses.
 * **gradient bytes**: every counted DROP step handed exactly the kept units' bytes to the
   reductions. Target: exact (at world size 1 DeepSpeed reduces nothing: not applicable).
 
@@ -45,6 +52,10 @@ def paired_round_ratios(results: dict[str, Any], num: str, den: str) -> list[flo
     return [x / y for x, y in zip(a, b)]
 
 
+def _median_ms(results: dict[str, Any], variant: str) -> float:
+    return 1e3 * stats(results["variants"][variant]["samples_s"])["median"]
+
+
 def evaluate(result: dict[str, Any]) -> dict[str, Any]:
     """The target figures of one ``step`` result (the parsed ``step.json``)."""
     r = result["results"]
@@ -54,6 +65,8 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
     drop_overhead = r["key_figures"]["drop_over_oracle"]  # paired per mask
     drops = r["bytes"]["drop_steps"]
     counted = r["bytes"]["full_counted"] > 0
+    drop_excess_ms = _median_ms(r, "ldb_drop") - _median_ms(r, "oracle_drop")
+    ds_excess_ms = _median_ms(r, "baseline") - _median_ms(r, "oracle_full")
     return {
         "model": c["model"], "world_size": c["world_size"], "zero_stage": c["zero_stage"],
         "precision": c["precision"], "batch": c["micro_batch_per_rank"], "units": r["units"],
@@ -61,6 +74,8 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
         "drop_over_oracle": drop_overhead, "baseline_over_oracle_full": ds_overhead,
         "overhead_difference": drop_overhead["median"] - ds_overhead["median"],
         "meets_overhead": drop_overhead["median"] - ds_overhead["median"] <= OVERHEAD_TARGET,
+        "drop_excess_ms": drop_excess_ms, "baseline_excess_ms": ds_excess_ms,
+        "excess_difference_ms": drop_excess_ms - ds_excess_ms,
         "drop_bytes_exact": all(d["counted"] == d["expected"] for d in drops) if counted else None,
         "drop_steps_counted": len(drops),
     }
@@ -73,14 +88,17 @@ def _fmt(s: dict[str, float]) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = ("| model | world size | ZeRO | LDB FULL / baseline, per round: median [IQR] (min..max) | <= 1.01 "
             "| DROP / oracle DROP (per mask) | baseline / oracle FULL (per round) | difference | <= 0.03 "
-            "| DROP bytes = kept bytes |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| the same in ms: (DROP - oracle DROP) - (baseline - oracle FULL) "
+            "| DROP bytes = kept bytes |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for e in sorted(rows, key=lambda e: (e["model"], e["world_size"], e["zero_stage"])):
         exact = {True: "exact", False: "NO", None: "n/a (nothing reduced)"}[e["drop_bytes_exact"]]
         lines.append(f"| {e['model']} | {e['world_size']} | {e['zero_stage']} | {_fmt(e['full_over_baseline'])} "
                      f"| {'met' if e['meets_full'] else 'MISSED'} | {_fmt(e['drop_over_oracle'])} "
                      f"| {_fmt(e['baseline_over_oracle_full'])} | {e['overhead_difference']:+.3f} "
-                     f"| {'met' if e['meets_overhead'] else 'MISSED'} | {exact} |")
+                     f"| {'met' if e['meets_overhead'] else 'MISSED'} "
+                     f"| {e['drop_excess_ms']:.0f} - {e['baseline_excess_ms']:.0f} = {e['excess_difference_ms']:+.0f} ms "
+                     f"| {exact} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -42,6 +43,11 @@ def test_targets_from_a_real_step_run(tmp_path):
     assert targets.paired_round_ratios(result, "ldb_full", "baseline")[0] == pytest.approx(sum(full) / sum(base))
     assert row["drop_bytes_exact"] is True and row["drop_steps_counted"] == 2
     assert row["overhead_difference"] == row["drop_over_oracle"]["median"] - row["baseline_over_oracle_full"]["median"]
+    # The same overheads in milliseconds, from the recorded samples' medians.
+    ms = {v: 1e3 * statistics.median(result["variants"][v]["samples_s"])
+          for v in ("ldb_drop", "oracle_drop", "baseline", "oracle_full")}
+    assert row["drop_excess_ms"] == pytest.approx(ms["ldb_drop"] - ms["oracle_drop"])
+    assert row["excess_difference_ms"] == pytest.approx(row["drop_excess_ms"] - (ms["baseline"] - ms["oracle_full"]))
     text = out.read_text()
     assert text.count("\n| test_efficientnet | 1 | 2 |") == 1
 
