@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -45,7 +46,12 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, accele
             f.write(traceback.format_exc())
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            # Bounded: on torch 2.4.1, destroy_process_group can hang after gloo
+            # all_gather_into_tensor calls (seen in allgather_case, both ranks, after the
+            # result was saved); the result or the error is on disk already.
+            closer = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            closer.start()
+            closer.join(30.0)
         # Leave without interpreter teardown: a gloo/ZeRO-3 helper thread still being destroyed
         # there sometimes aborts the process ("terminate called without an active exception")
         # after all its work is done and saved. The result (or the error) is on disk already.
