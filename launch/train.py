@@ -13,7 +13,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # a checkout that was not pip-installed
     sys.path.insert(0, _REPO)
 
-from ldb_ds.train.main import main  # noqa: E402
+from ldb_ds.train.main import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

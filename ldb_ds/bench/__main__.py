@@ -1,8 +1,6 @@
 """``python -m ldb_ds.bench`` (and ``deepspeed --module ldb_ds.bench``)."""
 
-import sys
-
-from .cli import main
+from .cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -94,5 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``ldb-bench`` entry point: :func:`main`, then :func:`ldb_ds.runtime.exit_process` with its code."""
+    from ..runtime import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -280,5 +280,12 @@ def _die(rank: int, run: Any, code: int, message: str) -> None:
     os._exit(code)
 
 
+def run() -> None:
+    """The ``ldb-train`` entry point: :func:`main`, then :func:`ldb_ds.runtime.exit_process` with its code."""
+    from ldb_ds.runtime import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
