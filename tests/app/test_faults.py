@@ -294,6 +294,16 @@ def test_unreadable_image_named_or_skipped(tmp_path):
     results = json.loads((tmp_path / "skip" / "results.json").read_text())
     assert results["counters"]["bad_images"] == 1
     assert f"skipping unreadable image {bad}" in skipping.stdout
+    # The same at evaluation (after the epoch trained): rank 1's shard holds the file; both exit 2.
+    shutil.copy(tmp_path / "data" / "train" / "a" / "2.png", bad)  # the training set is whole again
+    bad_val = tmp_path / "data" / "val" / "a" / "3.png"
+    bad_val.write_bytes(bad_val.read_bytes()[:50])
+    evaluating = tu.run_deepspeed(base + ["--experiment", "strict_eval"], timeout=300)
+    assert evaluating.returncode == 2, tu.explain(evaluating)
+    assert f"unreadable image {bad_val}" in evaluating.stderr, tu.explain(evaluating)
+    assert "rank 1 could not load its batch" in evaluating.stderr, tu.explain(evaluating)
+    assert "epoch 0 [" not in evaluating.stdout  # the epoch's summary comes after its evaluation
+    assert _status(tmp_path / "strict_eval")["exit_code"] == 2
 
 
 def test_healthy_run_with_every_check_on(tmp_path):
