@@ -30,6 +30,7 @@ world size assumes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -82,13 +83,17 @@ def describe_run(model: torch.nn.Module, *, world_size: int, zero_stage: int, op
             "parameters": describe_model(model), "ldb": dict(ldb) if ldb is not None else None}
 
 
+def controller_of(engine: Any) -> Any:
+    """The LDB controller of an LDBEngine, or of an engine given LDB by ``ldb_ds.attach``; else ``None``."""
+    attachment = getattr(getattr(engine, "ds_engine", engine), "_ldb_attachment", None)
+    return getattr(engine, "controller", None) or getattr(attachment, "controller", None)
+
+
 def describe_engine(engine: Any) -> dict[str, Any]:
     """:func:`describe_run` of a live (LDB or DeepSpeed) engine."""
     ds = getattr(engine, "ds_engine", engine)
     opt = getattr(ds, "basic_optimizer", None)
-    # LDBEngine holds its controller; an engine given LDB by ldb_ds.attach holds an Attachment.
-    controller = getattr(engine, "controller", None) or getattr(getattr(ds, "_ldb_attachment", None),
-                                                                "controller", None)
+    controller = controller_of(engine)
     return describe_run(ds.module, world_size=_world(None), zero_stage=int(ds.zero_optimization_stage()),
                         optimizer=type(opt).__name__ if opt is not None else None,
                         ldb=controller.cfg.to_dict() if controller is not None else None)
@@ -207,7 +212,7 @@ def verify(save_dir: str, tag: str, *, group: Any = None) -> dict[str, Any]:
     except CheckpointError as err:
         mine = [str(err)]
         manifest = None
-    problems = sorted(p for part in _all_gather(mine, group) for p in part)
+    problems = sorted({p for part in _all_gather(mine, group) for p in part})  # a missing manifest: once
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
@@ -216,15 +221,18 @@ def verify(save_dir: str, tag: str, *, group: Any = None) -> dict[str, Any]:
 
 
 def list_tags(save_dir: str) -> list[str]:
-    """Tags that have a manifest: ``latest``'s first, then newest first."""
+    """Tags that have a manifest, ``latest``'s first, then newest first; not universal conversions
+    (``<tag>_universal`` carries its source's old world size and is pruned with its source)."""
     if not os.path.isdir(save_dir):
         return []
     created = {}
     for name in os.listdir(save_dir):
         try:
-            created[name] = read_manifest(save_dir, name)["created"]
+            manifest = read_manifest(save_dir, name)
         except CheckpointError:
             continue
+        if "universal_of" not in manifest:
+            created[name] = manifest["created"]
     order = sorted(created, key=lambda t: created[t], reverse=True)
     latest = read_latest(save_dir)
     if latest in created:
@@ -243,7 +251,8 @@ def find_resumable(save_dir: str, *, group: Any = None, warn: Callable[[str], No
     """
     bad: list[str] = []
     latest = read_latest(save_dir)
-    tags = list_tags(save_dir)
+    # verify is a collective: every rank tries rank 0's listing (another node's cache may lag).
+    tags = _all_gather(list_tags(save_dir), group)[0]
     if latest is not None and latest not in tags:
         bad.append(f"'latest' names {latest}, which is not a complete checkpoint")
         if warn:
@@ -355,8 +364,11 @@ def to_universal(save_dir: str, tag: str, *, group: Any = None, timeout_s: float
         try:
             verify_local(save_dir, out_tag)
         except CheckpointError:
-            error = _convert(save_dir, tag, out_tag, timeout_s)
-    error = _all_gather(error, group)[0]
+            try:
+                error = _convert(save_dir, tag, out_tag, timeout_s)
+            except Exception as err:  # noqa: BLE001 - the other ranks wait in the gather below
+                error = f"converting {tag} to a universal checkpoint failed: {type(err).__name__}: {err}"
+    error = _all_gather(error, group)[0]  # rank 0's outcome: every rank returns or raises alike
     if error:
         raise CheckpointError(error)
     return os.path.basename(out_dir)
@@ -470,22 +482,17 @@ def _fsync_dir(path: str) -> None:
         fd = os.open(path or ".", os.O_RDONLY)
     except OSError:
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def _remove_manifest(tag_dir: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(tag_dir, MANIFEST))
-    except FileNotFoundError:
-        pass
 
 
-__all__ = ["CheckpointError", "MANIFEST", "LATEST", "UNIVERSAL_SUFFIX", "ADAM_FAMILY", "rank_state_file",
-           "describe_model", "describe_run", "describe_engine", "save", "load_rank_state", "read_latest",
-           "read_manifest", "check_files", "verify", "verify_local", "list_tags", "find_resumable", "prune",
-           "check_compatible", "to_universal"]
+__all__ = ["CheckpointError", "controller_of", "MANIFEST", "LATEST", "UNIVERSAL_SUFFIX", "ADAM_FAMILY",
+           "rank_state_file", "describe_model", "describe_run", "describe_engine", "save", "load_rank_state",
+           "read_latest", "read_manifest", "check_files", "verify", "verify_local", "list_tags", "find_resumable",
+           "prune", "check_compatible", "to_universal"]

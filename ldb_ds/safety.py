@@ -27,6 +27,7 @@ import torch.distributed as torch_dist
 
 from deepspeed.accelerator import get_accelerator
 
+from .checkpointing import controller_of
 from .zero_hooks import zero_stage
 
 
@@ -84,7 +85,7 @@ def replica_digest(engine: Any) -> dict[str, str]:
     (stages 0-2); at ZeRO-3 parameters are partitioned, not replicated, so only the mask counts.
     """
     ds = getattr(engine, "ds_engine", engine)
-    controller = getattr(engine, "controller", None)
+    controller = controller_of(engine)
     mask = bytes(int(d) for d in controller.dropped) if controller is not None else b""
     out = {"mask": hashlib.sha256(mask).hexdigest()}
     if zero_stage(ds) != 3:
@@ -101,9 +102,9 @@ def check_replicas(engine: Any, *, group: Any = None, where: str = "") -> None:
     A collective over ``group`` (default: the default group). The reference is the value most
     ranks hold (rank 0's on a tie).
     """
-    mine = replica_digest(engine)
     if not torch_dist.is_initialized() or torch_dist.get_world_size(group) == 1:
-        return
+        return  # one replica: nothing to compare, and no hashing
+    mine = replica_digest(engine)
     everyone: list[Any] = [None] * torch_dist.get_world_size(group)
     torch_dist.all_gather_object(everyone, mine, group=group)
     problems, odd = [], set()
@@ -174,7 +175,7 @@ def drop_batch_precheck(engine: Any, inputs: torch.Tensor, loss_fn: Callable[[to
     if torch_dist.is_initialized() and torch_dist.get_world_size(group) > 1:
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=group)
     if float(flag.item()):
-        controller = getattr(engine, "controller", None)
+        controller = controller_of(engine)
         kappa = controller.cfg.batch_kappa if controller is not None else "batch_kappa"
         raise DropBatchMemoryError(
             f"the DROP epochs' micro batch ({inputs.shape[0]} per rank = {kappa} x the FULL one) does not fit in "

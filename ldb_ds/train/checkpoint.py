@@ -178,19 +178,23 @@ def plan_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, Any
     return ResumePlan(load_dir, tag, manifest, verdict["universal"], verdict["notes"])
 
 
-def load(engine: Any, plan: ResumePlan, *, rank: int, world_size: int) -> tuple[TrainState, dict | None]:
+def load(engine: Any, plan: ResumePlan, *, rank: int, world_size: int, group: Any = None,
+         timeout_s: float | None = None) -> tuple[TrainState, dict | None]:
     """Load ``plan``'s checkpoint into ``engine``; returns the loop's state and the LDB state saved.
 
     Each rank's BatchNorm buffers come back from its own file when the world size is the same.
     A checkpoint taken in the middle of an epoch at another world size resumes at the same
     number of samples into the epoch (rounded down): the order of the rest of that epoch then
-    differs from the interrupted run's.
+    differs from the interrupted run's. ``group``: the gloo group the ranks wait on while rank 0
+    converts to a universal checkpoint, which may take up to ``timeout_s`` (less than the
+    group's timeout, so a slow conversion ends in its own message, not in a lost collective).
     """
     import torch
 
     from ldb_ds.engine import CLIENT_STATE_KEY
 
-    tag = checkpointing.to_universal(plan.load_dir, plan.tag) if plan.universal else plan.tag
+    tag = checkpointing.to_universal(plan.load_dir, plan.tag, group=group, timeout_s=timeout_s) \
+        if plan.universal else plan.tag
     path, client = engine.load_checkpoint(plan.load_dir, tag=tag)
     if path is None:
         raise ResumeError(f"DeepSpeed could not load {os.path.join(plan.load_dir, tag)}")

@@ -191,7 +191,7 @@ def agreed_batches(loader: Any, count: int, group: Any) -> Iterator[Any]:
     import torch.distributed as dist
 
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        for i, batch in zip(range(count), loader):
+        for _, batch in zip(range(count), loader):
             yield batch
         return
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -238,7 +238,8 @@ def _raise_agreed(status: Any, err: BaseException | None, group: Any, rank: int)
         ended = [r for r, c in enumerate(codes) if c == _END]
         raise RuntimeError(f"the data loader of rank(s) {ended} ran out of batches before the others' "
                            "(the ranks' samplers give different lengths)")
-    # A rare path: gather the failing ranks' messages so every rank names the file.
+    # ``status`` is the all-reduced vector, the same on every rank, so every rank takes this path
+    # and issues this gather: the failing ranks' messages, so that every rank names the file.
     messages: list[Any] = [None] * len(codes)
     dist.all_gather_object(messages, unwrap_error(err) if err is not None else None, group=group)
     if err is not None:

@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 from .cli import default_experiment, parse_args, resolve_ds_config
 from .console import error, log
@@ -68,8 +68,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     from ldb_ds.runtime import init_process, input_dtype, teardown
     from ldb_ds.safety import weights_digest
     from ldb_ds.train import checkpoint, faults
-    from ldb_ds.train.data import (DatasetError, SeededDataset, ShardedEval, SkipBadImages, collate_skipping,
-                                   unwrap_error)
+    from ldb_ds.train.data import SeededDataset, ShardedEval, SkipBadImages, collate_skipping
     from ldb_ds.train.guard import RunGuard, drop_precheck
     from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit, validate
     from ldb_ds.train.models import create_model
@@ -158,9 +157,12 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     state, ldb_state = checkpoint.TrainState(), None
     if plan is not None:
         try:
-            state, ldb_state = checkpoint.load(engine, plan, rank=proc.rank, world_size=proc.world_size)
-        except checkpoint.CheckpointError as err:
+            state, ldb_state = checkpoint.load(engine, plan, rank=proc.rank, world_size=proc.world_size,
+                                                group=control, timeout_s=0.8 * opts.dist_timeout)
+        except checkpoint.CheckpointError as err:  # every rank: to_universal's outcome is gathered
             faults.print_rank(proc.rank, str(err))
+            if proc.is_main:
+                run.write_status("failed", faults.EXIT_USAGE, str(err))
             teardown(engine)
             return faults.EXIT_USAGE
         for note in plan.notes:
@@ -187,10 +189,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
 
     dtype = input_dtype(engine)
     if opts.eval:
-        try:
-            res = validate(engine, eval_loader, dtype, data_group=data_group)
-        except DatasetError as err:  # every rank raises it (the batches are agreed)
-            _die(proc.rank, run if proc.is_main else None, faults.EXIT_USAGE, unwrap_error(err))
+        res = _guarded(lambda: validate(engine, eval_loader, dtype, data_group=data_group), proc.rank,
+                       run if proc.is_main else None, lambda: "evaluation")
         log(f"eval: top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
         teardown(engine)
         return faults.EXIT_OK
@@ -218,20 +218,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         watchdog = faults.Watchdog(heartbeat, watch_group, rank=proc.rank, world_size=proc.world_size,
                                    timeout_s=opts.dist_timeout, on_report=report)
         watchdog.start()
-    try:
-        run_s = fit(ctx)
-    except DatasetError as err:
-        # An unreadable image, on this rank or another: every rank raises it before the batch's
-        # step (faults.agreed_batches), so every rank exits 2 with the file named.
-        _die(proc.rank, run if proc.is_main else None, faults.EXIT_USAGE, unwrap_error(err))
-    except faults.PeerBatchError as err:  # another rank's loader crashed (its traceback is above)
-        _die(proc.rank, run if proc.is_main else None, faults.EXIT_ERROR, str(err))
-    except Exception as err:
-        if not faults.is_distributed_failure(err):
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _die(proc.rank, run if proc.is_main else None, faults.EXIT_HUNG,
-             f"a collective failed at {heartbeat.describe()}: {first}")
+    run_s = _guarded(lambda: fit(ctx), proc.rank, run if proc.is_main else None, heartbeat.describe)
     if watchdog is not None:
         watchdog.stop()
     stop_signal.restore()
@@ -267,7 +254,30 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     return faults.EXIT_OK
 
 
-def _die(rank: int, run: Any, code: int, message: str) -> None:
+def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], str]) -> Any:
+    """``call()``; the failures every rank meets alike end the process with their exit code.
+
+    A data error (an unreadable image, here or on another rank: the batches are agreed before
+    their step, ``faults.agreed_batches``) exits 2 with the file named; another rank's crashed
+    loader exits 1; a collective that failed (a lost peer) exits 4, naming ``where()``.
+    """
+    from ldb_ds.train import faults
+    from ldb_ds.train.data import DatasetError, unwrap_error
+
+    try:
+        return call()
+    except DatasetError as err:
+        _die(rank, run, faults.EXIT_USAGE, unwrap_error(err))
+    except faults.PeerBatchError as err:  # that rank's traceback is above
+        _die(rank, run, faults.EXIT_ERROR, str(err))
+    except Exception as err:
+        if not faults.is_distributed_failure(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _die(rank, run, faults.EXIT_HUNG, f"a collective failed at {where()}: {first}")
+
+
+def _die(rank: int, run: Any, code: int, message: str) -> NoReturn:
     """Report and leave at once: a peer may be gone, so a collective teardown could wait forever."""
     from ldb_ds.train import faults
 

@@ -77,6 +77,8 @@ def test_resume_at_another_world_size(tmp_path):
     zero0, adam2, sgd2 = loaded
     assert not zero0["universal"] and "a ZeRO-0 checkpoint loads as it is" in zero0["notes"][0]
     assert adam2["universal"] and "universal checkpoint" in adam2["notes"][0]
+    # The conversion sits beside its source but is not a checkpoint of its own (resume, prune).
+    assert adam2["converted_to"] == "t_universal" and adam2["tags"] == ["t"]
     for i, case in enumerate((zero0, adam2)):
         assert case["client"] == i and case["ldb_steps"] == 3  # 2 loaded + the step after
         # The step after loading matches world size 2's (same global batch, state loaded).

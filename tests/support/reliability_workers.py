@@ -319,7 +319,8 @@ def resume_at_world_size_1(rank: int, root: str) -> list[dict[str, Any]]:
             engine.backward(F.cross_entropy(engine(x[half]).float(), y[half]))
             engine.step()
         out.append({"universal": verdict["universal"], "notes": verdict["notes"], "client": client.get("case"),
-                    "loaded": loaded, "after": full_params(engine), "ldb_steps": engine.ldb.steps})
+                    "loaded": loaded, "after": full_params(engine), "ldb_steps": engine.ldb.steps,
+                    "tags": checkpointing.list_tags(save_dir), "converted_to": tag})
         engine.destroy()
     return out
 
