@@ -227,11 +227,11 @@ def list_tags(save_dir: str) -> list[str]:
         return []
     created = {}
     for name in os.listdir(save_dir):
-        try:
-            manifest = read_manifest(save_dir, name)
+        try:  # no links, and only the tag its manifest names: what save() wrote (all that prune deletes)
+            manifest = {} if os.path.islink(os.path.join(save_dir, name)) else read_manifest(save_dir, name)
         except CheckpointError:
             continue
-        if "universal_of" not in manifest:
+        if "universal_of" not in manifest and manifest.get("tag") == name:
             created[name] = manifest["created"]
     order = sorted(created, key=lambda t: created[t], reverse=True)
     latest = read_latest(save_dir)
@@ -283,8 +283,9 @@ def prune(save_dir: str, keep_last: int, keep: Sequence[str] = ()) -> list[str]:
     gone = [t for t in by_age if t not in keep_set]
     for tag in gone:
         _remove_manifest(os.path.join(save_dir, tag))  # incomplete first, so a crash here leaves no lie
-        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
-        shutil.rmtree(os.path.join(save_dir, tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+        for name in (tag, tag + UNIVERSAL_SUFFIX):  # never through a link out of save_dir (issue 18)
+            if os.path.isdir(path := os.path.join(save_dir, name)) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
     return gone
 
 

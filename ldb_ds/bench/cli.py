@@ -9,8 +9,9 @@
 
 Modes (comma-separated modes share one process and one process group): ``step``
 (:mod:`.step`), ``epochs``, ``sweep-drop-rate``, ``sweep-sampling-rate`` (:mod:`.epochs`),
-``accuracy`` (:mod:`.accuracy`), ``scaling`` (:mod:`.scaling`) and ``report`` (re-renders
-Markdown, PNG and TensorBoard files from the JSON files in a directory).
+``accuracy`` (:mod:`.accuracy`), ``counts`` (:mod:`.counts`), ``host`` (:mod:`.host`),
+``scaling`` (:mod:`.scaling`) and ``report`` (re-renders Markdown, PNG and TensorBoard files
+from the JSON files in a directory).
 
 Timing rules (docs/benchmark.md): wall clock (``time.perf_counter``) with the accelerator
 synchronised around every timed region, warm-up excluded, baseline and LDB alternated in one
@@ -33,6 +34,7 @@ def _runners() -> dict[str, Callable[[BenchContext], dict[str, Any]]]:
     from .accuracy import run_accuracy
     from .counts import run_counts
     from .epochs import run_epochs, run_sweep
+    from .host import run_host
     from .project import run_project
     from .step import run_step
 
@@ -44,6 +46,7 @@ def _runners() -> dict[str, Callable[[BenchContext], dict[str, Any]]]:
         "accuracy": run_accuracy,
         "counts": run_counts,
         "project": run_project,
+        "host": run_host,
     }
 
 
@@ -68,8 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse(argv)
     out = opts.output
     if opts.modes == ["report"]:
+        for d in opts.report_dirs or [out.out]:
+            if not os.path.isdir(d):
+                return _usage_error(f"report: {d} is not a directory of result JSON files")
         run_report(opts)
         return 0
+    # Every rank checks the same path before any process group exists, so all stop alike. The
+    # benchmark only ever adds files to --out (it deletes nothing), and refuses a file in its place.
+    problem = check_out_dir(out.out)
+    if problem:
+        return _usage_error(problem)
     if opts.modes == ["scaling"]:
         from .scaling import run_scaling
 
@@ -92,6 +103,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         teardown()
     return 0
+
+
+def check_out_dir(out: str) -> str:
+    """``""`` if ``--out`` is, or can be created as, a writable directory; else the one-line reason."""
+    if not out or "\0" in out:
+        return f"--out {out!r} is not a usable directory name"
+    path = os.path.abspath(out)
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)  # the nearest existing ancestor decides
+    if not os.path.isdir(probe):
+        where = "is an existing file" if probe == path else f"lies under {probe}, which is a file"
+        return f"--out {out} {where}, not a directory; ldb-bench never replaces files: choose a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out}: {probe} is not writable; choose a writable directory"
+    return ""
+
+
+def _usage_error(message: str) -> int:
+    """One line on stderr (rank 0 only: every rank found the same), exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ldb-bench: error: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def run() -> None:

@@ -16,16 +16,18 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
+import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, Sequence, Union, get_args, get_origin, get_type_hints
 
-from ..config import LDBConfig
+from ..config import DEFAULTS, LDBConfig, LDBConfigError
 from .alphabeta import Links
 
-MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "counts", "project", "scaling",
-         "report")
+MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "counts", "project", "host",
+         "scaling", "report")
 ALL = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy")
 """What ``all`` runs."""
 DESCRIPTION = ("Benchmark LayerDropBack against the DeepSpeed baseline, side by side in one run "
@@ -71,6 +73,11 @@ class RunOptions:
     def __post_init__(self) -> None:
         for name in ("img_size", "num_classes", "batch_size"):
             _positive(name, getattr(self, name))
+        _at_least("lr", self.lr, 0.0)
+        _at_least("momentum", self.momentum, 0.0, 1.0)
+        _at_least("weight_decay", self.weight_decay, 0.0)
+        _at_least("seed", self.seed, 0)
+        _at_least("threads", self.threads, 1)
 
 
 @dataclass
@@ -94,6 +101,8 @@ class StepOptions:
         _positive("rounds", self.rounds)
         _positive("steps_per_round", self.steps_per_round)
         _positive("dw_reps", self.dw_reps)
+        _at_least("warmup_rounds", self.warmup_rounds, 0)
+        _at_least("byte_steps", self.byte_steps, 0)
 
 
 @dataclass
@@ -126,8 +135,15 @@ class EpochOptions:
     """Length of the schedule whose speedup is derived from the measured epoch times."""
 
     def __post_init__(self) -> None:
-        for name in ("samples_per_rank", "periods", "reps", "sweep_periods", "sweep_reps", "acc_epochs"):
+        for name in ("samples_per_rank", "periods", "reps", "sweep_periods", "sweep_reps", "acc_epochs",
+                     "schedule_epochs"):
             _positive(name, getattr(self, name))
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("acc_limit", self.acc_limit, 1)
+        if not self.drop_rates or any(not 0.0 <= r < 1.0 for r in self.drop_rates):
+            _fail(f"--drop-rates must be numbers in [0, 1), got {self.drop_rates}")
+        if not self.sampling_rates or min(self.sampling_rates) < 1:
+            _fail(f"--sampling-rates must be integers >= 1, got {self.sampling_rates}")
 
 
 @dataclass
@@ -145,7 +161,7 @@ class ScalingOptions:
 
     def __post_init__(self) -> None:
         if not self.world_sizes or min(self.world_sizes) < 1:
-            raise SystemExit(f"--world-sizes must be integers >= 1, got {self.world_sizes}")
+            _fail(f"--world-sizes must be integers >= 1, got {self.world_sizes}")
 
 
 @dataclass
@@ -164,7 +180,7 @@ class CountsOptions:
     def __post_init__(self) -> None:
         _positive("count_steps", self.count_steps)
         if any(s not in (0, 1, 2, 3) for s in self.count_stages):
-            raise SystemExit(f"--count-stages must be ZeRO stages 0-3, got {self.count_stages}")
+            _fail(f"--count-stages must be ZeRO stages 0-3, got {self.count_stages}")
 
 
 @dataclass
@@ -213,14 +229,66 @@ class ProjectOptions:
 
     def __post_init__(self) -> None:
         if self.overlap is not None and not 0.0 <= self.overlap <= 1.0:
-            raise SystemExit(f"--overlap must lie in [0, 1], got {self.overlap}")
+            _fail(f"--overlap must lie in [0, 1], got {self.overlap}")
         for name in ("gpus_per_node", "project_reps"):
             _positive(name, getattr(self, name))
         if not self.compute_scales or min(self.compute_scales) <= 0:
-            raise SystemExit(f"--compute-scales must be numbers > 0, got {self.compute_scales}")
+            _fail(f"--compute-scales must be numbers > 0, got {self.compute_scales}")
         for name in ("intra_bw_gbs", "inter_bw_gbs"):
             if getattr(self, name) <= 0:
-                raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                _fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("intra_lat_us", "inter_lat_us"):
+            _at_least(name, getattr(self, name), 0.0)
+        if not self.project_world_sizes or min(self.project_world_sizes) < 1:
+            _fail(f"--project-world-sizes must be integers >= 1, got {self.project_world_sizes}")
+
+
+# ============================================================================ host mode (issue 16, item 1)
+# One block on purpose (the rest of this file is edited for input validation): the host mode's options.
+# It is wired in by three one-word entries: "host" in MODES, HostOptions in GROUPS, BenchOptions.host.
+
+
+@dataclass
+class HostOptions:
+    """host mode (host work per step on a model of N tiny units: ops, syncs, copies, collectives)"""
+
+    host_units: tuple[int, ...] = (50, 200)
+    """Model sizes N: N x Linear(width, width) + ReLU, every Linear one LDB unit."""
+    host_stages: tuple[int, ...] = (0, 1, 2, 3)
+    """ZeRO stages of the cells."""
+    host_precisions: tuple[str, ...] = ("fp32", "bf16")
+    """Precisions of the cells (fp32, bf16)."""
+    host_optimizers: tuple[str, ...] = ("sgd", "adamw")
+    """Optimizers of the cells: sgd (momentum 0.9), adamw (torch's, through DeepSpeed's torch_adam); foreach=True."""
+    host_width: int = 8
+    """Width w of each Linear(w, w)."""
+    host_batch: int = 4
+    """Micro batch per rank (FULL and DROP steps alike)."""
+    host_warmup: int = 2
+    """Untimed, uncounted steps of every variant first."""
+    host_rounds: int = 3
+    """Timed interleaved rounds (deepspeed, off, full, drop; rotated); 0: counts only."""
+    host_steps_per_round: int = 2
+    """Timed steps per variant and round."""
+
+    def __post_init__(self) -> None:
+        if not self.host_units or min(self.host_units) < 3:
+            _fail(f"--host-units must be integers >= 3 (keep_first + keep_last + 1), "
+                  f"got {','.join(map(str, self.host_units))!r}")
+        checks = (("host_stages", self.host_stages, (0, 1, 2, 3)),
+                  ("host_precisions", self.host_precisions, ("fp32", "bf16")),
+                  ("host_optimizers", self.host_optimizers, ("sgd", "adamw")))
+        for name, values, allowed in checks:
+            if not values or any(v not in allowed for v in values):
+                _fail(f"{flag_of(name)} must be a comma-separated list of {', '.join(map(str, allowed))}; "
+                      f"got {','.join(map(str, values))!r}")
+        for name in ("host_width", "host_batch", "host_steps_per_round"):
+            _positive(name, getattr(self, name))
+        for name in ("host_warmup", "host_rounds"):
+            if getattr(self, name) < 0:
+                _fail(f"{flag_of(name)} must be >= 0, got {getattr(self, name)}")
+
+# ============================================================================ end of host mode block
 
 
 @dataclass
@@ -239,7 +307,7 @@ class OutputOptions:
 
 GROUPS: dict[str, type] = {"run": RunOptions, "step": StepOptions, "epochs": EpochOptions,
                            "scaling": ScalingOptions, "counts": CountsOptions,
-                           "project": ProjectOptions, "output": OutputOptions}
+                           "project": ProjectOptions, "host": HostOptions, "output": OutputOptions}
 LDB_FLAGS = {"seed": "--ldb-seed"}
 """``layer_drop_back`` keys whose flag is not ``--<key>`` (``--seed`` is the model seed)."""
 LDB_EXCLUDED = ("enabled",)
@@ -258,6 +326,7 @@ class BenchOptions:
     scaling: ScalingOptions
     counts: CountsOptions
     project: ProjectOptions
+    host: HostOptions
     output: OutputOptions
     ldb: dict[str, Any]
     """The ``layer_drop_back`` keys given on the command line (the others keep LDBConfig's defaults)."""
@@ -332,7 +401,7 @@ def argument_for(tp: Any, default: Any, doc: str, name: str, optional_default: b
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ldb-bench`` parser, generated from :data:`GROUPS` and :class:`LDBConfig`."""
-    p = argparse.ArgumentParser(prog="ldb-bench", description=DESCRIPTION)
+    p = _Parser(prog="ldb-bench", description=DESCRIPTION)
     p.add_argument("mode", help=f"comma-separated list of: {', '.join(MODES)}; or 'all' ({','.join(ALL)})")
     p.add_argument("report_dirs", nargs="*", help="report mode: directories holding result JSON files")
     for key, cls in GROUPS.items():
@@ -360,19 +429,29 @@ def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        raise SystemExit(f"unknown mode(s) {', '.join(bad) or repr(text)}; expected {', '.join(MODES)} or 'all'")
+        _fail(f"unknown mode(s) {', '.join(bad) or repr(text)}; expected {', '.join(MODES)} or 'all'")
     if any(m in ALONE for m in modes) and len(modes) > 1:
-        raise SystemExit(f"{' and '.join(repr(m) for m in ALONE)} run alone")
+        _fail(f"{' and '.join(repr(m) for m in ALONE)} run alone")
     return modes
 
 
 def parse(argv: Sequence[str]) -> BenchOptions:
-    """Parse ``argv`` into typed options (a bad value exits with a message naming the flag)."""
+    """Parse ``argv`` into typed options (a bad value exits with status 2 and one line naming the flag)."""
     ns = vars(build_parser().parse_args(list(argv)))
+    for dest, value in ns.items():  # before any check below: NaN passes every `< minimum` comparison
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            name = dest.split(".", 1)[-1]
+            _fail(f"{LDB_FLAGS.get(name, flag_of(name)) if dest.startswith('ldb.') else flag_of(name)} "
+                  f"= {value!r} is not allowed: expected finite numbers")
     groups = {key: cls(**{f.name: ns[f"{key}.{f.name}"] for f in dataclasses.fields(cls)})
               for key, cls in GROUPS.items()}
     ldb = {f.name: ns[f"ldb.{f.name}"] for f in dataclasses.fields(LDBConfig)
            if f.name not in LDB_EXCLUDED and ns[f"ldb.{f.name}"] is not None}
+    try:  # the layer_drop_back section's own checks, now rather than after the process group starts
+        LDBConfig.from_dict({**DEFAULTS.to_dict(), **ldb})
+    except LDBConfigError as err:
+        _fail(str(err))
     return BenchOptions(modes=parse_modes(ns["mode"]), report_dirs=list(ns["report_dirs"]), ldb=ldb, **groups)
 
 
@@ -381,11 +460,34 @@ def flags_of(cls: type) -> tuple[str, ...]:
     return tuple(flag_of(f.name) for f in dataclasses.fields(cls))
 
 
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit status 2 (as argparse's own errors): the usage is in --help."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # every rank parses alike: one line per job
+        print(f"ldb-bench: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (argparse prints the whole usage first: 60 lines here)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see ldb-bench --help)")
+
+
 def _positive(name: str, value: int) -> None:
     if value < 1:
-        raise SystemExit(f"{flag_of(name)} must be >= 1, got {value}")
+        _fail(f"{flag_of(name)} must be >= 1, got {value}")
+
+
+def _at_least(name: str, value: float | None, low: float, high: float | None = None) -> None:
+    """``low <= value (<= high)``; ``None`` passes (an optional value not given)."""
+    if value is not None and (value < low or (high is not None and value > high)):
+        _fail(f"{flag_of(name)} must be " + (f">= {low}" if high is None else f"in [{low}, {high}]")
+              + f", got {value}")
 
 
 __all__ = ["MODES", "ALL", "ALONE", "BenchOptions", "RunOptions", "StepOptions", "EpochOptions", "ScalingOptions",
-           "CountsOptions", "ProjectOptions", "OutputOptions", "GROUPS", "build_parser", "parse", "parse_modes",
-           "flags_of", "field_docs"]
+           "CountsOptions", "ProjectOptions", "HostOptions", "OutputOptions", "GROUPS", "build_parser", "parse",
+           "parse_modes", "flags_of", "field_docs"]

@@ -100,6 +100,10 @@ def save(engine: Any, ckpt_dir: str, state: TrainState, opts: TrainOptions, mode
     import torch.distributed as dist
 
     tag = tag or epoch_tag(state.next_epoch - 1)
+    # Checked on every rank and agreed before anything is written: a non-finite checkpoint must
+    # never become `latest` (the one --resume auto and requeue scripts trust).
+    if not weights_finite(engine, group):
+        raise NonFiniteWeightsError(nonfinite_weights_message(engine, state.last_tag, tag))
     if metric is not None and (state.best is None or metric > state.best["top1"]):
         state.best = {"tag": tag, "epoch": state.next_epoch - 1, "top1": float(metric)}
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -114,6 +118,45 @@ def save(engine: Any, ckpt_dir: str, state: TrainState, opts: TrainOptions, mode
     if rank == 0 and opts.checkpoint_hist:
         checkpointing.prune(ckpt_dir, opts.checkpoint_hist, keep=[state.best["tag"]] if state.best else [])
     return tag
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The model's weights hold NaN or infinity: nothing was saved (exit code 3)."""
+
+
+def weights_finite(engine: Any, group: Any = None) -> bool:
+    """Whether every rank's parameters and floating buffers are finite (all ranks get the same answer).
+
+    Each rank checks what it holds (its ZeRO-3 partition, ``ds_tensor``, else the full tensor),
+    then one MIN all-reduce of a flag over ``group`` (the gloo control group: host-side, no device
+    synchronisation beyond the checks themselves) makes it a single verdict.
+    """
+    import torch
+    import torch.distributed as dist
+
+    ok = True
+    with torch.no_grad():
+        tensors = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+        tensors += [b for b in engine.module.buffers() if b.is_floating_point()]
+        for t in tensors:
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                ok = False
+                break
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        ok = bool(int(flag.item()))
+    return ok
+
+
+def nonfinite_weights_message(engine: Any, last_tag: str | None, tag: str | None = None) -> str:
+    """The one line for weights that became non-finite (exit code 3)."""
+    step = int(getattr(engine, "global_steps", 0))
+    skipped = f"checkpoint {tag} was not saved; " if tag else ""
+    return (f"the weights became non-finite after optimizer step {step} (the gradients were finite: the update "
+            f"itself overflowed); {skipped}" + (f"the last good checkpoint is {last_tag} and 'latest' still names it"
+                                                  if last_tag else "no checkpoint was saved") +
+            ". Lower the learning rate or the weight decay")
 
 
 # --------------------------------------------------------------------------- resume
@@ -217,5 +260,6 @@ def load(engine: Any, plan: ResumePlan, *, rank: int, world_size: int, group: An
     return state, (client or {}).get(CLIENT_STATE_KEY)
 
 
-__all__ = ["TrainState", "ResumeError", "CheckpointError", "ResumePlan", "epoch_tag", "step_tag", "save",
+__all__ = ["TrainState", "ResumeError", "CheckpointError", "NonFiniteWeightsError", "weights_finite",
+           "nonfinite_weights_message", "ResumePlan", "epoch_tag", "step_tag", "save",
            "plan_resume", "load"]

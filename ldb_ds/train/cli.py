@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from typing import Any, Mapping
+import sys
+from typing import Any, Mapping, NoReturn
 
 from . import options
 from .options import OptionsError, TrainOptions
@@ -32,6 +34,18 @@ RECORD_KEY = "run"
 options, so ``-c`` skips it."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no 30-line usage first), printed by one rank, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        from .console import is_main
+
+        if is_main():
+            sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+            sys.stderr.flush()
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per :class:`TrainOptions` field.
 
@@ -39,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     result): the real defaults live in the dataclass, so ``parse_args`` can tell a value given
     on the command line from one that was not.
     """
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ldb-train", description="Train an image classifier with DeepSpeed and "
         "LayerDropBack (ldb_ds). Options may also come from -c FILE.yaml and from the "
         "DeepSpeed JSON's 'train' section; see docs/training.md.",
@@ -84,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
             ds_config = load_ds_config(ds_path)
         except (FileNotFoundError, LDBConfigError) as err:
             raise OptionsError(str(err)) from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise OptionsError(f"cannot read the DeepSpeed config {ds_path}: {err}") from None
+        if not isinstance(ds_config, dict):
+            raise OptionsError(f"{ds_path} holds a JSON {type(ds_config).__name__}, not an object: a DeepSpeed "
+                               'config is one {"key": value, ...} object (see ds_configs/)')
+        check_finite_numbers(ds_config, ds_path)
         section = ds_config.get(TRAIN_SECTION, {})
         if section is None:
             section = {}
@@ -95,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
                                "(see ds_configs/)")
         values = {**from_json, **from_yaml, **given, "deepspeed_config": ds_path}
         opts = TrainOptions(**values)
+        check_ds_config(ds_config, ds_path, opts, launched_world_size())
         if opts.sched is None:
             opts.sched = "none" if "scheduler" in ds_config else "cosine"
         elif opts.sched != "none" and "scheduler" in ds_config:
@@ -171,6 +192,64 @@ def check_keys(section: Mapping[str, Any], where: str, deny: tuple[str, ...] = (
         raise OptionsError(f"{where} cannot set {', '.join(sorted(cli_only))}: give it on the "
                            "command line" + (" or in the -c file" if deny else ""))
     return out
+
+
+def check_finite_numbers(value: Any, where: str, key: str = "") -> None:
+    """Refuse NaN and infinity anywhere in a config (Python's JSON reader accepts ``NaN`` and
+    ``Infinity``, and ``1e999`` reads as infinity); every DeepSpeed and LDB number is meant finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionsError(f"{where}: {key} = {value!r} is not allowed: expected a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite_numbers(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite_numbers(v, where, f"{key}[{i}]")
+
+
+def launched_world_size() -> int | None:
+    """The world size the launcher announced (torchrun/deepspeed: WORLD_SIZE; mpirun: OMPI_COMM_WORLD_SIZE),
+    ``None`` if unknown; read before any process group exists. A single process is world size 1."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        text = os.environ.get(name, "")
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    return None if "LOCAL_RANK" in os.environ or "RANK" in os.environ else 1
+
+
+def check_ds_config(ds_config: dict, where: str, opts: TrainOptions, world_size: int | None) -> None:
+    """DeepSpeed's own checks that would otherwise fail inside ``deepspeed.initialize`` on every rank,
+    as a 30-line traceback: the ZeRO stage and the batch-size arithmetic (issue 18). Run before any
+    process group exists, so every rank stops alike and nobody waits for a peer that left."""
+    zero = ds_config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise OptionsError(f"{where}: zero_optimization must be an object, got {type(zero).__name__}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise OptionsError(f"{where}: zero_optimization.stage = {stage!r} is not allowed: DeepSpeed's ZeRO "
+                           "stages are 0, 1, 2 and 3")
+    names = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    train, micro, gas = (ds_config.get(n) for n in names)
+    if opts.batch_size is not None:  # as resolve_ds_config: the micro batch wins, the global one is derived
+        train, micro = None, opts.batch_size
+    for name, value in zip(names, (train, micro, gas)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionsError(f"{where}: {name} = {value!r} is not allowed: expected an integer >= 1")
+    if train is None and micro is None:
+        raise OptionsError(f"{where} sets neither train_batch_size nor train_micro_batch_size_per_gpu; set one, "
+                           "or pass --batch-size")
+    if world_size is None or train is None:
+        return
+    per_rank = train / world_size
+    if micro is not None and gas is not None and micro * gas * world_size != train:
+        raise OptionsError(f"{where}: train_batch_size {train} is not train_micro_batch_size_per_gpu {micro} x "
+                           f"gradient_accumulation_steps {gas} x world size {world_size}; drop train_batch_size "
+                           "(it is derived) or make the product match")
+    split = micro or gas or 1
+    if per_rank != int(per_rank) or int(per_rank) % split:
+        raise OptionsError(f"{where}: train_batch_size {train} does not divide into world size {world_size} x "
+                           f"{'micro batch' if micro else 'accumulation steps'} {split}; drop train_batch_size "
+                           "and set train_micro_batch_size_per_gpu (or --batch-size)")
 
 
 def resolve_ds_config(ds_config: dict, opts: TrainOptions) -> dict:
@@ -252,4 +331,5 @@ if __name__ == "__main__":  # python -m ldb_ds.train.cli [--update-docs [docs/tr
 
 
 __all__ = ["TRAIN_SECTION", "RECORD_KEY", "build_parser", "parse_args", "load_yaml", "check_keys",
+           "check_finite_numbers", "launched_world_size", "check_ds_config",
            "resolve_ds_config", "default_experiment", "options_table"]

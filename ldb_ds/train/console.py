@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 PREFIX = "[ldb-train]"
 
 
+def launched_rank() -> int:
+    """The rank the launcher gave this process (RANK; mpirun: OMPI_COMM_WORLD_RANK), 0 if none."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        text = os.environ.get(name, "")
+        if text.isdigit():
+            return int(text)
+    return 0
+
+
 def is_main() -> bool:
-    """Rank 0, or any process before the process group exists (then every rank checks alike)."""
+    """Rank 0. Before the process group exists every rank checks alike and finds the same, so the
+    launcher's rank variable picks the one that speaks: one line per job, not one per rank."""
     dist = sys.modules.get("deepspeed.comm")  # not imported yet: no process group either
-    return dist is None or not dist.is_initialized() or dist.get_rank() == 0
+    if dist is None or not dist.is_initialized():
+        return launched_rank() == 0
+    return dist.get_rank() == 0
 
 
 def log(msg: str) -> None:
@@ -24,4 +37,4 @@ def error(msg: str) -> None:
         print(f"{PREFIX} error: {msg}", file=sys.stderr, flush=True)
 
 
-__all__ = ["PREFIX", "log", "error", "is_main"]
+__all__ = ["PREFIX", "log", "error", "is_main", "launched_rank"]

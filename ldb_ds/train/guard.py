@@ -93,6 +93,15 @@ class RunGuard:
             # Counted (results.json "counters"), so a run can show that its replicas were checked.
             ctx.state.counters["replica_checks"] = ctx.state.counters.get("replica_checks", 0) + 1
         signal_name = self.agreement.check(step) if self.agreement is not None else None
+        try:
+            return self._signal_and_checkpoint(event, step, signal_name)
+        except checkpoint.NonFiniteWeightsError as err:  # every rank: the verdict is agreed
+            ctx.stop(EXIT_NONFINITE, str(err))
+            return True
+
+    def _signal_and_checkpoint(self, event: StepEvent, step: int, signal_name: str | None) -> bool:
+        """Steps 3 and 4 above: the preemption checkpoint, or a step checkpoint when due."""
+        ctx, opts = self.ctx, self.ctx.opts
         if signal_name:
             t0 = time.perf_counter()
             tag = self.save(event, "preempt")

@@ -384,9 +384,15 @@ def fit(ctx: TrainContext) -> float:
                         "steps": ep["steps"], "mode": mode.value},
                 {k: (res or {}).get(k) for k in ("top1", "top5", "loss")}, lr)
         if opts.ckpt_every and _due(opts.ckpt_every, epoch, last):
-            with paused(hb, "checkpoint save"):
-                checkpoint.save(engine, ctx.run.checkpoints, state, opts, mode.value, kind="epoch",
-                                metric=(res or {}).get("top1"), group=ctx.control_group)
+            try:
+                with paused(hb, "checkpoint save"):
+                    checkpoint.save(engine, ctx.run.checkpoints, state, opts, mode.value, kind="epoch",
+                                    metric=(res or {}).get("top1"), group=ctx.control_group)
+            except checkpoint.NonFiniteWeightsError as err:  # every rank: the verdict is agreed
+                from .faults import EXIT_NONFINITE
+
+                ctx.stop(EXIT_NONFINITE, str(err))
+                break
         if any([bool(hook(epoch, ep)) for hook in ctx.epoch_hooks]):
             break
     return time.perf_counter() - t0

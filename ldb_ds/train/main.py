@@ -18,8 +18,10 @@ checkpoints (:mod:`.checkpoint`), the loop (:mod:`.loop`), TensorBoard figures
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import time
 import warnings
 from typing import Any, Callable, NoReturn
 
@@ -46,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     # Checked before any process group exists: every rank checks the same names and builds the
     # same dataset, so a bad name or a missing dataset fails on every rank alike, with a clear
     # message, before DeepSpeed starts (and nobody waits for a rank that has left).
+    from ldb_ds.train.rundir import check_output
+
     try:
         LDBConfig.from_ds_config(ds_config_in)  # a bad layer_drop_back section fails here
         check_model_name(opts.model)
+        problem = check_output(opts.output)  # a file or a read-only folder as --output
+        if problem:
+            raise DatasetError(problem)
         data = None if opts.dataset_download else make_data(False)
     except (DatasetError, ModelError, LDBConfigError) as err:
         error(str(err))
@@ -73,6 +80,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit, validate
     from ldb_ds.train.models import create_model
     from ldb_ds.train.monitor import TrainMonitor
+    from ldb_ds.train import rundir as run_files
     from ldb_ds.train.rundir import RunDir
 
     proc = init_process(threads=opts.threads, timeout_s=opts.dist_timeout)
@@ -99,8 +107,18 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         # DeepSpeed 0.19.8 clips at 1.0 unless told otherwise; say so instead of hiding it.
         log("note: the config does not set gradient_clipping; DeepSpeed 0.19.8 then clips at 1.0")
     if data is None:  # --dataset-download: one rank downloads, the others wait and read
-        data = make_data(True) if proc.is_main else None
-        dist.barrier()
+        data, failure = None, ""
+        if proc.is_main:
+            try:
+                data = make_data(True)
+            except Exception as err:  # offline, a proxy, a full disk: reported below, once
+                failure = _download_failure(err)
+        # Instead of a barrier: rank 0 tells the others whether the download worked, so a
+        # failed download ends every rank with rank 0's one line (no rank left waiting on a peer).
+        if not _agree_ok(not failure, None, device=proc.device):
+            error(failure or "the dataset download failed on rank 0")
+            teardown()
+            return faults.EXIT_USAGE
         data = data or make_data(False)
     # Host-side agreement (manifests, stop flags, hashes) on gloo groups of their own: no device
     # sync, and the watchdog's group is used by its thread only.
@@ -140,9 +158,25 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     train_set = SeededDataset(SkipBadImages(data.train) if opts.skip_bad_images else data.train, opts.seed)
     test_set = SkipBadImages(data.test) if opts.skip_bad_images else data.test
     collate = collate_skipping if opts.skip_bad_images else None
-    engine, _, train_loader, _ = ldb_ds.initialize(
-        model=model, model_parameters=list(model.parameters()), training_data=train_set,
-        config=ds_config, num_workers=opts.workers, collate_fn=collate)
+    try:
+        engine, _, train_loader, _ = ldb_ds.initialize(
+            model=model, model_parameters=list(model.parameters()), training_data=train_set,
+            config=ds_config, num_workers=opts.workers, collate_fn=collate)
+    except _config_errors() as err:
+        # The same config and model on every rank: every rank fails here alike, before any
+        # collective of the engine, so each leaves on its own and only rank 0 prints.
+        message = _first_line(err)
+        error(f"the DeepSpeed config {opts.deepspeed_config} was refused for this model: {message}")
+        if proc.is_main:
+            run.write_status("failed", faults.EXIT_USAGE, message)
+        teardown()
+        return faults.EXIT_USAGE
+    # The app's non-finite policy (--on-nonfinite) is the same at every stage and with LDB on or
+    # off: ldb_ds installs the stage-0 fp32 skip only with LDB on (off, the library costs what
+    # DeepSpeed costs), so the app installs it itself (a no-op where it is installed or not needed).
+    from ldb_ds import zero_hooks
+
+    zero_hooks.install_nonfinite_skip(engine.ds_engine)
     ldb = engine.ldb
     log(f"LDB {'enabled' if ldb.enabled else 'disabled'}: {len(ldb.units)} units"
         + (f", {ldb.config}" if ldb.enabled else ""))
@@ -172,25 +206,33 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     elif opts.resume == "auto":
         log(f"--resume auto: no checkpoint in {run.checkpoints} yet, starting afresh")
 
-    if proc.is_main:
-        run.write_args(opts, {
-            "world_size": proc.world_size, "num_classes": num_classes, "img_size": data.img_size,
-            "dataset_description": data.describe(), "threads_per_rank": proc.threads,
-            "ldb": ldb.config.to_dict(), "zero_stage": engine.zero_optimization_stage(),
-            "micro_batch_per_rank": engine.train_micro_batch_size_per_gpu(),
-            "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
-            "train_batch_size": engine.train_batch_size(),
-            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                         "ldb_ds": ldb_ds.__version__}})
-        run.write_ds_config(ds_config)
-        if opts.resume and not opts.eval:
-            run.trim_summary(state.next_epoch)
-            run.trim_masks(state.next_epoch, state.step_in_epoch)
+    write_error = ""
+    try:
+        if proc.is_main:
+            _write_start_files(run, opts, state, ds_config, {
+                "world_size": proc.world_size, "num_classes": num_classes, "img_size": data.img_size,
+                "dataset_description": data.describe(), "threads_per_rank": proc.threads,
+                "ldb": ldb.config.to_dict(), "zero_stage": engine.zero_optimization_stage(),
+                "micro_batch_per_rank": engine.train_micro_batch_size_per_gpu(),
+                "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+                "train_batch_size": engine.train_batch_size(),
+                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                             "ldb_ds": ldb_ds.__version__}})
+    except OSError as err:
+        write_error = run_files.describe_os_error(err)
+    if not _agree_ok(not write_error, control, device=proc.device):
+        error(write_error or "rank 0 could not write the run directory")
+        if proc.is_main:
+            with contextlib.suppress(OSError):
+                run.write_status("failed", faults.EXIT_USAGE, write_error)
+        teardown(engine)
+        return faults.EXIT_USAGE
 
     dtype = input_dtype(engine)
+
     if opts.eval:
         res = _guarded(lambda: validate(engine, eval_loader, dtype, data_group=data_group), proc.rank,
-                       run if proc.is_main else None, lambda: "evaluation")
+                       run, lambda: "evaluation", is_main=proc.is_main)
         log(f"eval: top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
         teardown(engine)
         return faults.EXIT_OK
@@ -207,8 +249,6 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
                                                         num_classes))
     agreement = faults.StopAgreement(stop_signal, control, opts.stop_check_every) if signals else None
     ctx.step_hooks.append(RunGuard(ctx, agreement))
-    if proc.is_main:
-        run.write_status("running", None, "", pid=os.getpid())
     watchdog = None
     if proc.world_size > 1:
         def report(msg: str) -> None:
@@ -218,7 +258,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         watchdog = faults.Watchdog(heartbeat, watch_group, rank=proc.rank, world_size=proc.world_size,
                                    timeout_s=opts.dist_timeout, on_report=report)
         watchdog.start()
-    run_s = _guarded(lambda: fit(ctx), proc.rank, run if proc.is_main else None, heartbeat.describe)
+    run_s = _guarded(lambda: fit(ctx), proc.rank, run, heartbeat.describe, is_main=proc.is_main)
     if watchdog is not None:
         watchdog.stop()
     stop_signal.restore()
@@ -234,6 +274,15 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         teardown(engine)
         return ctx.exit_code
 
+    # The gradient guard cannot see weights that an update itself made non-finite (a huge weight
+    # decay or LR with a finite gradient): check the weights of the last step before `completed`.
+    if not checkpoint.weights_finite(engine, control):
+        message = checkpoint.nonfinite_weights_message(engine, state.last_tag)
+        error(message)
+        if proc.is_main:
+            run.write_status("failed", faults.EXIT_NONFINITE, message, checkpoint=state.last_tag)
+        teardown(engine)
+        return faults.EXIT_NONFINITE
     digest = weights_digest(engine)  # a collective at ZeRO-3 (parameters gathered)
     if proc.is_main:
         history = state.history
@@ -254,27 +303,60 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     return faults.EXIT_OK
 
 
-def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], str]) -> Any:
+def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], str], *, is_main: bool) -> Any:
     """``call()``; the failures every rank meets alike end the process with their exit code.
 
     A data error (an unreadable image, here or on another rank: the batches are agreed before
     their step, ``faults.agreed_batches``) exits 2 with the file named; another rank's crashed
-    loader exits 1; a collective that failed (a lost peer) exits 4, naming ``where()``.
+    loader exits 1; an OS error on the output (a full disk while saving) exits 2 on the rank that
+    met it, naming the file; a collective that failed (a lost peer) exits 4, naming ``where()``,
+    unless a peer has just recorded its own failure in ``status.json``: then this rank leaves
+    quietly with the peer's code (the peer's line is the one that explains).
     """
     from ldb_ds.train import faults
     from ldb_ds.train.data import DatasetError, unwrap_error
+    from ldb_ds.train.rundir import OUTPUT_ERRNOS, describe_os_error
 
+    started = time.time()
     try:
         return call()
     except DatasetError as err:
-        _die(rank, run, faults.EXIT_USAGE, unwrap_error(err))
+        _die(rank, run if is_main else None, faults.EXIT_USAGE, unwrap_error(err))
     except faults.PeerBatchError as err:  # that rank's traceback is above
-        _die(rank, run, faults.EXIT_ERROR, str(err))
+        _die(rank, run if is_main else None, faults.EXIT_ERROR, str(err))
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        # Only this rank knows: it writes the status itself (rank 0 or not), then leaves.
+        _die(rank, run, faults.EXIT_USAGE, describe_os_error(err))
     except Exception as err:
         if not faults.is_distributed_failure(err):
             raise
+        peer = _peer_failure(run, started)
+        if peer is not None:
+            sys.stdout.flush()
+            os._exit(peer)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _die(rank, run, faults.EXIT_HUNG, f"a collective failed at {where()}: {first}")
+        _die(rank, run if is_main else None, faults.EXIT_HUNG, f"a collective failed at {where()}: {first}")
+
+
+def _peer_failure(run: Any, since: float, wait_s: float = 3.0) -> int | None:
+    """The exit code a peer recorded in ``status.json`` after ``since`` (``None`` if none within ``wait_s``).
+
+    A rank that leaves on an error of its own closes its gloo connections, and its peers then fail
+    in their next collective: that is a consequence, not news, so they stay quiet.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            with open(run.status_json) as f:
+                status = json.load(f)
+            if status.get("status") == "failed" and status.get("exit_code") and \
+                    float(status.get("time", since)) >= since:
+                return int(status["exit_code"])
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
 
 
 def _die(rank: int, run: Any, code: int, message: str) -> NoReturn:
@@ -288,6 +370,61 @@ def _die(rank: int, run: Any, code: int, message: str) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _agree_ok(ok: bool, group: Any, *, device: Any = None) -> bool:
+    """Whether every rank is ``ok`` (a MIN all-reduce; ``group=None``: the default group, on ``device``).
+
+    Used where one rank did something the others depend on (rank 0 writing the run files,
+    downloading the data): all ranks learn the outcome and leave together, in bounded time.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device if group is None else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(int(flag.item()))
+
+
+def _write_start_files(run: Any, opts: TrainOptions, state: Any, ds_config: dict, record: dict) -> None:
+    """Rank 0: ``args.yaml``, ``ds_config.json``, the trimmed summary and masks of a resume, ``running``."""
+    steps = [(run.args_yaml, lambda: run.write_args(opts, record)),
+             (run.ds_config_json, lambda: run.write_ds_config(ds_config))]
+    if opts.resume and not opts.eval:
+        steps += [(run.summary_csv, lambda: run.trim_summary(state.next_epoch)),
+                  (run.masks_jsonl, lambda: run.trim_masks(state.next_epoch, state.step_in_epoch))]
+    if not opts.eval:
+        steps.append((run.status_json, lambda: run.write_status("running", None, "", pid=os.getpid())))
+    for path, write in steps:
+        try:
+            write()
+        except OSError as err:
+            err.filename = err.filename or path  # a full disk fails at close(), which names no file
+            raise
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What ``ldb_ds.initialize`` raises for a config that does not fit (DeepSpeed asserts, pydantic)."""
+    from ldb_ds.config import LDBConfigError
+
+    errors: list[type[BaseException]] = [LDBConfigError, AssertionError, ValueError]
+    with contextlib.suppress(ImportError):
+        from pydantic import ValidationError
+        errors.append(ValidationError)
+    return tuple(errors)
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")[:2]).strip()
+    return text or type(err).__name__
+
+
+def _download_failure(err: BaseException) -> str:
+    """One line for a failed ``--dataset-download`` (usually: no network)."""
+    return (f"--dataset-download failed: {_first_line(err)}. Without network access, download the files "
+            "elsewhere, copy them to --data-dir and leave --dataset-download off")
 
 
 def run() -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args, get_origin
@@ -37,7 +39,7 @@ class OptionsError(ValueError):
 
 def _opt(group: str, default: Any, help: str, *, flags: tuple[str, ...] = (),
          aliases: tuple[str, ...] = (), scope: Scope = "run", minimum: float | None = None,
-         default_text: str | None = None, **argparse_kwargs: Any) -> Any:
+         maximum: float | None = None, default_text: str | None = None, **argparse_kwargs: Any) -> Any:
     """A field with what the parser and the docs need.
 
     ``flags``: extra spellings on the command line only (``-b``); ``aliases``: earlier long
@@ -49,7 +51,7 @@ def _opt(group: str, default: Any, help: str, *, flags: tuple[str, ...] = (),
     if group not in GROUPS:
         raise ValueError(f"unknown option group {group!r}")
     meta = dict(group=group, help=help, flags=flags, aliases=aliases, scope=scope,
-                minimum=minimum, default_text=default_text, argparse=argparse_kwargs)
+                minimum=minimum, maximum=maximum, default_text=default_text, argparse=argparse_kwargs)
     return field(default=default, metadata=meta)
 
 
@@ -90,12 +92,13 @@ class TrainOptions:
                         "most 64), cifar (always) or original (never)")
     num_classes: Optional[int] = _model(None, "classifier size", minimum=1,
                                         default_text="dataset's")
-    drop_path: Optional[float] = _model(None, "timm drop_path_rate", minimum=0.0,
+    drop_path: Optional[float] = _model(None, "timm drop_path_rate", minimum=0.0, maximum=1.0,
                                         default_text="model's")
 
     # -- data --------------------------------------------------------------------------------
     dataset: Dataset = _data("digits", "dataset (see docs/training.md, Datasets)")
-    data_dir: Optional[str] = _data(None, "dataset root (not needed for digits and synthetic)")
+    data_dir: Optional[str] = _data(None, "dataset root (cifar10, cifar100, imagefolder); refused with digits and "
+                                    "synthetic, which are bundled or generated and would ignore it")
     dataset_download: bool = _data(False, "let torchvision download CIFAR (rank 0 downloads, "
                                    "the others wait)", aliases=("--download",))
     no_verify_data: bool = _data(False, "skip torchvision's MD5 check of the CIFAR files (for "
@@ -150,10 +153,12 @@ class TrainOptions:
     # -- output ------------------------------------------------------------------------------
     output: str = _out("runs", "log root (TensorBoard's output_path)")
     experiment: Optional[str] = _out(
-        None, "run name under --output (TensorBoard's job_name); the run directory is "
-        "<output>/<experiment>", default_text="<dataset>-<model>-<ldb|baseline>-z<stage>-ws<N>")
-    overwrite: bool = _out(False, "delete an existing run directory first (without it an "
-                           "existing non-empty run directory is an error unless --resume)",
+        None, "run name under --output (TensorBoard's job_name): one path component (no '/', not '.' "
+        "or '..'); the run directory is <output>/<experiment>",
+        default_text="<dataset>-<model>-<ldb|baseline>-z<stage>-ws<N>")
+    overwrite: bool = _out(False, "delete an existing run directory first, only if ldb-train created it (it "
+                           "holds the .ldb_ds_run marker) and it lies directly in --output; without "
+                           "--overwrite an existing non-empty run directory is an error unless --resume",
                            scope="invocation")
     ckpt_every: int = _out(1, "save a checkpoint every N epochs and after the last (0: never)",
                            minimum=0)
@@ -204,6 +209,16 @@ class TrainOptions:
         hints = type_hints()
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name), hints[f.name])
+        check_run_name(self.experiment)
+        if self.data_dir is not None and self.dataset in ("digits", "synthetic"):
+            # Refused, not ignored: a user who names a folder expects it to be read (issue 18).
+            raise OptionsError(f"--data-dir (data_dir) = {self.data_dir!r} is not used by --dataset {self.dataset} "
+                               "(bundled or generated data); drop --data-dir, or choose cifar10, cifar100 or "
+                               "imagefolder")
+        if not self.output:
+            raise OptionsError("--output (output) must not be empty: give a directory, e.g. runs")
+        if "\0" in self.output:
+            raise OptionsError(f"--output (output) = {self.output!r} contains a NUL character")
         from .faults import parse_signals  # pure Python, like this module
 
         try:
@@ -259,6 +274,22 @@ def check_value(name: str, value: Any) -> None:
     _check(f, value, type_hints()[name])
 
 
+def check_run_name(name: str | None) -> None:
+    """Refuse a run name that is not exactly one path component (``None``: the default name).
+
+    The name is joined to ``--output`` and ``--overwrite`` deletes the result: ``..``, ``.``, a
+    separator or an absolute path would point the deletion outside ``--output`` (issue 18).
+    """
+    if name is None:
+        return
+    where = "--experiment (experiment)"
+    seps = [s for s in ("/", os.sep, os.altsep) if s]
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or any(s in name for s in seps) \
+            or os.path.isabs(name):
+        raise OptionsError(f"{where} = {name!r} is not allowed: a run name is one folder name under --output "
+                           "(no '/', not '.', '..' or empty); put the parent folder in --output")
+
+
 def _check(f: dataclasses.Field, value: Any, hint: Any) -> None:
     kind, choices, optional = base_type(hint)
     where = f"{flag(f.name)} ({f.name})"
@@ -279,10 +310,15 @@ def _check(f: dataclasses.Field, value: Any, hint: Any) -> None:
     if choices is not None and value not in choices:
         raise OptionsError(f"{where} = {value!r} is not allowed: expected one of "
                            + ", ".join(choices))
-    minimum = f.metadata["minimum"]
+    # NaN fails every comparison, so a `value < minimum` check lets it through: test it first.
+    if kind is float and not math.isfinite(value):
+        raise OptionsError(f"{where} = {value!r} is not allowed: expected a finite number")
+    minimum, maximum = f.metadata["minimum"], f.metadata["maximum"]
     if minimum is not None and value < minimum:
         raise OptionsError(f"{where} = {value!r} is not allowed: expected a value >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise OptionsError(f"{where} = {value!r} is not allowed: expected a value <= {maximum}")
 
 
 __all__ = ["TrainOptions", "OptionsError", "Dataset", "Stem", "Sched", "DistBN", "NonFinite", "GROUPS",
-           "fields", "type_hints", "base_type", "flag", "key_aliases", "check_value"]
+           "fields", "type_hints", "base_type", "flag", "key_aliases", "check_value", "check_run_name"]

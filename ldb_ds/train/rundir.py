@@ -20,14 +20,58 @@ run may start.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from typing import Any
 
 from .cli import RECORD_KEY
-from .console import log
+from .console import error
 from .options import TrainOptions
+
+MARKER = ".ldb_ds_run"
+"""Written into every run directory ldb-train creates; ``--overwrite`` deletes only directories holding it."""
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "no space left on the device: free space there or choose another {option}",
+    errno.EDQUOT: "the disk quota is exceeded: free space there or choose another {option}",
+    errno.EROFS: "the file system is read-only: choose a writable {option}",
+    errno.EACCES: "permission denied: choose a folder you may write to as {option}",
+    errno.EPERM: "permission denied: choose a folder you may write to as {option}",
+    errno.ENOTDIR: "a file stands where a folder is needed: remove it or choose another {option}",
+    errno.EEXIST: "a file stands where a folder is needed: remove it or choose another {option}",
+}
+OUTPUT_ERRNOS = frozenset(_OS_ERROR_HINTS)
+"""OS errors that mean "the output location is unusable" (a user's mistake or a full disk, not a bug)."""
+
+
+def describe_os_error(err: OSError, option: str = "--output") -> str:
+    """One line for an OS error on an output file: the file, the cause and what to do."""
+    hint = _OS_ERROR_HINTS.get(err.errno, "check that {option} is a writable folder").format(option=option)
+    name = err.filename or "the output"
+    return f"cannot write {name}: {err.strerror or err} ({hint})"
+
+
+def check_output(output: str) -> str:
+    """Before any process group exists: ``""`` if ``output`` can hold run folders, else why not.
+
+    Every rank checks alike (the same path), so a file where the folder should be, or a folder
+    that cannot be written, stops every rank before DeepSpeed starts, with one line.
+    """
+    path = os.path.abspath(output)
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing ancestor decides whether it can be created
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == path else f"lies under {probe}, which is a file"
+        return f"--output {output} {what}, not a folder; choose a folder for the runs"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--output {output}: {probe} is not writable (permission denied or read-only); choose a writable folder"
+    return ""
 
 
 class RunDir:
@@ -50,26 +94,59 @@ class RunDir:
 
         ``continuing`` (``--resume``/``--eval``) uses an existing directory as it is. Otherwise
         an existing non-empty directory is replaced with ``overwrite`` and refused without it:
-        a new run never mixes its files with an old one's. A collective: rank 0 decides and
-        broadcasts the verdict, so every rank returns the same answer and they exit together.
+        a new run never mixes its files with an old one's. ``overwrite`` deletes only a directory
+        that holds :data:`MARKER` (ldb-train created it) and resolves to a direct child of the
+        resolved ``--output``: a symbolic link or a folder a person made is never deleted. A
+        collective: rank 0 decides and broadcasts the verdict, so every rank returns the same
+        answer and they exit together (no rank meets a lost peer).
         """
         import deepspeed.comm as dist
         import torch
 
         refused = torch.zeros(1, dtype=torch.int32, device=device)
-        if is_main and not continuing and os.path.isdir(self.path) and os.listdir(self.path):
-            if overwrite:
-                shutil.rmtree(self.path)
-            else:
-                log(f"error: the run directory {self.path} exists; pass --resume to continue "
-                    "it, --overwrite to replace it, or --experiment NAME")
+        if is_main:
+            try:
+                problem = self._prepare_on_main(overwrite=overwrite, continuing=continuing)
+            except OSError as err:
+                problem = describe_os_error(err, "--output")
+            if problem:
+                error(problem)
                 refused += 1
         dist.broadcast(refused, src=0)
-        if int(refused.item()):
-            return False
-        if is_main:
-            os.makedirs(self.path, exist_ok=True)
-        return True
+        return not int(refused.item())
+
+    def _prepare_on_main(self, *, overwrite: bool, continuing: bool) -> str:
+        """Rank 0's part of :meth:`prepare`: ``""`` when the directory is ready, else the one-line reason."""
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            return (f"the run directory {self.path} exists and is not a directory; remove it or choose "
+                    "another --experiment")
+        if not continuing and os.path.isdir(self.path) and os.listdir(self.path):
+            if not overwrite:
+                return (f"the run directory {self.path} exists; pass --resume to continue it, --overwrite "
+                        "to replace it, or --experiment NAME")
+            why_not = self.deletable()
+            if why_not:
+                return why_not
+            shutil.rmtree(self.path)
+        os.makedirs(self.path, exist_ok=True)
+        marker = os.path.join(self.path, MARKER)
+        if not os.path.exists(marker) and (not continuing or not os.listdir(self.path)):
+            # Written only into a folder this run starts (new or empty): the marker is what later
+            # allows --overwrite to delete it, so it must never be added to a folder of unknown origin.
+            with open(marker, "w") as f:
+                f.write("created by ldb-train; --overwrite deletes only folders holding this file\n")
+        return ""
+
+    def deletable(self) -> str:
+        """``""`` if ``--overwrite`` may delete the run directory, else why not (one line)."""
+        real_out, real_run = os.path.realpath(self.output), os.path.realpath(self.path)
+        if os.path.islink(self.path) or os.path.dirname(real_run) != real_out or real_run == real_out:
+            return (f"--overwrite refused: {self.path} resolves to {real_run}, which is not a folder directly "
+                    f"inside --output {real_out}; nothing was deleted. Choose another --experiment")
+        if not os.path.isfile(os.path.join(self.path, MARKER)):
+            return (f"--overwrite refused: {self.path} was not created by ldb-train (it has no {MARKER} file); "
+                    "nothing was deleted. Delete it yourself, or choose another --experiment")
+        return ""
 
     def write_args(self, opts: TrainOptions, record: dict[str, Any]) -> None:
         """``args.yaml``: the run's options (what ``-c`` replays), then the ``run:`` record.
@@ -123,12 +200,36 @@ class RunDir:
 
         data = {"status": status, "exit_code": exit_code, "message": message, "time": time.time(), **extra}
         tmp = f"{self.status_json}.tmp{os.getpid()}"
-        os.makedirs(self.path, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.status_json)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.status_json)
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if status == "running" or not self._overwrite_status_in_place(status, exit_code):
+                raise
+
+    def _overwrite_status_in_place(self, status: str, exit_code: int | None) -> bool:
+        """Last resort on a full disk: turn the old ``status.json`` into a short ``failed`` one in place.
+
+        A new file needs a free block, rewriting the first bytes of an existing one does not (the
+        earlier ``running`` status is longer than this record; JSON allows the trailing spaces).
+        Without it a job stopped by a full disk would be left ``running`` and requeued forever.
+        """
+        record = json.dumps({"status": status, "exit_code": exit_code, "message": "disk full"})
+        try:
+            size = os.path.getsize(self.status_json)
+            if size < len(record):
+                return False
+            with open(self.status_json, "r+") as f:
+                f.write(record + " " * (size - len(record)))
+            return True
+        except OSError:
+            return False
 
     def trim_masks(self, epoch: int, step: int) -> None:
         """Drop ``masks.jsonl`` lines after micro step ``step`` of ``epoch`` (a resume trains them again)."""
@@ -142,4 +243,4 @@ class RunDir:
                 f.writelines(keep)
 
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "MARKER", "OUTPUT_ERRNOS", "describe_os_error", "check_output"]
