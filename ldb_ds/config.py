@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -83,7 +84,18 @@ class LDBConfig:
 
     keep_last: int = 1
     """Units at the end that are never dropped (paper: the last layer; at ``param``
-    granularity use 2 to keep the classifier's weight and bias as the authors do)."""
+    granularity use 2 to keep the classifier's weight and bias as the authors do).
+
+    ``keep_first`` and ``keep_last`` may not both be 0 while ``drop_rate > 0``: every unit
+    would then be sampleable, and a DROP step that happens to drop all of them leaves nothing
+    to train (DeepSpeed fails mid-run on a loss that needs no gradient). ldb_ds refuses that
+    setting rather than redraw or keep a unit of its choosing, which would change the paper's
+    mask distribution (each unit dropped independently with probability p).
+
+    A tied weight (an embedding shared with the head) is one tensor, so it belongs to one
+    unit, at its first use (the embedding); the head then has no unit of its own and
+    ``keep_last = 1`` keeps the last module with a weight of its own (e.g. the final norm).
+    The tied weight is kept by ``keep_first >= 1``. ``ldb_ds.initialize`` warns and names both."""
 
     resample: ResamplePolicy = "step"
     """``step``: a new mask every optimizer step (authors' code); ``epoch``: one
@@ -114,7 +126,7 @@ class LDBConfig:
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
-        _check_type("drop_rate", self.drop_rate, (int, float))
+        _check_number("drop_rate", self.drop_rate)
         if not 0.0 <= float(self.drop_rate) < 1.0:
             _fail("drop_rate", self.drop_rate, "a probability with 0 <= drop_rate < 1")
         _check_type("sampling_rate", self.sampling_rate, int)
@@ -127,9 +139,14 @@ class LDBConfig:
             _check_type(key, value, int)
             if value < 0:
                 _fail(key, value, "an integer >= 0")
+        if self.keep_first == 0 and self.keep_last == 0 and self.drop_rate > 0:
+            raise LDBConfigError(
+                f"{SECTION}: keep_first = 0 and keep_last = 0 with drop_rate = {self.drop_rate!r} is not allowed: "
+                f"every unit could be dropped in the same DROP step, leaving nothing to train. Set keep_last >= 1 "
+                f"(the paper keeps the last layer) or keep_first >= 1.")
         _check_choice("resample", self.resample, RESAMPLE_POLICIES)
         _check_choice("lr_policy", self.lr_policy, LR_POLICIES)
-        _check_type("kappa", self.kappa, (int, float))
+        _check_number("kappa", self.kappa)
         if not float(self.kappa) > 0.0:
             _fail("kappa", self.kappa, "a number > 0")
         _check_type("batch_kappa", self.batch_kappa, int)
@@ -183,14 +200,34 @@ class LDBConfig:
 
     @classmethod
     def from_ds_config(cls, ds_config: str | os.PathLike | Mapping[str, Any] | None) -> "LDBConfig":
-        """Read the section from a DeepSpeed config given as a dict or a JSON file path."""
-        return cls.from_dict(load_ds_config(ds_config).get(SECTION))
+        """Read the section from a DeepSpeed config given as a dict or a JSON file path.
+
+        ``"layer_drop_back": null`` is read as an absent section (LDB off), with a warning.
+        """
+        full = load_ds_config(ds_config)
+        if SECTION in full and full[SECTION] is None:
+            _warn_null_section()
+        return cls.from_dict(full.get(SECTION))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _not_enabled_warned = False
+_null_warned = False
+
+
+def _warn_null_section() -> None:
+    # JSON null is how some config generators write "unset"; a user who wrote it may expect LDB
+    # on (or off) and gets off: say so once, and how to write each intent.
+    global _null_warned
+    if _null_warned:
+        return
+    _null_warned = True
+    warnings.warn(f"ldb_ds: \"{SECTION}\": null in the DeepSpeed config turns LayerDropBack OFF (read as an absent "
+                  f"section). Write \"{SECTION}\": {{\"enabled\": false}} (or remove the section) to keep it off "
+                  f"without this warning, or \"{SECTION}\": {{\"enabled\": true}} to turn it on.",
+                  UserWarning, stacklevel=4)
 
 
 def _warn_not_enabled(section: Mapping[str, Any]) -> None:
@@ -217,15 +254,23 @@ def load_ds_config(ds_config: str | os.PathLike | Mapping[str, Any] | None) -> d
         return {}
     if isinstance(ds_config, Mapping):
         return dict(ds_config)
+    if not isinstance(ds_config, (str, os.PathLike)):
+        raise TypeError(f"the DeepSpeed config must be a JSON file path (str or os.PathLike) or a dict, "
+                        f"got {type(ds_config).__name__}: {ds_config!r}")
     path = os.fspath(ds_config)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
     with open(path) as f:
         text = f.read()
     try:
-        return json.loads(text)
+        loaded = json.loads(text)
     except json.JSONDecodeError as err:
         json_error = err
+    else:
+        if not isinstance(loaded, Mapping):  # DeepSpeed would fail on .get() with an AttributeError
+            raise LDBConfigError(f"DeepSpeed config {path} must hold a JSON object ({{...}}), "
+                                 f"got a JSON {type(loaded).__name__}")
+        return loaded
     try:
         import hjson  # DeepSpeed's own config reader (a pure-Python dependency of DeepSpeed)
     except ImportError:
@@ -254,6 +299,17 @@ def _check_type(key: str, value: Any, types: type | tuple[type, ...]) -> None:
     if not ok:
         names = " or ".join(t.__name__ for t in wanted)
         _fail(key, value, f"a value of type {names}")
+
+
+def _check_number(key: str, value: Any) -> None:
+    # NaN fails every comparison and inf passes "> 0", so range checks alone let both through.
+    _check_type(key, value, (int, float))
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        _fail(key, value, "a finite number")
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -26,6 +26,8 @@ follows one mask from the config to the optimizer step.
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -38,13 +40,14 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 from . import guards, zero_hooks
-from .attach import new_controller, run_step
-from .config import LDBConfig, load_ds_config
+from .attach import STATE_FILE, new_controller, run_step
+from .config import LDBConfig, LDBConfigError, load_ds_config
 from .controller import LDBState
 from .guards import LDBUnsupportedError
 from .sampler import ScalableBatchSampler, build_dataloader
-from .schedule import Mode
-from .units import Unit, build_units, check_sampleable, normalise_param_groups, split_groups_by_unit, trainable_params
+from .schedule import Mode, check_epoch
+from .units import (Unit, build_units, check_sampleable, describe_tied_weights, normalise_param_groups,
+                    split_groups_by_unit, tied_weights, trainable_params)
 
 CLIENT_STATE_KEY = "layer_drop_back"
 
@@ -68,6 +71,7 @@ class LDBEngine:
         self._base_train_batch = ds_engine.train_batch_size()
         self._batch_checked = True   # set False by set_epoch in DROP epochs with micro_batch scaling
         self._batch_warned = False
+        self._backward_since_step = False  # step() without backward() fails deep inside DeepSpeed
 
     # -- pass-through ---------------------------------------------------------
 
@@ -93,10 +97,23 @@ class LDBEngine:
         return self.ds_engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> Any:
-        return self.ds_engine.backward(loss, **kwargs)
+        result = self.ds_engine.backward(loss, **kwargs)
+        self._backward_since_step = True
+        return result
 
     def step(self, **kwargs: Any) -> Any:
-        return run_step(self.ds_engine, self.controller, self.ds_engine.step, **kwargs)
+        """DeepSpeed's ``step()`` with LDB's step protocol; needs an ``engine.backward(loss)`` since the last one.
+
+        Without it DeepSpeed fails inside its optimizer wrappers (an ``IndexError`` at ZeRO-0, a
+        ``KeyError`` at ZeRO 1-3, LDB on or off), so it is refused here with what to do.
+        """
+        if not self._backward_since_step:
+            raise RuntimeError("ldb_ds: engine.step() was called with no engine.backward(loss) since the last "
+                               "step(); call engine.backward(loss) first (each micro step: loss = "
+                               "criterion(engine(x), y); engine.backward(loss); engine.step()).")
+        result = run_step(self.ds_engine, self.controller, self.ds_engine.step, **kwargs)
+        self._backward_since_step = False
+        return result
 
     def train(self, mode: bool = True) -> "LDBEngine":
         """DeepSpeed's ``train(mode)``; ``train(False)`` is :meth:`eval`."""
@@ -161,7 +178,7 @@ class LDBEngine:
         their own values. Returns the mode.
         """
         c = self.controller
-        mode = c.set_epoch(epoch)
+        mode = c.set_epoch(check_epoch(epoch, "engine.set_epoch(epoch)"))
         factor = c.batch_factor
         if c.cfg.enabled and c.cfg.batch_scaling == "accumulation":
             self.ds_engine.set_train_batch_size(self._base_train_batch * factor)
@@ -220,12 +237,57 @@ class LDBEngine:
                                                   save_latest=save_latest, **kwargs)
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Any, dict | None]:
-        """DeepSpeed's load_checkpoint; restores the LDB state saved by save_checkpoint."""
+        """DeepSpeed's load_checkpoint; restores the LDB state saved by save_checkpoint.
+
+        Warm start from a checkpoint with another param-group layout (plain DeepSpeed, LDB off,
+        or another granularity): ``load_checkpoint(dir, load_module_only=True)`` loads the module
+        weights only; optimizer, scheduler and LDB state stay fresh. A full load of such a
+        checkpoint is refused before anything is loaded, naming that call (DeepSpeed would fail
+        with a param-group or ZeRO-layout error that does not say why).
+        """
+        module_only = bool(kwargs.get("load_module_only", False))
+        if not module_only and kwargs.get("load_optimizer_states", True) \
+                and not self.ds_engine.load_universal_checkpoint():  # universal: remapped per parameter
+            self._refuse_other_layout(load_dir, tag)
         with self.controller.all_trainable():
             path, client_state = self.ds_engine.load_checkpoint(load_dir, tag=tag, **kwargs)
-        if client_state and CLIENT_STATE_KEY in client_state:
+        # Module only is a warm start: the mask stream, epoch and counters start fresh too.
+        if not module_only and client_state and CLIENT_STATE_KEY in client_state:
             self.load_ldb_state_dict(client_state[CLIENT_STATE_KEY])
         return path, client_state
+
+    def _refuse_other_layout(self, load_dir: str, tag: Any) -> None:
+        """Raise if checkpoint ``tag`` holds optimizer state for other param groups than this engine's.
+
+        Every rank reads the same saved section from the same file and decides alike, without a
+        collective: DeepSpeed's load needs every rank to see the checkpoint anyway.
+        """
+        if tag is None:
+            latest = os.path.join(load_dir, "latest")
+            if not os.path.isfile(latest):
+                return  # DeepSpeed warns and loads nothing
+            with open(latest) as f:
+                tag = f.read().strip()
+        files = sorted(glob.glob(os.path.join(load_dir, str(tag), "*model_states.pt")))
+        if not files:
+            return  # DeepSpeed reports a missing checkpoint itself
+        try:  # mmap: only the small client-state entries are read, not the weights
+            saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            return  # unreadable: DeepSpeed's own load reports it
+        ldb = saved.get(CLIENT_STATE_KEY) if isinstance(saved, dict) else None
+        attached = os.path.join(load_dir, str(tag), STATE_FILE)  # saved by an attached engine (Trainer)
+        if ldb is None and os.path.isfile(attached):
+            ldb = torch.load(attached, map_location="cpu", weights_only=False)
+        # The saved section as a plain dict: an older checkpoint's section need not pass today's validation.
+        theirs = _layout(ldb.get("config") if isinstance(ldb, dict) else None)
+        ours = _layout(self.controller.cfg.to_dict())
+        if theirs != ours:
+            raise ValueError(
+                f"ldb_ds: checkpoint {os.path.join(load_dir, str(tag))} was saved with {theirs}, this engine has "
+                f"{ours}: its optimizer state belongs to other param groups and cannot be loaded. For a warm start "
+                f"(module weights only; optimizer, LR scheduler and LDB state fresh) call "
+                f"engine.load_checkpoint({load_dir!r}, tag={tag!r}, load_module_only=True).")
 
 
 # --------------------------------------------------------------------------- initialize
@@ -257,8 +319,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     ``training_data`` is given) is a ``DistributedSampler`` loader whose batch
     size follows the LDB mode; ``num_workers`` is its worker count.
     """
-    if model is None:
-        raise ValueError("ldb_ds.initialize needs a model")
+    _check_initialize_args(model, optimizer, model_parameters, collate_fn, num_workers)
     ds_config = load_ds_config(_resolve_config(args, config, ds_kwargs.pop("config_params", None)))
     cfg = LDBConfig.from_ds_config(ds_config)
 
@@ -267,15 +328,18 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         model_parameters = list(model_parameters)
     user_groups = normalise_param_groups(model, model_parameters if model_parameters is not None
                                          else _params_of(optimizer))
-    # Every unit is trainable here (requires_grad=True by construction): DeepSpeed fixes the
-    # set of optimized parameters at initialize, so masks may only be applied afterwards.
-    units = build_units(model, cfg.granularity, trainable_params(user_groups),
-                        block_classes=cfg.block_classes, block_pattern=cfg.block_pattern)
     if cfg.enabled:
+        # Every unit is trainable here (requires_grad=True by construction): DeepSpeed fixes the
+        # set of optimized parameters at initialize, so masks may only be applied afterwards.
+        units = build_units(model, cfg.granularity, trainable_params(user_groups),
+                            block_classes=cfg.block_classes, block_pattern=cfg.block_pattern)
         # Before DeepSpeed builds anything: offload variants whose step bypasses the filter.
         zero_hooks.refuse_unverified_step_paths(ds_config, optimizer)
         check_sampleable(units, cfg, type(model).__name__)
         guards.check_setup(model, ds_config, cfg, units, ds_kwargs)
+        tied = tied_weights(model, units)
+        if tied:
+            warnings.warn(describe_tied_weights(tied, units, cfg), UserWarning, stacklevel=2)
         groups, unit_of_group = split_groups_by_unit(units, user_groups)
         optimizer = _rebuild_optimizer(optimizer, groups)
         model_parameters = groups
@@ -283,7 +347,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         params_of_group = [list(g["params"]) for g in groups]
         zero_hooks.check_deepspeed_version()
     else:
-        # Disabled: hand DeepSpeed exactly what the user gave, for a like-for-like baseline.
+        # Disabled: hand DeepSpeed exactly what the user gave, for a like-for-like baseline, and
+        # check nothing against the model (README: plain DeepSpeed).
+        units = _units_for_reports(model, cfg, trainable_params(user_groups))
         unit_of_group = []
 
     # DeepSpeed gets the config we validated, as a dict; args still carries local_rank & co.
@@ -307,6 +373,52 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                                   pin_memory=get_accelerator().device_name() != "cpu")
     engine = LDBEngine(ds_engine, cfg, units, unit_of_group, loader)
     return engine, ds_optimizer, loader, ds_scheduler
+
+
+def _layout(section: Any) -> str:
+    """The param-group layout a ``layer_drop_back`` section (a dict) gives the optimizer, in words."""
+    if not isinstance(section, dict) or not section.get("enabled"):
+        return "LDB off (the param groups as given)"
+    classes, pattern = section.get("block_classes"), section.get("block_pattern")
+    source = f", block_classes {list(classes)}" if classes else f", block_pattern {pattern!r}" if pattern else ""
+    return f"LDB on (one param group per unit at granularity {section.get('granularity')!r}{source})"
+
+
+def _units_for_reports(model: nn.Module, cfg: LDBConfig, trainable: list) -> list[Unit]:
+    """Units of a disabled run, only for engine.ldb's figures (grad bytes, unit count).
+
+    A disabled section is plain DeepSpeed, so a model the section could not cut (no block
+    source, nothing trainable) is not an error here: fall back to one unit per tensor, or none.
+    """
+    for granularity in (cfg.granularity, "param"):
+        try:
+            return build_units(model, granularity, trainable, block_classes=cfg.block_classes,
+                               block_pattern=cfg.block_pattern)
+        except (LDBConfigError, ImportError):
+            continue
+    return []
+
+
+def _check_initialize_args(model: Any, optimizer: Any, model_parameters: Any, collate_fn: Any,
+                           num_workers: Any) -> None:
+    """Wrong types are refused naming the argument (DeepSpeed would convert or fail deep inside)."""
+    if model is None:
+        raise ValueError("ldb_ds.initialize needs a model")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ldb_ds.initialize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and not callable(optimizer):
+        raise TypeError(f"ldb_ds.initialize: optimizer must be None, a torch.optim.Optimizer or a callable "
+                        f"params -> optimizer, got {type(optimizer).__name__}: {optimizer!r}")
+    if model_parameters is not None and (isinstance(model_parameters, (str, bytes, torch.Tensor, dict))
+                                         or not hasattr(model_parameters, "__iter__")):
+        raise TypeError(f"ldb_ds.initialize: model_parameters must be an iterable of tensors or of param-group "
+                        f"dicts (e.g. model.parameters()), got {type(model_parameters).__name__}")
+    if collate_fn is not None and not callable(collate_fn):
+        raise TypeError(f"ldb_ds.initialize: collate_fn must be callable or None, got {type(collate_fn).__name__}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        error = ValueError if isinstance(num_workers, int) and not isinstance(num_workers, bool) else TypeError
+        raise error(f"ldb_ds.initialize: num_workers must be an integer >= 0, got "
+                    f"{type(num_workers).__name__} {num_workers!r}")
 
 
 _CONFIG_ARGS = ("deepspeed_config", "deepscale_config")  # DeepSpeed's flag and its deprecated alias

@@ -8,6 +8,7 @@ everybody receives) lives in :mod:`ldb_ds.engine`.
 from __future__ import annotations
 
 import enum
+import numbers
 import random
 from typing import Sequence
 
@@ -19,10 +20,21 @@ class Mode(str, enum.Enum):
     DROP = "DROP"
 
 
+def check_epoch(epoch: object, where: str = "set_epoch(epoch)") -> int:
+    """``epoch`` as an int, or a clear error: an integer >= 0 (not a bool, a float or a string).
+
+    A float such as 1.5 is refused, not truncated: the mode depends on ``epoch % sampling_rate``.
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+        raise TypeError(f"{where}: epoch must be an integer >= 0, got {type(epoch).__name__} {epoch!r}")
+    if epoch < 0:
+        raise ValueError(f"{where}: epoch must be an integer >= 0, got {epoch}")
+    return int(epoch)
+
+
 def epoch_mode(epoch: int, cfg: LDBConfig) -> Mode:
     """Paper, Eq. (3): epoch e is DROP when ``e % s == 0 and e > 0``; FULL otherwise."""
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    epoch = check_epoch(epoch, "epoch_mode(epoch, cfg)")
     if cfg.enabled and epoch > 0 and epoch % cfg.sampling_rate == 0:
         return Mode.DROP
     return Mode.FULL
@@ -71,5 +83,5 @@ def kept_fraction(dropped: Sequence[bool], weights: Sequence[int] | None = None)
     return sum(w for w, d in zip(weights, dropped) if not d) / total
 
 
-__all__ = ["Mode", "epoch_mode", "lr_factor", "batch_factor", "sampleable_range",
+__all__ = ["Mode", "check_epoch", "epoch_mode", "lr_factor", "batch_factor", "sampleable_range",
            "draw_dropped", "kept_fraction"]

@@ -20,6 +20,12 @@ Units are ordered by the first appearance of their parameters in
 ``model.named_parameters()``, i.e. from input to output for the usual models,
 so ``keep_first``/``keep_last`` mean "the first/last layers".
 
+A tied weight (one tensor used by two modules, e.g. an embedding shared with the head) is
+one unit, at its first appearance (the embedding), since a tensor can sit in only one param
+group; the head then has no unit of its own, so ``keep_last`` counts from the last module with
+a weight of its own (e.g. the final norm). :func:`tied_weights` finds them; ``ldb_ds.initialize``
+warns, naming which unit ``keep_last`` keeps and whether the tied weight can be dropped.
+
 Only trainable parameters take part: those with ``requires_grad=True`` when
 ldb_ds is initialised and (if the user passes param groups) in one of the user's
 groups. Parameters the user froze stay frozen and are never toggled.
@@ -207,7 +213,48 @@ def check_sampleable(units: Sequence[Unit], cfg: LDBConfig, model_name: str = "m
         raise LDBConfigError(
             f"{model_name} has {len(units)} LDB unit(s) at granularity {cfg.granularity!r}; with "
             f"keep_first = {cfg.keep_first} and keep_last = {cfg.keep_last} none is left to drop. "
-            f"Lower keep_first/keep_last or use a finer granularity.")
+            f"Lower keep_first/keep_last (keep_first + keep_last must be at most {max(len(units) - 1, 0)}) "
+            f"or use a finer granularity (e.g. 'param').")
+
+
+@dataclass(frozen=True)
+class TiedWeight:
+    """One tensor that the model holds under several names (e.g. ``embed.weight`` and ``head.weight``)."""
+
+    unit_index: int
+    """Index of the unit that holds it (the unit of its first name)."""
+    names: tuple[str, ...]
+    """Every name of the tensor, in ``named_parameters(remove_duplicate=False)`` order; the first is its unit's."""
+
+
+def tied_weights(model: nn.Module, units: Sequence[Unit]) -> list[TiedWeight]:
+    """The unit parameters that the model also holds under other names (tied weights)."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    found = []
+    for ui, unit in enumerate(units):
+        for p in unit.params:
+            if len(names_of.get(id(p), ())) > 1:
+                found.append(TiedWeight(ui, tuple(names_of[id(p)])))
+    return found
+
+
+def describe_tied_weights(tied: Sequence[TiedWeight], units: Sequence[Unit], cfg: LDBConfig) -> str:
+    """What keep_first/keep_last mean for a model with tied weights (the warning's text)."""
+    droppable = sampleable_range(len(units), cfg)
+    last_kept = [units[i].name for i in range(max(len(units) - cfg.keep_last, 0), len(units))]
+    parts = []
+    for t in tied:
+        others = ", ".join(repr(n) for n in t.names[1:])
+        status = ("it can be dropped (which drops every use of it): set keep_first >= "
+                  f"{t.unit_index + 1} to keep it" if t.unit_index in droppable else "it is never dropped")
+        parts.append(f"{t.names[0]!r} is also {others}: one tensor, so one unit, unit {t.unit_index} "
+                     f"({units[t.unit_index].name!r}, its first use); {status}")
+    kept = ", ".join(repr(n) for n in last_kept) or "no unit"
+    return (f"ldb_ds: tied weights: {'; '.join(parts)}. The later uses have no unit of their own, so "
+            f"keep_last = {cfg.keep_last} keeps {kept}, the last unit(s) with weights of their own, not a tied "
+            f"head (layer_drop_back.keep_last, README).")
 
 
 def normalise_param_groups(model: nn.Module, model_parameters: Any) -> list[dict[str, Any]]:
@@ -270,5 +317,5 @@ def trainable_params(user_groups: Sequence[Mapping[str, Any]]) -> list[nn.Parame
     return [p for g in user_groups for p in g["params"] if p.requires_grad and param_numel(p) > 0]
 
 
-__all__ = ["param_numel", "Unit", "UnitInfo", "build_units", "check_sampleable", "normalise_param_groups",
-           "split_groups_by_unit", "trainable_params"]
+__all__ = ["param_numel", "Unit", "UnitInfo", "TiedWeight", "build_units", "check_sampleable", "tied_weights",
+           "describe_tied_weights", "normalise_param_groups", "split_groups_by_unit", "trainable_params"]

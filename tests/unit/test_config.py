@@ -63,6 +63,14 @@ def test_section_must_be_an_object():
     ("batch_kappa", 1.5, "int"),
     ("batch_scaling", "both", "'micro_batch', 'accumulation'"),
     ("seed", -3, ">= 0"),
+    # NaN passes no comparison but inf passes "> 0": both are refused as not finite.
+    ("kappa", float("inf"), "a finite number"),
+    ("kappa", float("nan"), "a finite number"),
+    ("kappa", 10 ** 400, "a finite number"),
+    ("drop_rate", float("nan"), "a finite number"),
+    ("kappa", "2", "int or float"),
+    ("keep_first", True, "int"),
+    ("seed", 1.0, "int"),
 ])
 def test_bad_values_name_key_value_and_allowed(key, value, allowed):
     with pytest.raises(LDBConfigError) as err:
@@ -94,3 +102,18 @@ def test_bad_block_sources_are_named(section, message):
     with pytest.raises(LDBConfigError) as err:
         LDBConfig.from_dict({"enabled": True, **section})
     assert message in str(err.value)
+
+
+def test_keep_first_and_keep_last_both_zero_is_refused_naming_the_fix():
+    with pytest.raises(LDBConfigError, match=r"keep_first = 0 and keep_last = 0.*Set keep_last >= 1"):
+        LDBConfig.from_dict({"enabled": True, "keep_first": 0, "keep_last": 0})
+    # Nothing can be dropped at drop_rate 0, and one kept unit at either end is enough.
+    assert LDBConfig.from_dict({"enabled": True, "keep_first": 0, "keep_last": 0, "drop_rate": 0.0}).keep_last == 0
+    assert LDBConfig.from_dict({"enabled": True, "keep_first": 0, "keep_last": 1}).keep_first == 0
+
+
+def test_json_infinity_in_a_file_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"layer_drop_back": {"enabled": true, "kappa": 1e999}}')  # json reads 1e999 as inf
+    with pytest.raises(LDBConfigError, match=r"kappa = inf is not allowed: expected a finite number"):
+        LDBConfig.from_ds_config(str(path))

@@ -19,8 +19,11 @@ def test_epoch_mode_follows_the_paper():
     c1 = cfg(sampling_rate=1)
     assert [epoch_mode(e, c1) for e in range(3)] == [Mode.FULL, Mode.DROP, Mode.DROP]
     assert epoch_mode(2, LDBConfig(enabled=False)) is Mode.FULL
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="epoch must be an integer >= 0, got -1"):
         epoch_mode(-1, c)
+    for wrong in (1.5, True, "2", None):  # refused, not truncated or converted
+        with pytest.raises(TypeError, match="epoch must be an integer"):
+            epoch_mode(wrong, c)
 
 
 def test_lr_and_batch_factors():
@@ -40,10 +43,10 @@ def test_keep_first_and_last_never_dropped():
 
 
 def test_draw_is_seeded_and_has_rate_p():
-    c = cfg(drop_rate=0.3, keep_first=0, keep_last=0)
-    assert draw_dropped(random.Random(5), 20, c) == draw_dropped(random.Random(5), 20, c)
+    c = cfg(drop_rate=0.3, keep_first=1, keep_last=0)
+    assert draw_dropped(random.Random(5), 21, c) == draw_dropped(random.Random(5), 21, c)
     rng = random.Random(0)
-    draws = [x for _ in range(500) for x in draw_dropped(rng, 20, c)]
+    draws = [x for _ in range(500) for x in draw_dropped(rng, 21, c)[1:]]  # unit 0 is kept
     assert abs(sum(draws) / len(draws) - 0.3) < 0.02
 
 

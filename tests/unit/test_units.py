@@ -7,7 +7,8 @@ import torchvision
 from timm.optim import param_groups_weight_decay
 
 from ldb_ds.config import LDBConfig, LDBConfigError
-from ldb_ds.units import build_units, check_sampleable, normalise_param_groups, split_groups_by_unit
+from ldb_ds.units import (build_units, check_sampleable, describe_tied_weights, normalise_param_groups,
+                          split_groups_by_unit, tied_weights)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_frozen_parameters_belong_to_no_unit(models):
 def test_nothing_to_sample_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     units = build_units(model, "module")
-    with pytest.raises(LDBConfigError, match="none is left to drop"):
+    with pytest.raises(LDBConfigError, match=r"none is left to drop.*keep_first \+ keep_last must be at most 1"):
         check_sampleable(units, LDBConfig(enabled=True, keep_first=1, keep_last=1), "Sequential")
     check_sampleable(units, LDBConfig(enabled=True, keep_first=1, keep_last=0))
 
@@ -172,3 +173,28 @@ def test_block_falls_back_to_hugging_face_no_split_modules():
     model._no_split_modules = ["DecoderLayer"]
     with pytest.raises(LDBConfigError, match=r"Encoder._no_split_modules = \['DecoderLayer'\]: no module"):
         build_units(model, "block")
+
+
+class TiedLM(torch.nn.Module):  # a language model whose head shares the embedding's weight (GPT-2 style)
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.layer = torch.nn.ModuleList([Layer() for _ in range(3)])
+        self.norm = torch.nn.LayerNorm(4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_weight_is_one_unit_at_its_first_use_and_is_described():
+    model = TiedLM()
+    units = build_units(model, "module")
+    assert units[0].param_names == ("embed.weight",) and units[-1].name == "norm"  # the head has no unit
+    assert all("head.weight" not in u.param_names for u in units)
+    tied = tied_weights(model, units)
+    assert [(t.unit_index, t.names) for t in tied] == [(0, ("embed.weight", "head.weight"))]
+    kept = describe_tied_weights(tied, units, LDBConfig(enabled=True, keep_first=1, keep_last=1))
+    assert "'embed.weight' is also 'head.weight'" in kept and "it is never dropped" in kept
+    assert "keep_last = 1 keeps 'norm'" in kept
+    droppable = describe_tied_weights(tied, units, LDBConfig(enabled=True, keep_first=0, keep_last=1))
+    assert "it can be dropped" in droppable and "set keep_first >= 1" in droppable
+    assert tied_weights(Encoder(), build_units(Encoder(), "module")) == []

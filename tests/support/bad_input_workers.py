@@ -1,0 +1,212 @@
+"""Code that runs inside the ranks of the library's bad-input and warm-start tests.
+
+Real ldb_ds engines over real DeepSpeed engines (CPU, gloo). The test process gets back plain
+data: for each misuse, the exception's type and message and the warnings raised; for the warm
+start, weights before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+IN_DIM, OUT_DIM, MICRO_BATCH = 4, 2, 2
+ON = {"enabled": True, "keep_first": 1, "keep_last": 1, "drop_rate": 0.5, "sampling_rate": 1, "batch_kappa": 1}
+
+
+def make_model() -> nn.Module:
+    """Three Linear units: with keep_first = keep_last = 1 the middle one is droppable."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN_DIM, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, OUT_DIM))
+
+
+class TiedModel(nn.Module):
+    """An embedding whose weight the head shares (GPT-2 style tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 4)
+        self.mid = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.mid(self.embed(x))))
+
+
+def ds_config(stage: int = 0, ldb: Any = ON) -> dict[str, Any]:
+    """A small SGD config; ``ldb`` is the ``layer_drop_back`` section (``"absent"``: no section)."""
+    cfg = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "zero_optimization": {"stage": stage},
+           "zero_allow_untested_optimizer": True, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+           "steps_per_print": 10_000}
+    if ldb != "absent":
+        cfg["layer_drop_back"] = ldb
+    return cfg
+
+
+def train_step(engine: Any) -> None:
+    x = torch.randn(MICRO_BATCH * engine.ldb.batch_factor, IN_DIM)
+    engine.backward(engine(x).pow(2).mean())
+    engine.step()
+
+
+def tree_hashes(root: str) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path (to show nothing was changed)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+# --------------------------------------------------------------------------- misuse cases
+
+
+def _engine(stage: int = 0, ldb: Any = ON, model: nn.Module | None = None) -> Any:
+    import ldb_ds
+
+    engine, *_ = ldb_ds.initialize(model=model or make_model(), config=ds_config(stage, ldb))
+    return engine
+
+
+def _step_before_backward(stage: int, ldb: Any) -> Callable[[], Any]:
+    def case() -> Any:
+        engine = _engine(stage, ldb)
+        engine.set_epoch(1)
+        return engine.step()
+    return case
+
+
+def _second_step_without_backward() -> Any:
+    engine = _engine()
+    engine.set_epoch(0)
+    train_step(engine)
+    return engine.step()
+
+
+def _set_epoch(value: Any) -> Callable[[], Any]:
+    return lambda: _engine().set_epoch(value)
+
+
+def _disabled_section_is_not_checked_against_the_model() -> Any:
+    # With LDB on, each of these is refused against this model (no block source; nothing left to drop).
+    engine = _engine(ldb={"enabled": False, "granularity": "block", "keep_first": 10})
+    engine.set_epoch(2)
+    train_step(engine)
+    return engine.ldb.enabled, engine.ldb.steps
+
+
+def _null_section() -> Any:
+    engine = _engine(ldb=None)
+    engine.set_epoch(2)
+    train_step(engine)
+    return engine.ldb.enabled, engine.ldb.mode.value
+
+
+def _tied_weights() -> Any:
+    import ldb_ds
+
+    engine, *_ = ldb_ds.initialize(model=TiedModel(), config=ds_config(0, {**ON, "keep_first": 1}))
+    return [u.name for u in engine.ldb.units]
+
+
+def _full_load_of(saved_section: Any) -> Callable[[], Any]:
+    """A full load, into an LDB engine at module granularity, of a checkpoint saved with ``saved_section``."""
+    def case() -> Any:
+        with tempfile.TemporaryDirectory(prefix="ldb_other_ckpt_") as directory:
+            return _full_load_refused(directory, saved_section)
+    return case
+
+
+def _full_load_refused(directory: str, saved_section: Any) -> Any:
+    plain = _engine(ldb=saved_section)
+    plain.set_epoch(0)
+    train_step(plain)
+    plain.save_checkpoint(directory, tag="plain")
+    before = tree_hashes(directory)
+    engine = _engine()
+    weights = [p.detach().clone() for p in engine.module.parameters()]
+    try:
+        engine.load_checkpoint(directory)
+    except ValueError as err:
+        unchanged = all(torch.equal(a, b) for a, b in zip(weights, engine.module.parameters()))
+        raise ValueError(f"{err} [files unchanged: {tree_hashes(directory) == before}; "
+                         f"weights unchanged: {unchanged}]") from None
+    return "loaded"
+
+
+ENGINE_CASES: dict[str, Callable[[], Any]] = {
+    "step_before_backward_ldb_on_zero2": _step_before_backward(2, ON),
+    "step_before_backward_ldb_off_zero0": _step_before_backward(0, {"enabled": False}),
+    "second_step_without_backward": _second_step_without_backward,
+    "set_epoch_float": _set_epoch(1.5),
+    "set_epoch_bool": _set_epoch(True),
+    "set_epoch_string": _set_epoch("2"),
+    "set_epoch_negative": _set_epoch(-1),
+    "disabled_section_not_checked_against_model": _disabled_section_is_not_checked_against_the_model,
+    "null_section_warns": _null_section,
+    "tied_weights_warned": _tied_weights,
+    "full_load_of_plain_checkpoint": _full_load_of("absent"),
+    "full_load_of_param_granularity_checkpoint": _full_load_of({**ON, "granularity": "param"}),
+}
+
+
+def run_engine_cases(rank: int) -> dict[str, tuple[str, str, list[str]]]:
+    """Each case's outcome: (exception type or "ok", message or repr of the result, warnings)."""
+    results = {}
+    for name, case in ENGINE_CASES.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                outcome = ("ok", repr(case()))
+            except Exception as err:  # the test asserts the type and the message
+                outcome = (type(err).__name__, str(err))
+        results[name] = (*outcome, [str(w.message) for w in caught if "ldb_ds" in str(w.message)])
+    return results
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+def warm_start_from_plain_deepspeed(rank: int, directory: str, stages: tuple[int, ...]) -> dict[int, Any]:
+    """Per ZeRO stage: save a plain DeepSpeed checkpoint (deepspeed.initialize, no LDB), warm-start an LDB engine."""
+    return {stage: _warm_start(os.path.join(directory, f"zero{stage}"), stage) for stage in stages}
+
+
+def _warm_start(directory: str, stage: int) -> dict[str, Any]:
+    import deepspeed
+
+    import ldb_ds
+
+    model = make_model()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                     config=ds_config(stage, "absent"))
+    for _ in range(2):
+        x = torch.randn(MICRO_BATCH, IN_DIM)
+        plain.backward(plain(x).pow(2).mean())
+        plain.step()
+    plain.save_checkpoint(directory, tag="plain")
+    saved = {n: p.detach().clone() for n, p in plain.module.named_parameters()}
+    plain.destroy()
+
+    engine, *_ = ldb_ds.initialize(model=make_model(), config=ds_config(stage, ON))
+    path, _ = engine.load_checkpoint(directory, load_module_only=True)
+    loaded = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    for epoch in range(3):  # FULL, DROP, DROP: the fresh optimizer and LDB state train from the weights
+        engine.set_epoch(epoch)
+        train_step(engine)
+    trained = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    engine.destroy()
+    return {"path": path, "initial": initial, "saved": saved, "loaded": loaded, "trained": trained,
+            "steps": engine.ldb.steps, "drop_steps": engine.ldb.drop_steps}

@@ -1,0 +1,182 @@
+"""Bad input to the library: each mistake is refused with its type and a message naming what is wrong.
+
+Two kinds of cases:
+
+* refused before DeepSpeed builds anything (``ldb_ds.initialize`` arguments, the
+  ``layer_drop_back`` section, the config file): run here, in the test process, with the
+  working directory in a temporary folder whose files are hashed before and after (nothing
+  outside is written or removed);
+* misuse of a built engine (``step()`` before ``backward()``, ``set_epoch`` with a wrong type,
+  a full load of a plain DeepSpeed checkpoint, a null or disabled section, tied weights): run on
+  one real rank (gloo, DeepSpeed on the CPU), all cases in one process (start-up dominates).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ldb_ds
+from ldb_ds import config as ldb_config
+from ldb_ds.config import LDBConfigError
+from ldb_ds.runtime import free_port
+from tests.support.bad_input_workers import ON, ds_config, make_model, run_engine_cases, tree_hashes
+from tests.support.dist import run_distributed
+
+
+def _with_section(**section) -> dict:
+    return ds_config(0, {**ON, **section})
+
+
+def _initialize(**kwargs):
+    kwargs.setdefault("model", make_model())
+    kwargs.setdefault("config", ds_config())
+    return lambda: ldb_ds.initialize(**kwargs)
+
+
+def _config_file(text: str):
+    def case():
+        return ldb_ds.initialize(model=make_model(), config="ds.json")
+    case.files = {"ds.json": text}  # written into the test's temporary working directory first
+    return case
+
+
+# name -> (the call, exception type, phrases the message must contain)
+BEFORE_DEEPSPEED = {
+    # The section: numbers are finite, types are not converted.
+    "kappa_infinite_json": (_config_file('{"train_micro_batch_size_per_gpu": 2, "layer_drop_back": '
+                                         '{"enabled": true, "kappa": 1e999}}'),
+                            LDBConfigError, ["layer_drop_back.kappa = inf", "finite"]),
+    "drop_rate_nan": (_initialize(config=_with_section(drop_rate=float("nan"))), LDBConfigError,
+                      ["layer_drop_back.drop_rate = nan", "finite"]),
+    "drop_rate_string": (_initialize(config=_with_section(drop_rate="0.5")), LDBConfigError,
+                         ["layer_drop_back.drop_rate = '0.5'", "int or float"]),
+    "sampling_rate_float": (_initialize(config=_with_section(sampling_rate=1.5)), LDBConfigError,
+                            ["layer_drop_back.sampling_rate = 1.5", "int"]),
+    "batch_kappa_whole_float": (_initialize(config=_with_section(batch_kappa=2.0)), LDBConfigError,
+                                ["layer_drop_back.batch_kappa = 2.0", "int"]),
+    "keep_last_bool": (_initialize(config=_with_section(keep_last=True)), LDBConfigError,
+                       ["layer_drop_back.keep_last = True", "int"]),
+    "enabled_string": (_initialize(config=_with_section(enabled="true")), LDBConfigError,
+                       ["layer_drop_back.enabled = 'true'", "bool"]),
+    "kappa_nan_in_disabled_section": (_initialize(config=ds_config(0, {"enabled": False, "kappa": float("nan")})),
+                                      LDBConfigError, ["layer_drop_back.kappa = nan"]),
+    "every_unit_droppable": (_initialize(config=_with_section(keep_first=0, keep_last=0)), LDBConfigError,
+                             ["keep_first = 0 and keep_last = 0", "Set keep_last >= 1"]),
+    "nothing_left_to_drop": (_initialize(config=_with_section(keep_first=2, keep_last=1)), LDBConfigError,
+                             ["3 LDB unit(s)", "none is left to drop", "keep_first + keep_last must be at most 2"]),
+    "section_is_a_list": (_initialize(config=ds_config(0, [1, 2])), LDBConfigError,
+                          ["'layer_drop_back' must be a JSON object"]),
+    "typo_in_section": (_initialize(config=_with_section(drop_rte=0.3)), LDBConfigError,
+                        ["'drop_rte'", "allowed keys"]),
+    # The config itself.
+    "config_file_holds_a_list": (_config_file("[1, 2]"), LDBConfigError, ["ds.json must hold a JSON object"]),
+    "config_file_missing": (_initialize(config="missing.json"), FileNotFoundError, ["missing.json"]),
+    "config_is_a_number": (_initialize(config=3), TypeError, ["DeepSpeed config", "got int"]),
+    # ldb_ds.initialize's own arguments.
+    "model_is_a_string": (_initialize(model="resnet18"), TypeError, ["model must be a torch.nn.Module", "str"]),
+    "model_missing": (_initialize(model=None), ValueError, ["needs a model"]),
+    "optimizer_is_a_string": (_initialize(optimizer="adam"), TypeError, ["optimizer must be", "'adam'"]),
+    "model_parameters_is_a_tensor": (_initialize(model_parameters=torch.zeros(2)), TypeError,
+                                     ["model_parameters must be an iterable", "Tensor"]),
+    "model_parameters_is_one_group_dict": (_initialize(model_parameters={"params": []}), TypeError,
+                                           ["model_parameters must be an iterable", "dict"]),
+    "num_workers_float": (_initialize(num_workers=1.5), TypeError, ["num_workers must be an integer >= 0", "1.5"]),
+    "num_workers_bool": (_initialize(num_workers=True), TypeError, ["num_workers must be an integer >= 0"]),
+    "num_workers_negative": (_initialize(num_workers=-1), ValueError, ["num_workers must be an integer >= 0", "-1"]),
+    "collate_fn_not_callable": (_initialize(collate_fn="stack"), TypeError, ["collate_fn must be callable"]),
+    "block_granularity_without_source": (_initialize(config=_with_section(granularity="block")), LDBConfigError,
+                                         ["granularity = 'block' needs block_pattern", "Sequential"]),
+}
+
+
+@pytest.fixture
+def single_rank_env(monkeypatch, tmp_path):
+    # Were a refusal missing, deepspeed.initialize would build a real 1-rank engine here (and the
+    # test would fail for the missing error) instead of waiting on a rendezvous.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for key in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(key, "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "beside.txt").write_text("a file beside the run that must survive")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_DEEPSPEED))
+def test_refused_before_deepspeed_naming_what_is_wrong(single_rank_env, name):
+    call, error, phrases = BEFORE_DEEPSPEED[name]
+    for file_name, text in getattr(call, "files", {}).items():
+        (single_rank_env / file_name).write_text(text)
+    before = tree_hashes(str(single_rank_env))
+    with pytest.raises(error) as caught:
+        call()
+    message = str(caught.value)
+    for phrase in phrases:
+        assert phrase in message, f"{phrase!r} not in {message!r}"
+    assert "\n" not in message, "one line"
+    # The call wrote, changed or removed nothing in the working directory.
+    assert tree_hashes(str(single_rank_env)) == before
+    assert (single_rank_env / "beside.txt").read_text().startswith("a file beside")
+
+
+def test_null_section_warns_once_and_is_off(monkeypatch):
+    monkeypatch.setattr(ldb_config, "_null_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert ldb_config.LDBConfig.from_ds_config({"layer_drop_back": None}).enabled is False
+        assert ldb_config.LDBConfig.from_ds_config({}).enabled is False  # absent: no warning
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert '"layer_drop_back": null' in messages[0] and "OFF" in messages[0]
+    assert '{"enabled": false}' in messages[0] and '{"enabled": true}' in messages[0]
+
+
+# name -> (exception type name, or "ok"; phrases in the message or the result; phrases in a warning)
+ENGINE_MISUSE = {
+    "step_before_backward_ldb_on_zero2": ("RuntimeError", ["engine.step()", "call engine.backward(loss) first"], []),
+    "step_before_backward_ldb_off_zero0": ("RuntimeError", ["call engine.backward(loss) first"], []),
+    "second_step_without_backward": ("RuntimeError", ["no engine.backward(loss) since the last step()"], []),
+    "set_epoch_float": ("TypeError", ["engine.set_epoch(epoch)", "integer >= 0", "float 1.5"], []),
+    "set_epoch_bool": ("TypeError", ["engine.set_epoch(epoch)", "bool True"], []),
+    "set_epoch_string": ("TypeError", ["engine.set_epoch(epoch)", "str '2'"], []),
+    "set_epoch_negative": ("ValueError", ["engine.set_epoch(epoch)", "got -1"], []),
+    "disabled_section_not_checked_against_model": ("ok", ["(False, 1)"], []),
+    "null_section_warns": ("ok", ["(False, 'FULL')"], ['"layer_drop_back": null', "OFF"]),
+    "tied_weights_warned": ("ok", ["'embed'", "'norm'"], ["'embed.weight' is also 'head.weight'",
+                                                          "keep_last = 1 keeps 'norm'", "never dropped"]),
+    "full_load_of_plain_checkpoint": ("ValueError", ["saved with LDB off", "load_module_only=True",
+                                                     "files unchanged: True", "weights unchanged: True"], []),
+    "full_load_of_param_granularity_checkpoint": ("ValueError", ["granularity 'param'", "granularity 'module'",
+                                                                 "load_module_only=True", "files unchanged: True",
+                                                                 "weights unchanged: True"], []),
+}
+
+
+@pytest.fixture(scope="module")
+def engine_results():
+    return run_distributed(run_engine_cases, 1, timeout=600)[0]
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_MISUSE))
+def test_engine_misuse_is_refused_naming_what_is_wrong(engine_results, name):
+    kind, phrases, warned = ENGINE_MISUSE[name]
+    got_kind, text, warning_texts = engine_results[name]
+    assert got_kind == kind, (got_kind, text)
+    for phrase in phrases:
+        assert phrase in text, f"{phrase!r} not in {text!r}"
+    for phrase in warned:
+        assert any(phrase in w for w in warning_texts), (phrase, warning_texts)
+    if not warned:
+        assert not any("tied weights" in w or "null" in w for w in warning_texts), warning_texts
+
+
+def test_every_engine_case_is_checked():
+    from tests.support.bad_input_workers import ENGINE_CASES
+
+    assert set(ENGINE_CASES) == set(ENGINE_MISUSE)
+    assert len(BEFORE_DEEPSPEED) + len(ENGINE_MISUSE) >= 20
