@@ -34,8 +34,8 @@ from deepspeed.accelerator import get_accelerator
 
 from . import zero_hooks
 from .config import LDBConfig
-from .controller import LDBController, LDBState
-from .schedule import Mode
+from .controller import LDBController, LDBState, mask_group
+from .schedule import Mode, check_epoch
 from .units import Unit, param_numel
 
 STATE_FILE = "ldb_state.pt"
@@ -56,8 +56,7 @@ def new_controller(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit],
     """The controller of one run on ``ds_engine``, with the step filter and batched norm installed.
 
     ``unit_of_group[i]`` is the unit of the basic optimizer's param group ``i``. With LDB
-    disabled only the non-finite skip of stage 0 in fp32 is installed (which makes stage 0
-    behave as DeepSpeed's other stages).
+    disabled nothing is installed on DeepSpeed's objects.
     """
     optimizer = zero_hooks.basic_optimizer(ds_engine) if cfg.enabled else None
     # The group dicts, captured once: ZeRO swaps optimizer.param_groups to a one-group list
@@ -68,15 +67,28 @@ def new_controller(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit],
                                device=get_accelerator().current_device_name())
     if cfg.enabled:
         c = controller
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            mask_group()  # made now, at set-up, on every rank (a collective), not in a step
         zero_hooks.install_group_step_filter(optimizer, lambda: c.plan.hidden_groups, lambda: c.lr_factor)
         # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step.
         zero_hooks.install_batched_grad_norm(ds_engine, lambda: c.plan.skipped_groups)
         # ...and would do the rest of its step, the ZeRO-3 norm and optimizer call per group too.
         zero_hooks.install_step_loops(ds_engine, lambda: c.plan.skipped_groups)
-    # LDB on or off: a step with a non-finite gradient is skipped at every stage (ZeRO 1-3 and
-    # the fp16/bf16 optimizers do it themselves; stage 0 in fp32 gets it here), so run_step sees
-    # it as was_step_applied() False and counts it once, in counters.skipped_steps.
-    zero_hooks.install_nonfinite_skip(ds_engine)
+        # With LDB on, a step with a non-finite gradient is skipped at every stage (ZeRO 1-3 and
+        # the fp16/bf16 optimizers do it themselves; stage 0 in fp32 gets it here), so run_step
+        # sees it as was_step_applied() False and counts it once, in counters.skipped_steps. With
+        # LDB off nothing is installed: the engine costs what plain DeepSpeed costs (the skip's
+        # norm needs a host sync per step), and DeepSpeed's own stage-0 behaviour applies.
+        zero_hooks.install_nonfinite_skip(ds_engine)
+        # fp16 at ZeRO-0: DeepSpeed 0.19.8 never multiplies the loss by the loss scale there but
+        # its fp16 step divides by it (every update loss_scale times too small; the GPU parity
+        # test found it): with LDB on, backward scales the loss as the step expects.
+        zero_hooks.install_fp16_loss_scaling(ds_engine)
+    elif zero_hooks.fp16_unscaled_at_zero0(ds_engine):
+        warnings.warn("ldb_ds: fp16 at ZeRO stage 0 with DeepSpeed 0.19.8 never scales the loss but divides the "
+                      "gradients by the loss scale, so every update is loss_scale times too small (plain "
+                      "DeepSpeed's behaviour, kept with LDB off: deepspeedai/DeepSpeed pull request 8393). Use "
+                      "bf16 or ZeRO stage >= 1 for a baseline", RuntimeWarning, stacklevel=3)
     return controller
 
 
@@ -128,7 +140,7 @@ class Attachment:
 
     def set_epoch(self, epoch: int) -> Mode:
         """Enter the mode of ``epoch`` (between windows, before its first forward)."""
-        return self.controller.set_epoch(epoch)
+        return self.controller.set_epoch(check_epoch(epoch, "set_epoch(epoch)"))
 
     # -- the LDB state file ---------------------------------------------------
 
@@ -201,6 +213,11 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
     """
     if getattr(ds_engine, "_ldb_attachment", None) is not None:
         raise RuntimeError("this DeepSpeed engine already has LDB attached")
+    if not isinstance(cfg, LDBConfig):
+        raise TypeError(f"ldb_ds.attach: cfg must be an LDBConfig (LDBConfig.from_ds_config(config)), "
+                        f"got {type(cfg).__name__}")
+    if cfg.enabled and any(not 0 <= u < len(units) for u in unit_of_group):
+        raise ValueError(f"ldb_ds.attach: unit_of_group names units outside 0..{len(units) - 1}")
     if cfg.enabled:
         zero_hooks.check_deepspeed_version()
         # The same refusals as ldb_ds.initialize (which makes them before deepspeed.initialize;

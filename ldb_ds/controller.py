@@ -45,6 +45,10 @@ class StepPlan:
     """Those groups' dicts (for the step filter, which sees dicts, not indices)."""
 
 
+NOTHING_SKIPPED = StepPlan(frozenset(), ())
+"""The plan of a step that drops nothing (FULL epochs, and outside the step)."""
+
+
 @dataclass
 class StepCounters:
     steps: int = 0
@@ -57,6 +61,29 @@ class StepCounters:
     """Windows whose update DeepSpeed skipped (fp16 loss-scale overflow, or an inf/NaN gradient
     norm in bf16). Their mask was drawn and used, so the mask stream stays in step on every
     rank; they are not in ``steps``."""
+
+
+_MASK_GROUPS: dict[Any, Any] = {}
+
+
+def mask_group(process_group: Any = None) -> Any:
+    """A gloo group over the ranks of ``process_group`` (None: all), for the mask broadcast.
+
+    The mask is decided on the host (Python's generator) and used on the host
+    (``requires_grad``), so it travels in host memory: over the process group itself when its
+    backend is gloo (the CPU), else over one gloo group made for it. Made at the first use, which
+    is ``attach.new_controller`` on every rank (making a group is a collective: every rank
+    must make the same ones in the same order, and every rank builds its engines in the same
+    order), and kept for the process: a second engine over the same ranks reuses it.
+    """
+    if torch_dist.get_backend(process_group) == "gloo":
+        return process_group
+    key = None if process_group is None else tuple(torch_dist.get_process_group_ranks(process_group))
+    group = _MASK_GROUPS.get(key)
+    if group is None:
+        ranks = None if key is None else list(key)
+        group = _MASK_GROUPS[key] = torch_dist.new_group(ranks=ranks, backend="gloo")
+    return group
 
 
 class LDBController:
@@ -84,7 +111,7 @@ class LDBController:
         self.epoch_mask: list[bool] | None = None
         self.counters = StepCounters()
         self.rng = random.Random(cfg.seed)
-        self.plan = StepPlan(frozenset(), ())
+        self.plan = NOTHING_SKIPPED
         self.state = LDBState(self)
 
     # -- mode -----------------------------------------------------------------
@@ -130,6 +157,9 @@ class LDBController:
 
     def begin_step(self) -> StepPlan:
         """At the accumulation boundary, before the optimizer step: what the step must skip."""
+        if not any(self.dropped):  # a FULL step: nothing to hide, no per-group work
+            self.plan = NOTHING_SKIPPED
+            return self.plan
         skipped = frozenset(gi for gi, ui in enumerate(self.unit_of_group) if self.dropped[ui])
         self.plan = StepPlan(skipped, tuple(self.group_dicts[gi] for gi in sorted(skipped)))
         return self.plan
@@ -144,7 +174,7 @@ class LDBController:
         everything between two steps (eval, logging) sees a stable state.
         """
         self.window_open = False
-        self.plan = StepPlan(frozenset(), ())
+        self.plan = NOTHING_SKIPPED
         if not applied:
             self.counters.skipped_steps += 1
             return
@@ -159,12 +189,15 @@ class LDBController:
         # different generator states (other seeds, restored differently), so only rank 0's draw
         # counts: every rank draws (keeping the streams in step), rank 0's values are broadcast.
         # One byte per unit, once per optimizer step.
+        # The broadcast goes over a gloo group in host memory (mask_group, below): no copy to the
+        # device and no wait for it, and being a collective it still makes every rank agree.
         drawn = draw_dropped(self.rng, len(self.units), self.cfg)
         if not torch_dist.is_initialized() or torch_dist.get_world_size(self.process_group) == 1:
             return drawn
-        mask = torch.tensor(drawn, dtype=torch.uint8, device=self.device)
+        group = mask_group(self.process_group)
+        mask = torch.tensor(drawn, dtype=torch.uint8)
         src = 0 if self.process_group is None else torch_dist.get_global_rank(self.process_group, 0)
-        torch_dist.broadcast(mask, src=src, group=self.process_group)
+        torch_dist.broadcast(mask, src=src, group=group)
         return [bool(v) for v in mask.tolist()]
 
     def _set_dropped(self, dropped: Sequence[bool]) -> None:
@@ -198,7 +231,7 @@ class LDBController:
             raise RuntimeError("release_mask() called in the middle of a gradient-accumulation window "
                                "(forward/backward since the last step()); call step() first")
         self.window_open = False
-        self.plan = StepPlan(frozenset(), ())
+        self.plan = NOTHING_SKIPPED
         self._set_dropped([False] * len(self.units))
 
     def refresh_group_dicts(self, current: Sequence[Mapping[str, Any]]) -> None:

@@ -42,6 +42,8 @@ move a parameter with a zero gradient. A hidden group is not looked at at all.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -123,21 +125,41 @@ def hide_groups(optimizer: torch.optim.Optimizer, hidden: Iterable[Mapping[str, 
 MERGEABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
-def _hyperparameter_key(group: Mapping[str, Any]) -> tuple:
-    key = []
-    for k, v in group.items():
-        if k == "params":
-            continue
-        try:
-            hash(v)
-        except TypeError:  # a list or dict: only the same object counts as equal
-            v = ("unhashable", id(v))
-        key.append((k, v))
-    return tuple(key)
+def _hyperparameter_key(group: Mapping[str, Any], cache: dict[int, tuple] | None = None) -> tuple:
+    """A hashable key equal for two groups exactly when every value but ``params`` is equal.
+
+    Called per group per step, so the per-group work is kept in C: the key names are looked up
+    once per group dict (``cache``, keyed by the dict's identity and checked against it and its
+    length) and the values read with one ``itemgetter`` and hashed as one tuple. The values
+    themselves are read at every call: schedulers (and the DROP factor) write ``lr`` every
+    step, so a cached *value* would go stale. A value that cannot be hashed (a list or dict)
+    falls back to the per-value key, where only the same object counts as equal.
+    """
+    entry = cache.get(id(group)) if cache is not None else None
+    if entry is None or entry[0] is not group or entry[1] != len(group):
+        names = tuple(k for k in group if k != "params")
+        getter = operator.itemgetter(*names) if len(names) > 1 else (lambda g, n=names: tuple(g[k] for k in n))
+        entry = (group, len(group), getter, names)
+        if cache is not None:
+            cache[id(group)] = entry
+    key = (entry[3], entry[2](group))
+    try:
+        hash(key)
+        return key
+    except TypeError:  # a list or dict among the values: only the same object counts as equal
+        values = []
+        for v in key[1]:
+            try:
+                hash(v)
+            except TypeError:
+                v = ("unhashable", id(v))
+            values.append(v)
+        return (key[0], tuple(values))
 
 
 @contextlib.contextmanager
-def merged_groups(optimizer: torch.optim.Optimizer) -> Iterator[list[dict[str, Any]]]:
+def merged_groups(optimizer: torch.optim.Optimizer,
+                  key_cache: dict[int, tuple] | None = None) -> Iterator[list[dict[str, Any]]]:
     """Inside the block, ``optimizer.param_groups`` holds one group per set of equal hyperparameters.
 
     One param group per unit costs per-group work in every optimizer step: torch's optimizers
@@ -148,39 +170,41 @@ def merged_groups(optimizer: torch.optim.Optimizer) -> Iterator[list[dict[str, A
     hyperparameters. Other optimizers (DeepSpeed's FusedAdam keeps its step counter per group)
     and single groups are left as they are; groups without params are left out (they step
     nothing). On exit the original list is back; a hyperparameter the step changed in a merged
-    group is written back to each of its groups.
+    group is written back to each of its groups. ``key_cache`` (a dict the caller keeps across
+    steps, e.g. the step filter) saves looking up each group's key names again every step.
     """
     groups = optimizer.param_groups
+    if type(optimizer) not in MERGEABLE_OPTIMIZERS or len(groups) < 2:
+        yield groups
+        return
     # Groups without params step nothing and are left out. ZeRO-3 (with offload) shows all N
     # groups, all but one empty, in each of its N calls: that stays a cheap check, not N keys.
-    nonempty = [g for g in groups if g["params"]] if type(optimizer) in MERGEABLE_OPTIMIZERS else []
-    if len(nonempty) < 2:
+    members: dict[tuple, list[dict[str, Any]]] = {}
+    nonempty = 0
+    for g in groups:
+        if g["params"]:
+            nonempty += 1
+            key = _hyperparameter_key(g, key_cache)
+            same = members.get(key)
+            if same is None:
+                members[key] = [g]
+            else:
+                same.append(g)
+    if len(members) == nonempty:  # nothing to merge (this includes a single group)
         yield groups
         return
-    merged: dict[tuple, dict[str, Any]] = {}
-    members: dict[int, list[dict[str, Any]]] = {}
-    for g in nonempty:
-        key = _hyperparameter_key(g)
-        m = merged.get(key)
-        if m is None:
-            merged[key] = m = {**g, "params": list(g["params"])}
-            members[id(m)] = [g]
-        else:
-            m["params"].extend(g["params"])
-            members[id(m)].append(g)
-    if len(merged) == len(nonempty):
-        yield groups
-        return
+    merged = [{**same[0], "params": list(itertools.chain.from_iterable(g["params"] for g in same))}
+              for same in members.values()]
     try:
-        optimizer.param_groups = list(merged.values())
-        yield optimizer.param_groups
+        optimizer.param_groups = merged
+        yield merged
     finally:
         optimizer.param_groups = groups
-        for m in merged.values():
-            first = members[id(m)][0]
+        for m, same in zip(merged, members.values()):
+            first = same[0]
             for k, v in m.items():
                 if k != "params" and v is not first.get(k):
-                    for g in members[id(m)]:
+                    for g in same:
                         g[k] = v
 
 

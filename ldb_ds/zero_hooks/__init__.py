@@ -8,6 +8,9 @@ here at ZeRO stages 0-3. Its modules (docs/design.md, sections 2 and 4):
 * :mod:`.step_filter` - dropped groups hidden inside the basic optimizer's step, and left out
   of DeepSpeed's own post-step all-gather;
 * :mod:`.refusals` - settings whose step would bypass the filter, refused before DeepSpeed;
+* :mod:`.zero0_step` - the same for ZeRO-0's fp16/bf16 wrapper (``FP16_UnfusedOptimizer``), and the
+  fp16 ZeRO-0 loss scaling DeepSpeed 0.19.8 leaves out;
+* :mod:`.norms` - all groups' gradient-norm sums in a constant number of ops;
 * :mod:`.zero12_step`, :mod:`.zero3_step` - ldb_ds's own versions of ZeRO's per-group step
   loops and gradient norms (one flatten, optimizer call, copy-back and collective for all kept
   groups), and ZeRO-3's stale-gradient clear after a skipped step;
@@ -24,7 +27,8 @@ user configured) being stepped over param groups:
   over all groups (``engine._take_model_step``);
 * stage 0, bf16: ``FP16_UnfusedOptimizer`` keeps an fp32 copy of each parameter
   and steps the basic optimizer once over all groups;
-* stage 1, bf16 (fp32 gradient accumulation, DeepSpeed's default): ``BF16_Optimizer``
+* stage 1, bf16 with ``data_types.grad_accum_dtype: "fp32"`` (not DeepSpeed's default, which is
+  the model dtype and gives ``DeepSpeedZeroOptimizer``): ``BF16_Optimizer``
   keeps one flat fp32 partition per param group and steps the basic optimizer
   once over all of them;
 * stages 1/2: ``DeepSpeedZeroOptimizer._optimizer_step(i)`` swaps
@@ -71,6 +75,7 @@ from .step_loops import installed as installed_step_loops
 from .step_loops import uninstall as uninstall_step_loops
 from .version import (MIRRORED_SOURCES, VERIFIED_DEEPSPEED, check_deepspeed_version, deepspeed_version_verified,
                       mirrors_verified, source_digest)
+from .zero0_step import fp16_unscaled_at_zero0, install_fp16_loss_scaling, uninstall_fp16_loss_scaling
 from .zero3_step import clear_stale_gradient_partitions
 from .zero12_step import allgather_partitions, install_batched_grad_norm
 
@@ -78,4 +83,5 @@ __all__ = ["VERIFIED_DEEPSPEED", "NOT_A_GRADIENT", "check_deepspeed_version", "d
            "zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
            "skip_allgather_of_dropped", "install_batched_grad_norm", "refuse_unverified_step_paths",
            "clear_stale_gradient_partitions", "install_nonfinite_skip", "install_step_loops", "uninstall_step_loops", "installed_step_loops",
-           "allgather_partitions", "MIRRORED_SOURCES", "mirrors_verified", "source_digest"]
+           "allgather_partitions", "MIRRORED_SOURCES", "mirrors_verified", "source_digest", "fp16_unscaled_at_zero0",
+           "install_fp16_loss_scaling", "uninstall_fp16_loss_scaling"]

@@ -35,19 +35,20 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer,
     if getattr(optimizer, "_ldb_wrapped", False):
         raise RuntimeError("optimizer already wrapped by ldb_ds")
     original_step = optimizer.step
+    key_cache: dict[int, tuple] = {}  # merged_groups' key names per group dict, kept across steps
 
     def step(*args: Any, **kwargs: Any) -> Any:
         hidden = hidden_groups()
         factor = lr_factor()
         if not hidden and factor == 1.0:
-            with merged_groups(optimizer):
+            with merged_groups(optimizer, key_cache):
                 return original_step(*args, **kwargs)
         with hide_groups(optimizer, hidden, factor) as visible:
             if not any(len(g["params"]) for g in visible):
                 return None  # e.g. ZeRO's per-group call for a dropped group: nothing to do
             # Groups of equal hyperparameters stepped as one: one foreach/fused kernel set
             # for all kept units instead of one per unit (bitwise the same update).
-            with merged_groups(optimizer):
+            with merged_groups(optimizer, key_cache):
                 return original_step(*args, **kwargs)
 
     optimizer.step = step
@@ -102,7 +103,10 @@ def install_nonfinite_skip(ds_engine: Any) -> bool:
     ``counters.skipped_steps`` as an fp16 overflow and the window's mask draw is consumed), so
     every stage skips and counts alike. The gradients were all-reduced
     in backward (``engine.py:3165``), so every rank decides the same without a collective; the
-    cost is one norm over the gradients and one host sync per step, as at ZeRO 1-3.
+    cost is one foreach norm over the gradients and one host sync per step, as at ZeRO 1-3.
+    Plain DeepSpeed has no such skip at stage 0, so ldb_ds installs it where LDB is enabled
+    (``attach.new_controller``); with LDB off an engine costs exactly what DeepSpeed's costs, and
+    an application that wants the skip there too calls this itself (``ldb-train`` does).
     Returns whether it was installed (only stage 0 without fp16/bf16 needs it).
     """
     opt = ds_engine.optimizer
@@ -117,9 +121,10 @@ def install_nonfinite_skip(ds_engine: Any) -> bool:
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         opt.overflow = False
         if grads:
-            norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") \
-                else [torch.linalg.vector_norm(g) for g in grads]
-            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+            # One foreach norm and one stack whatever the number of tensors (fp32 at stage 0, so
+            # one dtype); the bool() is the one host sync: DeepSpeed decides on the host whether
+            # the step counts and the LR scheduler moves.
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
                 opt.overflow = True
                 return None
         return original_step(*args, **kwargs)

@@ -1,7 +1,8 @@
 """Which of ldb_ds's own step loops run on an engine: installed only where checked, removable.
 
-:func:`install` puts :mod:`.zero12_step` (ZeRO-1/2) or :mod:`.zero3_step` (ZeRO-3) in place of
-DeepSpeed's per-group loops as *instance* attributes of the engine's ZeRO optimizer (the class
+:func:`install` puts :mod:`.zero0_step` (ZeRO-0 bf16/fp16, ``FP16_UnfusedOptimizer``),
+:mod:`.zero12_step` (ZeRO-1/2) or :mod:`.zero3_step` (ZeRO-3) in place of DeepSpeed's
+per-group loops as *instance* attributes of the engine's (ZeRO or mixed-precision) optimizer (the class
 and other engines are untouched), each only where (a) its plain-path predicate holds for this
 optimizer and (b) the installed DeepSpeed is verified and every function it mirrors hashes to
 the verified source (:func:`.version.mirrors_verified`). Otherwise DeepSpeed's own code runs,
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from . import zero3_step, zero12_step
+from . import zero0_step, zero3_step, zero12_step
 from .version import mirrored_object, mirrors_verified
 
 INSTALLED_ATTR = "_ldb_step_hooks"
 
 # name -> the optimizer attribute the replacement sets
-_ATTRS = {"zero12_step": "step", "zero3_grad_norm": "_get_norm_groups", "zero3_optimizer_step": "_optimizer_step",
-          "zero3_step": "step"}
+_ATTRS = {"zero0_step": "step", "zero12_step": "step", "zero3_grad_norm": "_get_norm_groups",
+          "zero3_optimizer_step": "_optimizer_step", "zero3_step": "step"}
 
 
 def installed(ds_engine: Any) -> tuple[str, ...]:
@@ -35,6 +36,9 @@ def install(ds_engine: Any, skipped_groups: Callable[[], frozenset[int]]) -> tup
     """
     z = ds_engine.optimizer
     names: list[str] = []
+    if zero0_step.plain(z) and mirrors_verified(zero0_step.MIRRORED):
+        z.step = zero0_step.step(z, skipped_groups)
+        names.append("zero0_step")
     if zero12_step.plain(z) and mirrors_verified(zero12_step.MIRRORED):
         z.step = zero12_step.step(z, skipped_groups, z.step)
         names.append("zero12_step")

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 VERIFIED_DEEPSPEED = ("0.19.8", "0.19.8")
 
 # sha256 (first 16 hex digits) of ``inspect.getsource`` of each DeepSpeed function a step-loop
-# replacement mirrors, as in deepspeed 0.19.8 (keys: module under deepspeed.runtime[.zero] and
+# replacement mirrors, as in deepspeed 0.19.8 (keys: module under deepspeed.runtime.zero - but
+# ``utils``, ``engine`` and ``fp16.*`` under deepspeed.runtime, ``moe.*`` under deepspeed - and
 # qualified name). A changed function means the mirror may be stale: the replacement is then
 # not installed and DeepSpeed's own code runs.
 MIRRORED_SOURCES = {
@@ -41,6 +42,27 @@ MIRRORED_SOURCES = {
     "stage3.DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads": "3f0d9e8e7861fd44",
     "stage3.DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters": "af7b449bee8786ec",
     "stage3.DeepSpeedZeroOptimizer_Stage3._release_sub_group": "8830be5fe99207f7",
+    "stage3.DeepSpeedZeroOptimizer_Stage3._unflatten_partitioned_parameters": "00cc8a3f65af736f",
+    "stage_1_and_2.DeepSpeedZeroOptimizer.scaled_global_norm": "63c6a6fe100c4e49",
+    "stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct": "72af0993ad8cde2c",
+    "utils.combine_grad_norm_groups": "37a114f1037dc520",
+    # zero0_step: FP16_UnfusedOptimizer's step and what it calls (the overflow check's functions
+    # too: zero0_step relies on an inf/NaN gradient giving an invalid norm instead of calling it).
+    "fp16.unfused_optimizer.FP16_UnfusedOptimizer.step": "626bd9aa8af843e9",
+    "fp16.unfused_optimizer.FP16_UnfusedOptimizer.unscale_and_clip_grads": "748792c7d1075f9d",
+    "fp16.unfused_optimizer.FP16_UnfusedOptimizer._skip_invalid_grad_norm": "4d93702baa0d43b5",
+    "moe.utils.split_params_grads_into_shared_and_expert_params": "f22f59a57c3713a3",
+    "utils.get_weight_norm": "c62f70351cebc9ad",
+    "utils.get_global_norm": "2279a25f9445daa5",
+    "utils.CheckOverflow.check": "357a6df530f97581",
+    "utils.CheckOverflow.has_overflow": "729b3cbc000e69e4",
+    "utils.CheckOverflow.has_overflow_serial": "6d059f8950716121",
+    "utils.has_inf_or_nan": "f2891c8e640be50c",
+    # zero0_step.install_fp16_loss_scaling: the engine's backward that leaves the loss unscaled at
+    # ZeRO-0, and the fp16 wrappers' own backward whose scaling it applies instead.
+    "engine.DeepSpeedEngine.backward": "b8c4368bee04391d",
+    "fp16.unfused_optimizer.FP16_UnfusedOptimizer.backward": "0fa9d435f47f7f58",
+    "fp16.fused_optimizer.FP16_Optimizer.backward": "6dce1e793bdca85b",
 }
 
 _version_warned = False
@@ -88,7 +110,10 @@ def check_deepspeed_version(version: str | None = None) -> bool:
 def mirrored_object(name: str) -> Any:
     """The DeepSpeed function a :data:`MIRRORED_SOURCES` key names."""
     module_name, *attrs = name.split(".")
-    package = "deepspeed.runtime" if module_name == "utils" else "deepspeed.runtime.zero"
+    if module_name in ("fp16", "moe"):  # deepspeed.runtime.fp16.<module>, deepspeed.moe.<module>
+        module_name, attrs = f"{module_name}.{attrs[0]}", attrs[1:]
+    package = "deepspeed" if module_name.startswith("moe.") else "deepspeed.runtime" \
+        if module_name in ("utils", "engine") or module_name.startswith("fp16.") else "deepspeed.runtime.zero"
     obj: Any = importlib.import_module(f"{package}.{module_name}")
     for a in attrs:
         obj = getattr(obj, a)

@@ -27,11 +27,18 @@ a model with one param group (it frees each group's after stepping it).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .groups import NOT_A_GRADIENT
+from .norms import group_square_sums
+from .version import mirrors_verified
+
+NORM_MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.scaled_global_norm",
+                 "stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct", "utils.combine_grad_norm_groups"]
+"""The DeepSpeed functions :func:`install_batched_grad_norm` mirrors: a changed source keeps DeepSpeed's own norm."""
 
 MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.step", "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step",
             "utils.all_gather_into_tensor_dp_groups"]
@@ -145,10 +152,21 @@ def step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed_step: C
     DeepSpeed's (tests/dist/test_zero_step_dist.py checks it).
     """
     from deepspeed import comm as dist
-    from deepspeed.runtime.utils import align_dense_tensors, is_invalid_grad_norm
+    from deepspeed.runtime.utils import is_invalid_grad_norm
     from deepspeed.runtime.zero.stage_1_and_2 import (INITIAL_MICRO_STEP_ID, OPTIMIZER_ALLGATHER_TIMER,
                                                       OPTIMIZER_GRADIENTS_TIMER, OPTIMIZER_STEP_TIMER,
                                                       OPTIMIZER_TIMERS)
+
+    zeros: dict[tuple, torch.Tensor] = {}
+
+    def padding(numel: int, like: torch.Tensor) -> torch.Tensor:
+        # A zero buffer per dtype and device, grown to the largest padding seen, never written.
+        key = (like.dtype, like.device)
+        buf = zeros.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = zeros[key] = torch.zeros(max(numel, 0 if buf is None else buf.numel()), dtype=like.dtype,
+                                           device=like.device)
+        return buf.narrow(0, 0, numel)
 
     def step(closure: Any = None) -> None:
         if not _plain_gradients(z):
@@ -196,9 +214,14 @@ def step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed_step: C
             z.free_grad_in_param_list(z.params_not_in_partition[i])  # :3103
             if i not in skipped:
                 grads = z.averaged_gradients[i]
-                if last_partition:  # :3114, flatten_dense_tensors_aligned pads to the partition size
-                    grads = align_dense_tensors(grads, int(z.partition_size[i]))
                 numel = sum(g.numel() for g in grads)
+                if last_partition and numel % int(z.partition_size[i]):
+                    # :3114, flatten_dense_tensors_aligned pads the last partition to its size
+                    # with zeros (align_dense_tensors, runtime/utils.py:994): the same zeros,
+                    # as a view of one buffer instead of a torch.zeros per group.
+                    pad = int(z.partition_size[i]) - numel % int(z.partition_size[i])
+                    grads = grads + [padding(pad, grads[0])]
+                    numel += pad
                 assert numel == z.partition_size[i], \
                     f"averaged gradients have {numel} elements, partition size {z.partition_size[i]} (group {i})"
                 tensors.extend(grads)
@@ -294,33 +317,42 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
                          for group in z.bit16_groups for p in group))
     if not plain:
         return False
+    if not mirrors_verified(NORM_MIRRORED):
+        # An optimisation only: with a DeepSpeed whose norm code changed, its own per-group norm
+        # runs (exact, one all-reduce per group), and the user is told why the step is slower.
+        warnings.warn("ldb_ds: DeepSpeed's ZeRO-1/2 gradient-norm code is not the verified one; its own "
+                      "per-group norm runs (one all-reduce per param group)", RuntimeWarning, stacklevel=2)
+        return False
     original = z.scaled_global_norm
     device = get_accelerator().current_device_name()
+    norm_dtype = get_norm_dtype()
+    # The padding of group_square_sums and the stand-in of a dropped group: allocated once, so
+    # a step makes no host-to-device copy (DeepSpeed's torch.tensor(0.0).to(device), :2691).
+    zero = torch.zeros((), dtype=norm_dtype, device=device)
 
     def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
         if norm_type != 2:
             return original(norm_type)
         dropped = dropped_groups()
-        sums = []
-        for i in range(len(z.bit16_groups)):
-            grads = [g for g in z.averaged_gradients[i] if not getattr(g, "_zero_padding", False)] \
-                if i not in dropped else []
-            if grads:
-                norms = [torch.linalg.vector_norm(g.data.to(get_norm_dtype()).detach(), ord=2).to(device)
-                         for g in grads]
-                sums.append(torch.stack(norms).pow(2).sum().float())
-            else:
-                sums.append(torch.tensor(0.0, dtype=torch.float32, device=device))
-        stacked = torch.stack(sums)
+        # get_grad_norm_direct's per-tensor norms (:2677-2685), for the kept groups only; a
+        # dropped group's gradients are DeepSpeed's zero fill, whose sum is 0.
+        norms_by_group = [
+            [torch.linalg.vector_norm(g.data.to(norm_dtype).detach(), ord=2).to(device)
+             for g in z.averaged_gradients[i] if not getattr(g, "_zero_padding", False)]
+            if i not in dropped else []
+            for i in range(len(z.bit16_groups))]
+        # :2689 for every group at once (norms.group_square_sums: the same sums), then float as there.
+        stacked = group_square_sums(norms_by_group, zero).float()
         setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out
         # One collective for all groups; every rank contributes its partition's sums.
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=z.dp_process_group)
         norms = stacked.pow(0.5)
         norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, -1.0))
+        # combine_grad_norm_groups (runtime/utils.py:891) stacks its list back into this vector.
         return combine_grad_norm_groups(list(norms.unbind(0)), norm_type=2)
 
     z.scaled_global_norm = scaled_global_norm
     return True
 
 
-__all__ = ["MIRRORED", "plain", "step", "allgather_partitions", "install_batched_grad_norm"]
+__all__ = ["MIRRORED", "NORM_MIRRORED", "plain", "step", "allgather_partitions", "install_batched_grad_norm"]

@@ -27,6 +27,7 @@ import torch
 
 from ..functional import MERGEABLE_OPTIMIZERS
 from .groups import NOT_A_GRADIENT, zero_stage
+from .norms import group_square_sums
 
 MIRRORED = {
     "norm": ["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups",
@@ -37,7 +38,8 @@ MIRRORED = {
              "stage3.DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads",
              "stage3.DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters",
              "stage3.DeepSpeedZeroOptimizer_Stage3._release_sub_group",
-             "stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step"],
+             "stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step",
+             "stage3.DeepSpeedZeroOptimizer_Stage3._unflatten_partitioned_parameters"],
 }
 """The DeepSpeed functions each replacement mirrors (keys of ``version.MIRRORED_SOURCES``)."""
 
@@ -89,24 +91,28 @@ def norm_groups(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callabl
     device_name = get_accelerator().device_name()
     process_group = norm_group(z)
 
+    norm_dtype = get_norm_dtype()
+    # Pads group_square_sums' rows and stands for dropped sub-groups; allocated once, so a step
+    # makes no host-to-device copy.
+    zero = torch.zeros((), dtype=norm_dtype, device=device_name)
+
     def _get_norm_groups() -> list[torch.Tensor]:
         skipped = skipped_groups()
-        norm_dtype = get_norm_dtype()
-        sums = []
-        for i in range(len(z.fp16_groups)):
-            grads = z.averaged_gradients[i]
-            if z.sub_group_to_group_id[i] in skipped or not grads:
-                sums.append(torch.zeros((), dtype=norm_dtype, device=device_name))
-                continue
-            norms = [g.to(device_name, non_blocking=True).to(norm_dtype).norm(2.0) for g in grads]
-            sums.append(torch.sum(torch.pow(torch.stack(norms), 2.0)))
-        stacked = torch.stack(sums)
+        # get_grad_norm_direct's per-tensor norms (:2454-2457) for the kept sub-groups; a dropped
+        # unit's sub-group holds DeepSpeed's zero fill, whose sum is 0.
+        norms_by_group = [
+            [g.to(device_name, non_blocking=True).to(norm_dtype).norm(2.0) for g in z.averaged_gradients[i]]
+            if z.sub_group_to_group_id[i] not in skipped and z.averaged_gradients[i] else []
+            for i in range(len(z.fp16_groups))]
+        # :2467 for every sub-group at once (norms.group_square_sums: the same sums).
+        stacked = group_square_sums(norms_by_group, zero)
         setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out
         # One collective for all sub-groups; every rank adds its partition's sums.
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=process_group)
         norms = stacked**(1. / 2.0)
-        err = torch.tensor(-1.0, device=z.device, dtype=torch.float)
-        norms = torch.where(norms.isnan().logical_or(norms.isinf()), err, norms)
+        # DeepSpeed masks inf/NaN with a -1 it copies from the host per call; full_like makes it
+        # on the device.
+        norms = torch.where(norms.isnan().logical_or(norms.isinf()), torch.full_like(norms, -1.0), norms)
         return list(norms.unbind(0))
 
     return _get_norm_groups
@@ -205,7 +211,7 @@ def step(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
             with torch.no_grad():
                 torch._foreach_copy_([z.fp16_partitioned_groups_flat[i] for i in kept], masters)
             for i, master in zip(kept, masters):
-                z._unflatten_partitioned_parameters(i)
+                _repoint_partitions(z, i)
                 master.grad = None
             del flat
         z.timers(OPTIMIZER_STEP_TIMER).stop()
@@ -221,6 +227,22 @@ def step(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
             z.n_caching_allocator_flushes = alloc_retries
 
     return _step
+
+
+def _repoint_partitions(z: Any, sub_group: int) -> None:
+    """``_unflatten_partitioned_parameters`` (``stage3.py:2792``) without its per-call op.
+
+    DeepSpeed points each partitioned parameter at its slice of the sub-group's flat 16-bit
+    buffer with ``torch._C._nn.unflatten_dense_tensors``, which is ``flat.narrow(0, offset,
+    numel).view_as(t)`` per tensor in one aten op per sub-group: one op per unit here. The same
+    views made directly are metadata only (no kernel, no aten op doing work).
+    """
+    flat = z.fp16_partitioned_groups_flat[sub_group]
+    offset = 0
+    for partitioned_param in z.fp16_partitioned_groups[sub_group]:
+        numel = partitioned_param.numel()
+        partitioned_param.data = flat.narrow(0, offset, numel).view_as(partitioned_param).data
+        offset += numel
 
 
 def _step_kept(z: Any, kept: list[int]) -> None:

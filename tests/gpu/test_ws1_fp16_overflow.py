@@ -9,7 +9,12 @@ GPU is tests/gpu/test_ws1_parity.py.
 What is checked, following DeepSpeed 0.19.8's code paths (docs/design.md, section 4):
 
 * stage 0 with SGD is FP16_UnfusedOptimizer; with DeepSpeed's FusedAdam it is FP16_Optimizer
-  (``fp16/fused_optimizer.py:256``). Both detect the overflow before calling the basic optimizer
+  (``fp16/fused_optimizer.py:256``). DeepSpeed 0.19.8's ``engine.backward`` does not scale the
+  loss for either (only for ZeRO optimizers), while both divide the gradients by the loss scale:
+  without ``zero_hooks.zero0_step.install_fp16_loss_scaling`` every stage-0 update is 256 times too
+  small here (issue 16, item 6: distance 0.312 against 0.113 for the known-wrong run; the same
+  numbers on the CPU, tests/dist/test_zero_step_dist.py::test_zero0_fp16_loss_is_scaled_as_the_step_expects).
+  Both detect the overflow before calling the basic optimizer
   (``_skip_invalid_grad_norm``), so ldb_ds's step filter (hidden dropped groups, DROP LR factor)
   is never entered: nothing moves, no factor is left in the groups' ``lr``;
 * ZeRO 1/2 (``stage_1_and_2.py:3013``) and ZeRO 3 (``stage3.py:2873``) return before

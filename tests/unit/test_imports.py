@@ -103,8 +103,8 @@ CORE_LAYERS = {
 CORE_PACKAGES = {"zero_hooks"}
 APPLICATIONS = {"train", "bench", "integrations"}
 # ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
-ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "zero12_step", "zero3_step",
-                      "step_loops"}
+ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "norms", "zero0_step", "zero12_step",
+                      "zero3_step", "step_loops"}
 
 
 def _files_of(module: str) -> list[pathlib.Path]:

@@ -1,0 +1,43 @@
+"""Per-group gradient-norm sums for all param groups with a constant number of tensor ops.
+
+DeepSpeed computes a norm per param group with one small chain of ops per group
+(``torch.stack(norms).pow(2).sum()``, ``stage_1_and_2.py:2689`` and ``stage3.py:2467``). With
+one param group per unit that is 3-4 kernel launches per unit per step, which a GPU exposes as
+host time. :func:`group_square_sums` does the same arithmetic for every group at once: the
+per-tensor norms of all groups go into one ``[groups, width]`` matrix, each row padded with
+exact zeros, and one ``pow(2)`` and one row ``sum`` give every group's sum of squares.
+
+Exactness: ``pow`` is elementwise, so every squared norm is DeepSpeed's value. A row sum adds
+the same values plus trailing zeros; adding ``+0.0`` is exact, so a group of one or two tensors
+(most units at ``module`` granularity: a weight, or a weight and a bias) gets DeepSpeed's bits.
+A group of three or more tensors may be summed in another order by the row reduction than by
+DeepSpeed's 1-D sum: at most a last-bit difference in the norm dtype's sum (float64 by
+default), before DeepSpeed casts it to float32 (ZeRO-1/2) or takes its square root. The
+resulting clip coefficient differs from DeepSpeed's by at most one float32 rounding of a group
+norm, a relative 1e-7, inside the 1e-6 bound docs/design.md (section 4) states; without
+clipping the norm only decides overflow (inf/NaN propagate the same way) and is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def group_square_sums(norms_by_group: Sequence[Sequence[torch.Tensor]], zero: torch.Tensor) -> torch.Tensor:
+    """``[sum(n**2 for n in norms_by_group[i]) for i]`` as one tensor, in three ops whatever the count.
+
+    ``zero`` is a 0-d zero tensor of the norms' dtype and device (allocated once by the caller):
+    it pads short rows and stands for groups with no norms (dropped units, empty partitions),
+    which then sum to exactly 0, the value DeepSpeed's zero fill gives them.
+    """
+    width = max(map(len, norms_by_group), default=0) or 1
+    padded: list[torch.Tensor] = []
+    for norms in norms_by_group:
+        padded.extend(norms)
+        padded.extend([zero] * (width - len(norms)))
+    return torch.stack(padded).view(len(norms_by_group), width).pow(2).sum(dim=1)
+
+
+__all__ = ["group_square_sums"]
