@@ -4,7 +4,9 @@
     python scripts/gpu_summary.py summarize OUT               # OUT/summary.md and OUT/summary.json
 
 ``summarize`` reads what the check left in OUT (phases.tsv, facts.json, tests/junit.xml,
-bench/<run>/step.json and epochs.json) and reports every phase, also those cut short or skipped.
+bench/<cell>/step.json and epochs.json, host/*.json) and reports every phase, also those cut short
+or skipped, with one line per cell and the GPU targets of issue 16, item 5 evaluated. OUT is the
+check's scratch folder; gpu_check.sh copies summary.md/json next to the tarball.
 """
 
 from __future__ import annotations
@@ -94,13 +96,41 @@ def tests_summary(out: Path) -> dict:
     path = out / "tests" / "junit.xml"
     if not path.exists():
         return {"junit": None}
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:  # a run killed while writing it
+        return {"junit": None, "error": f"unreadable junit.xml: {err}"}
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     bad = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
            if c.find("failure") is not None or c.find("error") is not None]
     return {"junit": str(path.relative_to(out)), **counts, "passed": counts["tests"] - counts["failures"]
             - counts["errors"] - counts["skipped"], "not_passed": bad}
+
+
+# The GPU targets (issue 16, item 5).
+FULL_EPOCH_MAX = 1.02
+"""LDB FULL epoch / DeepSpeed baseline epoch, every cell."""
+DROP_SAVING_MIN = 0.90
+"""(LDB FULL - LDB DROP step, ms) / (plain PyTorch FULL - plain PyTorch DROP step with the same units frozen)."""
+SPEEDUP_MIN = 0.22
+"""End-to-end speedup (median of the A/B pairs) on both 224 px ZeRO-2 cells (aim: 0.25)."""
+IQR_MAX_POINTS = 4.0
+"""The speedup's IQR the check's repetitions are sized for (reported, not a target)."""
+
+
+def speedup_target_applies(run: str) -> bool:
+    """The end-to-end target is set for the paper's 224 px ZeRO-2 cells (named so by gpu_check.sh)."""
+    return "-224-" in run and run.endswith("-zero2")
+
+
+def _median(step: dict | None, variant: str) -> float | None:
+    return _get(step, "results", "variants", variant, "total_s", "median")
+
+
+def _target(value, limit, at_most: bool) -> dict:
+    ok = None if value is None or value != value else (value <= limit if at_most else value >= limit)
+    return {"value": value, "limit": limit, "rule": "<=" if at_most else ">=", "pass": ok}
 
 
 def bench_rows(out: Path) -> list[dict]:
@@ -110,20 +140,110 @@ def bench_rows(out: Path) -> list[dict]:
         cond = _get(step, "conditions") or _get(epochs, "conditions") or {}
         key = _get(step, "results", "key_figures") or {}
         ep = _get(epochs, "results") or {}
+        med = {v: _median(step, v) for v in ("baseline", "ldb_full", "ldb_drop", "oracle_full", "oracle_drop")}
+        # The DROP step's saving at the same batch, LDB against plain PyTorch with the same units frozen
+        # (step.py writes it; recomputed from the medians for results written before it did).
+        saving = key.get("drop_saving_s")
+        if saving is None and med["ldb_full"] is not None and med["ldb_drop"] is not None:
+            saving = med["ldb_full"] - med["ldb_drop"]
+        oracle_saving = key.get("oracle_drop_saving_s")
+        if oracle_saving is None and med["oracle_full"] is not None and med["oracle_drop"] is not None:
+            oracle_saving = med["oracle_full"] - med["oracle_drop"]
+        # No ratio where plain PyTorch saves nothing (noise at tiny sizes): the target is then not judged.
+        saving_ratio = saving / oracle_saving if saving is not None and oracle_saving and oracle_saving > 0 else None
+        full_epoch = ep.get("full_epoch_over_baseline")
+        if full_epoch is None and _get(ep, "epoch_s", "baseline_FULL", "median"):
+            full_epoch = _get(ep, "epoch_s", "ldb_FULL", "median") / _get(ep, "epoch_s", "baseline_FULL", "median")
+        sp = ep.get("speedup") or {}
+        iqr_points = 100 * (sp["q3"] - sp["q1"]) if "q1" in sp and "q3" in sp else None
+        targets = {"full_epoch_over_baseline": _target(full_epoch, FULL_EPOCH_MAX, True),
+                   "drop_saving_over_oracle": _target(saving_ratio, DROP_SAVING_MIN, False)}
+        if speedup_target_applies(run.name):
+            targets["speedup"] = _target(sp.get("median"), SPEEDUP_MIN, False)
         rows.append({
-            "run": run.name, "model": cond.get("model"), "batch": cond.get("micro_batch_per_rank"),
-            "zero": cond.get("zero_stage"), "precision": cond.get("precision"), "device": cond.get("device"),
+            "run": run.name, "model": cond.get("model"), "img_size": cond.get("img_size"), "stem": cond.get("stem"),
+            "batch": cond.get("micro_batch_per_rank"), "zero": cond.get("zero_stage"),
+            "precision": cond.get("precision"), "device": cond.get("device"),
             "units": _get(step, "results", "units"),
-            "baseline_step_ms": (_get(step, "results", "variants", "baseline", "total_s", "median") or 0) * 1e3 or None,
+            "baseline_step_ms": _ms(med["baseline"]), "oracle_full_step_ms": _ms(med["oracle_full"]),
+            "deepspeed_over_pytorch": (med["baseline"] / med["oracle_full"]) if med["baseline"] and med["oracle_full"]
+            else None,
             "ldb_full_over_baseline": key.get("ldb_full_over_baseline"),
             "drop_over_full_same_batch": key.get("drop_over_full_measured"),
+            "oracle_drop_over_oracle_full": key.get("oracle_drop_over_oracle_full"),
             "drop_2x_batch_per_sample_over_full": key.get("drop_epoch_over_full_epoch_predicted"),
             "batch_effect": key.get("batch_effect"),
-            "speedup_median": _get(ep, "speedup", "median"), "speedup_min": _get(ep, "speedup", "min"),
-            "speedup_max": _get(ep, "speedup", "max"), "drop_over_full_epoch": ep.get("drop_over_full_epoch"),
-            "files": sorted(p.name for p in run.glob("*.json")),
+            "drop_saving_ms": _ms(saving), "oracle_drop_saving_ms": _ms(oracle_saving),
+            "drop_saving_over_oracle": saving_ratio, "full_epoch_over_baseline": full_epoch,
+            "speedup_median": sp.get("median"), "speedup_q1": sp.get("q1"), "speedup_q3": sp.get("q3"),
+            "speedup_min": sp.get("min"), "speedup_max": sp.get("max"), "speedup_reps": sp.get("n"),
+            "speedup_iqr_points": iqr_points, "drop_over_full_epoch": ep.get("drop_over_full_epoch"),
+            "targets": targets, "files": sorted(p.name for p in run.glob("*.json")),
         })
     return rows
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e3 * seconds
+
+
+def _flags(node, path: str = "", under_targets: bool = False) -> list[tuple[str, bool]]:
+    """Every pass/fail flag in a host result: booleans under a ``targets`` key, or named meets_*/pass/ok."""
+    found: list[tuple[str, bool]] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            name = f"{path}.{k}" if path else str(k)
+            flag_name = re.match(r"(meets_|met$|pass(ed)?$|ok$)", str(k)) is not None
+            if isinstance(v, bool) and (under_targets or flag_name):
+                found.append((name, v))
+            else:
+                found += _flags(v, name, under_targets or "target" in str(k).lower())
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _flags(v, f"{path}[{i}]", under_targets)
+    return found
+
+
+def host_summary(out: Path) -> dict:
+    """The ``host`` mode's targets: per cell (``results.cells[i].targets``), every boolean flag true."""
+    files = sorted((out / "host").glob("*.json")) if (out / "host").is_dir() else []
+    cells, failed = 0, []
+    for f in files:
+        res = _get(_load(f), "results")
+        found = res.get("cells") if isinstance(res, dict) else None
+        if not isinstance(found, list):  # another schema: all flags of the file as one cell
+            found = [{"cell": f.name, "targets": res}] if res else []
+        for c in found:
+            flags = _flags(c.get("targets") or {}, under_targets=True) if isinstance(c, dict) else []
+            if not flags:
+                continue
+            cells += 1
+            bad = [n for n, ok in flags if not ok]
+            if bad:
+                failed.append(f"N={c.get('units', '?')} {c.get('cell', '?')} ({', '.join(bad)})")
+    verdict = "n/a" if not cells else ("pass" if not failed else "FAIL")
+    return {"files": [f.name for f in files], "cells": cells, "failed": failed, "verdict": verdict}
+
+
+def _verdict(t: dict | None) -> str:
+    if t is None:
+        return ""
+    return {True: "pass", False: "FAIL", None: "n/a"}[t["pass"]]
+
+
+def cell_line(r: dict) -> str:
+    """One line per cell: the step ratio, the FULL epoch ratio, the DROP saving, the speedup, with targets."""
+    t = r["targets"]
+    speed = "speedup n/a" if r["speedup_median"] is None else (
+        f"speedup {100 * r['speedup_median']:.1f}% [{100 * r['speedup_q1']:.1f}, {100 * r['speedup_q3']:.1f}] "
+        f"(n={r['speedup_reps']}, IQR {r['speedup_iqr_points']:.1f} pt)")
+    if "speedup" in t:
+        speed += f" >= {100 * SPEEDUP_MIN:.0f}%: {_verdict(t['speedup'])}"
+    return (f"{r['run']}: LDB FULL step / DeepSpeed {_fmt(r['ldb_full_over_baseline'])} | "
+            f"FULL epoch / baseline {_fmt(r['full_epoch_over_baseline'])} <= {FULL_EPOCH_MAX}: "
+            f"{_verdict(t['full_epoch_over_baseline'])} | DROP saves {_fmt(r['drop_saving_ms'], '.1f')} ms vs "
+            f"PyTorch {_fmt(r['oracle_drop_saving_ms'], '.1f')} ms = {_fmt(r['drop_saving_over_oracle'], '.2f')} "
+            f">= {DROP_SAVING_MIN}: {_verdict(t['drop_saving_over_oracle'])} | {speed}")
 
 
 def summarize(out: Path) -> dict:
@@ -134,13 +254,22 @@ def summarize(out: Path) -> dict:
             name, status, wall, box = (line.split("\t") + ["", "", "", ""])[:4]
             phases.append({"phase": name, "status": status, "wall_s": int(wall or 0), "time_box_s": int(box or 0)})
     tests = tests_summary(out)
-    rows = bench_rows(out)
+    # Cells in the order they ran (most important first), as gpu_check.sh lists them.
+    ran = [p["phase"][len("bench-"):] for p in phases if p["phase"].startswith("bench-")]
+    rows = sorted(bench_rows(out), key=lambda r: (ran.index(r["run"]) if r["run"] in ran else len(ran), r["run"]))
+    host = host_summary(out)
+    host_phase = next((p["status"] for p in phases if p["phase"] == "host"), "not run")
+    host_line = (f"host (ldb-bench host): phase {host_phase}; targets {host['verdict']}"
+                 f" ({host['cells'] - len(host['failed'])} of {host['cells']} cells pass)")
+    lines = [cell_line(r) for r in rows] + [host_line]
     card = info.get("card") or "unknown"
     date = (info.get("date_utc") or "")[:10]
     summary = {"card": card, "date_utc": info.get("date_utc"), "dry_run": info.get("dry_run"), "world_size": 1,
                "versions": {k: info.get(k) for k in ("torch", "cuda", "cudnn", "deepspeed", "ldb_ds", "timm", "python")},
                "nvidia_smi": info.get("nvidia_smi"), "git_commit": info.get("git_commit"),
-               "phases": phases, "tests": tests, "bench": rows, "note": WS1_NOTE,
+               "targets": {"full_epoch_over_baseline_max": FULL_EPOCH_MAX, "drop_saving_over_oracle_min":
+                           DROP_SAVING_MIN, "speedup_min_224px_zero2": SPEEDUP_MIN, "iqr_max_points": IQR_MAX_POINTS},
+               "lines": lines, "phases": phases, "tests": tests, "bench": rows, "host": host, "note": WS1_NOTE,
                "results_dir": f"docs/results/gpu/{card_slug(card)}/{date}"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -152,7 +281,9 @@ def summarize(out: Path) -> dict:
           f"- torch {v['torch']} (CUDA {v['cuda']}, cuDNN {v['cudnn']}), deepspeed {v['deepspeed']}, "
           f"ldb_ds {v['ldb_ds']}, timm {v['timm']}, Python {v['python']}",
           f"- {WS1_NOTE}", f"- suggested place for these files: `{summary['results_dir']}/`", "",
-          "## Phases", "", "| phase | status | wall s | time box s |", "|---|---|---|---|"]
+          "## Cells", ""]
+    md += [f"- {line}" for line in lines]
+    md += ["", "## Phases", "", "| phase | status | wall s | time box s |", "|---|---|---|---|"]
     md += [f"| {p['phase']} | {p['status']} | {p['wall_s']} | {p['time_box_s']} |" for p in phases]
     md += ["", "## Tests (world size 1)", ""]
     if tests.get("junit"):
@@ -160,25 +291,32 @@ def summarize(out: Path) -> dict:
                   f"{tests['skipped']} skipped ({tests['junit']})")
         md += [f"- not passed: `{name}`" for name in tests["not_passed"]]
     else:
-        md.append("no test report (see phases and logs/tests.log)")
-    md += ["", "## Benchmark: LDB against the DeepSpeed baseline (bf16, CIFAR stem, 32x32)", "",
-           "Step ratios from `step` mode (same per-rank batch for all variants), end-to-end speedup "
-           "(1 - T_ldb / T_baseline, paired A/B runs of one FULL and one DROP epoch) from `epochs` mode. "
-           "\"DROP 2x batch\" is a DROP step at batch_kappa x the batch, per sample, over a FULL step: the "
-           "cost of a DROP epoch relative to a FULL one.", "",
-           "| run | units | baseline step ms | LDB FULL / baseline | DROP / FULL (same batch) | "
-           "DROP 2x batch per sample / FULL | end-to-end speedup, median (min..max) | DROP / FULL epoch |",
-           "|---|---|---|---|---|---|---|---|"]
+        md.append(f"no test report ({tests.get('error') or 'see phases and logs/tests.log'})")
+    md += ["", "## Benchmark: LDB against the DeepSpeed baseline (bf16, synthetic data)", "",
+           "Step figures from `step` mode (same per-rank batch for all variants; \"PyTorch\" is plain PyTorch "
+           "with no DeepSpeed, the DROP oracle freezing the same units), end-to-end speedup (1 - T_ldb / "
+           "T_baseline over paired A/B runs of one FULL and one DROP epoch, s=2, p=0.3, kappa 2; median "
+           f"[IQR]) from `epochs` mode. Targets: FULL epoch / baseline <= {FULL_EPOCH_MAX}; DROP saving >= "
+           f"{DROP_SAVING_MIN:.0%} of PyTorch's; speedup >= {SPEEDUP_MIN:.0%} on the 224 px ZeRO-2 cells.", "",
+           "| cell | units | DeepSpeed step ms | PyTorch step ms | LDB FULL step / DeepSpeed | FULL epoch / "
+           "baseline | DROP / FULL step | PyTorch DROP / FULL | DROP saving ms (PyTorch) | end-to-end speedup, "
+           "median [IQR] | DROP / FULL epoch |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = "n/a" if r["speedup_median"] is None else (
-            f"{100 * r['speedup_median']:.1f}% ({100 * r['speedup_min']:.1f}..{100 * r['speedup_max']:.1f}%)")
-        md.append(f"| {r['run']} | {r['units'] if r['units'] is not None else 'n/a'} | {_fmt(r['baseline_step_ms'], '.1f')} | "
-                  f"{_fmt(r['ldb_full_over_baseline'])} | {_fmt(r['drop_over_full_same_batch'])} | "
-                  f"{_fmt(r['drop_2x_batch_per_sample_over_full'])} | {speed} | {_fmt(r['drop_over_full_epoch'])} |")
+            f"{100 * r['speedup_median']:.1f}% [{100 * r['speedup_q1']:.1f}, {100 * r['speedup_q3']:.1f}]")
+        md.append(f"| {r['run']} | {r['units'] if r['units'] is not None else 'n/a'} | "
+                  f"{_fmt(r['baseline_step_ms'], '.1f')} | {_fmt(r['oracle_full_step_ms'], '.1f')} | "
+                  f"{_fmt(r['ldb_full_over_baseline'])} | {_fmt(r['full_epoch_over_baseline'])} | "
+                  f"{_fmt(r['drop_over_full_same_batch'])} | {_fmt(r['oracle_drop_over_oracle_full'])} | "
+                  f"{_fmt(r['drop_saving_ms'], '.1f')} ({_fmt(r['oracle_drop_saving_ms'], '.1f')}) | {speed} | "
+                  f"{_fmt(r['drop_over_full_epoch'])} |")
     if not rows:
-        md.append("| (no benchmark results) | | | | | | | |")
-    md += ["", "Per run: `bench/<run>/step.{json,md,png}` and `epochs.{json,md,png}` with all conditions; "
-               "logs in `logs/`.", ""]
+        md.append("| (no benchmark results) | | | | | | | | | | |")
+    md += ["", f"Host benchmark: files {', '.join(host['files']) or 'none'}; {host['cells']} cells with targets, "
+               f"verdict {host['verdict']}.", ""] + [f"- not met: {c}" for c in host["failed"]] + ["",
+           "Everything else is in `gpu_check.tar.gz`: per cell `bench/<cell>/step.{json,md,png}` and "
+           "`epochs.{json,md,png}` with all conditions, `host/`, `tests/junit.xml`, `facts.json`, logs in `logs/`.", ""]
     (out / "summary.md").write_text("\n".join(md))
     print("\n".join(md))
     return summary

@@ -112,6 +112,7 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
         "speedup": rep.stats(speedups),
         "throughput_ratio": rep.stats(b / l for b, l in zip(per["baseline_s"], per["ldb_s"])),
         "epoch_s": ep_stats, "drop_over_full_epoch": (t_drop / t_full) if ep["ldb_DROP"] else None,
+        "full_epoch_over_baseline": (t_full / t_base) if ep["ldb_FULL"] and t_base else None,  # LDB's FULL-epoch cost
         "steps": steps, "kept_param_fraction": (sum(kept) / len(kept)) if kept else None,
         "per_rep": {"baseline_s": per["baseline_s"], "ldb_s": per["ldb_s"], "speedup": speedups,
                     "baseline_epochs": per["baseline_epochs"], "ldb_epochs": per["ldb_epochs"]},

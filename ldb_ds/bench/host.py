@@ -1,0 +1,396 @@
+"""``host`` mode: the host work of one training step on a model of N tiny units (issue 16, item 1).
+
+The model is N x ``Linear(w, w)`` (w = ``--host-width``, 8) with a ReLU after each, at a small batch
+(``--host-batch``, 4): a step is then host work only (Python, dispatcher, launches), which is what a
+fast GPU exposes. At ``module`` granularity every Linear is one LDB unit, so LDB gives the optimizer
+N param groups where plain DeepSpeed gives it one.
+
+Cells: ZeRO stage x precision x optimizer (``--host-stages``, ``--host-precisions``,
+``--host-optimizers``; SGD with momentum and AdamW, torch optimizers with ``foreach=True`` forced,
+as torch picks on CUDA). World size: whatever the process group is. Variants, same data:
+
+``deepspeed``  plain ``deepspeed.initialize`` over ``model.parameters()`` (one group, no ldb_ds);
+``off``        ``ldb_ds.initialize`` with ``layer_drop_back.enabled: false``;
+``full``       LDB on, a FULL epoch;
+``drop``       LDB on, a DROP epoch (``drop_rate`` 0.5, ``keep_first``/``keep_last`` 1, ``batch_kappa``
+               1 so the DROP step sees the same batch); ``full`` and ``drop`` share one engine.
+
+Counts (:mod:`.host_count`) come from one profiled step per variant after ``--host-warmup`` steps of
+each: deterministic (same seed, same masks). Times come from ``--host-rounds`` interleaved rounds
+(deepspeed, off, full, drop, deepspeed, ...), ``--host-steps-per-round`` steps per variant and round.
+The targets of issue 16 item 2 are evaluated per cell (:func:`targets`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable
+
+from ..runtime import input_dtype, synchronize
+from .epochs import first_drop_epoch
+from .host_count import PHASES, phase, profiled_steps
+from .runtime import BenchContext, barrier, result
+
+VARIANTS = ("deepspeed", "off", "full", "drop")
+STEP_OPS_SLACK = 40
+"""Target: an LDB FULL or DROP step makes at most plain DeepSpeed's step-phase ops + this many."""
+WAITS_SLACK = 1
+"""Target: syncs plus blocking copies per step (all phases) at most plain DeepSpeed's + this many."""
+US_PER_UNIT_TARGET = 5.0
+"""Target (reported, not asserted: times on a shared machine): (FULL - off) / N in microseconds."""
+LDB_SECTION = {"enabled": True, "granularity": "module", "drop_rate": 0.5, "keep_first": 1, "keep_last": 1,
+               "sampling_rate": 2, "batch_kappa": 1, "resample": "step"}
+"""The LDB side's settings unless given on the command line: every Linear a unit; a drop rate that
+drops a good share of units (the paper's p is 0.3); the DROP batch the same as the FULL batch."""
+
+
+def make_model(units: int, width: int, seed: int) -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers: list[Any] = []
+    for _ in range(units):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def optimizer_section(name: str) -> dict[str, Any]:
+    """A torch optimizer with ``foreach=True`` (torch picks foreach kernels by default only for
+    cuda/xpu tensors; forced, the CPU counts predict a GPU's launches, see ``counts.force_foreach``).
+    AdamW goes through DeepSpeed's ``torch_adam`` switch: ``adamw`` is one of DeepSpeed's own names,
+    which would otherwise build FusedAdam (a CUDA extension)."""
+    if name == "sgd":
+        return {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "foreach": True}}
+    return {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True, "foreach": True}}
+
+
+def cell_config(ctx: BenchContext, stage: int, precision: str, optimizer: str,
+                ldb: dict[str, Any] | None) -> dict[str, Any]:
+    """The DeepSpeed config of one cell; ``ldb=None``: no ``layer_drop_back`` section (plain DeepSpeed)."""
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": ctx.opts.host.host_batch, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19.8 clips at 1.0 unless told; clipping is not measured here
+        "optimizer": optimizer_section(optimizer), "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage}, "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9, "tensorboard": {"enabled": False}, "wall_clock_breakdown": False,
+    }
+    if ldb is not None:
+        cfg["layer_drop_back"] = ldb
+    return cfg
+
+
+def build_engines(ctx: BenchContext, units: int, stage: int, precision: str, optimizer: str) -> dict[str, Any]:
+    """``{"deepspeed": ds_engine, "off": ldb_engine, "ldb": ldb_engine}`` over copies of one model."""
+    import deepspeed
+
+    import ldb_ds
+
+    h = ctx.opts.host
+    init = make_model(units, h.host_width, ctx.opts.run.seed)
+    section = {**LDB_SECTION, **ctx.opts.ldb, "enabled": True}
+
+    def copy_of() -> Any:
+        m = copy.deepcopy(init)
+        return m.bfloat16() if precision == "bf16" else m
+
+    m = copy_of()
+    ds_engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=m.parameters(),
+                                              config=cell_config(ctx, stage, precision, optimizer, None))
+    engines = {"deepspeed": ds_engine}
+    for key, enabled in (("off", False), ("ldb", True)):
+        m = copy_of()
+        engines[key], _, _, _ = ldb_ds.initialize(
+            model=m, model_parameters=list(m.parameters()),
+            config=cell_config(ctx, stage, precision, optimizer, {**section, "enabled": enabled}))
+    return engines
+
+
+def step_runner(engines: dict[str, Any], drop_epoch: int, x: Any, y: Any, cuda: bool,
+                dropped: list[int], timer: list[float] | None = None) -> Callable[..., None]:
+    """``run(variant, sink=None)``: one training step of ``variant``; with a ``sink`` its phases are
+    profiled ranges (:func:`.host_count.phase`), without one they run bare (warm-up, timing: with a
+    ``timer``, the start and end of the step, device synchronised, are appended to it). Each DROP
+    step appends its number of dropped units to ``dropped``."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    def run(variant: str, sink: dict[str, int] | None = None) -> None:
+        engine = engines["ldb" if variant in ("full", "drop") else variant]
+        if variant != "deepspeed":  # an epoch boundary, not per-step work: outside the timed and
+            engine.set_epoch(drop_epoch if variant == "drop" else 0)  # profiled regions
+        if sink is None and timer is not None:
+            synchronize()
+            timer.append(time.perf_counter())
+
+        def ph(name: str) -> Any:
+            return contextlib.nullcontext() if sink is None else phase(f"{variant}|{name}", cuda, sink)
+
+        with ph("forward"):
+            loss = F.mse_loss(engine(x).float(), y)
+        with ph("backward"):
+            engine.backward(loss)
+        if variant == "drop":  # the mask is live until the step ends the window
+            dropped.append(len(engine.ldb.dropped_units))
+        with ph("step"):
+            engine.step()
+        if sink is None and timer is not None:
+            synchronize()
+            timer.append(time.perf_counter())
+
+    return run
+
+
+def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, optimizer: str) -> dict[str, Any]:
+    """Counts (one profiled step per variant) and times (interleaved rounds) of one cell."""
+    import torch
+
+    from ..zero_hooks import basic_optimizer
+
+    h = ctx.opts.host
+    cuda = _is_cuda(ctx)
+    engines = build_engines(ctx, units, stage, precision, optimizer)
+    ldb = engines["ldb"]
+    drop_epoch = first_drop_epoch(ldb.ldb.config)
+    g = torch.Generator().manual_seed(ctx.opts.run.seed * 1000 + ctx.rank)
+    x = torch.randn(h.host_batch, h.host_width, generator=g).to(ctx.device, input_dtype(ldb))
+    y = torch.randn(h.host_batch, h.host_width, generator=g).to(ctx.device)
+    dropped: list[int] = []
+    stamps: list[float] = []
+    run = step_runner(engines, drop_epoch, x, y, cuda, dropped, stamps)
+    try:
+        # Warm-up: the first steps create optimizer state and buffers; ZeRO-3 records its parameter
+        # trace and checks it across ranks once. None of that is per-step work.
+        for _ in range(h.host_warmup):
+            for v in VARIANTS:
+                run(v)
+        barrier(ctx)
+        counts = profiled_steps({v: run for v in VARIANTS}, cuda)
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for r in range(h.host_rounds):
+            barrier(ctx)
+            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]  # nobody always first
+            for v in order:
+                for _ in range(h.host_steps_per_round):
+                    stamps.clear()
+                    run(v)
+                    times[v].append(stamps[1] - stamps[0])
+        dropped_profiled = dropped[h.host_warmup]  # the profiled DROP step's (after the warm-up ones)
+        groups = len(basic_optimizer(ldb.ds_engine).param_groups)
+    finally:
+        for e in engines.values():
+            e.destroy()
+    return {"units": units, "zero_stage": stage, "precision": precision, "optimizer": optimizer,
+            "cell": f"ZeRO-{stage} {precision} {optimizer}", "drop_epoch": drop_epoch,
+            "dropped_units_profiled": dropped_profiled, "ldb_param_groups": groups, "variants": counts,
+            "times": {v: _stats(t) for v, t in times.items()}}
+
+
+def _is_cuda(ctx: BenchContext) -> bool:
+    return getattr(ctx.device, "type", str(ctx.device)).startswith("cuda")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    from . import report as rep
+
+    return rep.stats(values)
+
+
+def waits(row: dict[str, Any], cuda: bool) -> int:
+    """Syncs plus blocking host-to-device copies of one variant's step, all phases. On CUDA the larger
+    of the name count and the sync-debug warnings (a blocking copy also warns: not counted twice)."""
+    by_name = row["syncs"] + row["copies"]
+    return max(by_name, row["sync_warnings"]) if cuda else by_name
+
+
+def step_ops(row: dict[str, Any]) -> int:
+    """Step-phase ops that the targets compare: all, less torch's reads of its CPU step counts.
+
+    torch's foreach/fused Adam keeps one ``step`` tensor per parameter (on the CPU when not
+    capturable) and reads it per parameter (``_get_value(step)``: an ``item`` on host memory,
+    no device wait). ldb_ds must keep per-unit step counts (a unit that was dropped has stepped
+    fewer times), so Adam sees one flat tensor per kept unit where plain DeepSpeed has one: two
+    such reads per kept unit are torch's own per-tensor host work, counted apart
+    (``host_scalar_reads``) and documented (docs/benchmark.md), not LDB's bookkeeping.
+    """
+    phase = row["phases"]["step"]
+    return phase["ops"] - phase.get("host_scalar_reads", 0)
+
+
+def targets(cell: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """Issue 16, item 2, for one cell: step-phase ops and waits of FULL and DROP against plain DeepSpeed
+    (asserted by the test suite), and (FULL - off) / N in microseconds (reported)."""
+    v, t = cell["variants"], cell["times"]
+    ds_ops = step_ops(v["deepspeed"])
+    ds_waits = waits(v["deepspeed"], cuda)
+    out: dict[str, Any] = {}
+    for name in ("full", "drop"):
+        ops = step_ops(v[name])
+        w = waits(v[name], cuda)
+        out[name] = {"step_ops": ops, "step_ops_over_deepspeed": ops - ds_ops,
+                     "step_ops_ok": ops <= ds_ops + STEP_OPS_SLACK,
+                     "waits": w, "waits_over_deepspeed": w - ds_waits, "waits_ok": w <= ds_waits + WAITS_SLACK}
+    full_ms, off_ms = t["full"]["median"], t["off"]["median"]
+    us = (full_ms - off_ms) / cell["units"] * 1e6 if t["full"]["n"] and t["off"]["n"] else float("nan")
+    out["us_per_unit"] = us
+    out["us_per_unit_ok"] = us <= US_PER_UNIT_TARGET if us == us else None
+    out["counts_ok"] = all(out[n]["step_ops_ok"] and out[n]["waits_ok"] for n in ("full", "drop"))
+    return out
+
+
+def run_host(ctx: BenchContext) -> dict[str, Any]:
+    cells: list[dict[str, Any]] = []
+    return host_result(ctx, cells, fill=True)
+
+
+def _write_partial(ctx: BenchContext, cells: list[dict[str, Any]], total: int) -> None:
+    """``host.json`` and ``host.md`` of the cells so far (the finished run overwrites them)."""
+    import os
+
+    from . import report as rep
+
+    res = host_result(ctx, cells, fill=False)
+    res["notes"].insert(0, f"PARTIAL: {len(cells)} of {total} cells measured so far.")
+    out = ctx.opts.output.out
+    os.makedirs(out, exist_ok=True)
+    rep.write_json(res, os.path.join(out, "host.json"))
+    with open(os.path.join(out, "host.md"), "w") as f:
+        f.write(rep.markdown(res))
+
+
+def host_result(ctx: BenchContext, cells: list[dict[str, Any]], fill: bool) -> dict[str, Any]:
+    """The result object of ``cells``; with ``fill``, measure every cell into ``cells`` first."""
+    h = ctx.opts.host
+    cuda = _is_cuda(ctx)
+    for units in (h.host_units if fill else ()):
+        for stage in h.host_stages:
+            for precision in h.host_precisions:
+                for optimizer in h.host_optimizers:
+                    t0 = time.perf_counter()
+                    cell = measure_cell(ctx, units, stage, precision, optimizer)
+                    cell["targets"] = targets(cell, cuda)
+                    cells.append(cell)
+                    if ctx.main:  # after every cell: a run cut short (a time box) keeps what it measured
+                        _write_partial(ctx, cells, total=len(h.host_units) * len(h.host_stages)
+                                       * len(h.host_precisions) * len(h.host_optimizers))
+                    tg = cell["targets"]
+                    ctx.log(f"host: N={units} {cell['cell']}: step ops deepspeed "
+                            f"{cell['variants']['deepspeed']['phases']['step']['ops']}, full {tg['full']['step_ops']}, "
+                            f"drop {tg['drop']['step_ops']}; waits full {tg['full']['waits_over_deepspeed']:+d}, "
+                            f"drop {tg['drop']['waits_over_deepspeed']:+d} ({time.perf_counter() - t0:.1f} s)")
+    notes = [
+        f"Targets (issue 16, item 2): step-phase ops of LDB FULL and DROP <= plain DeepSpeed's + {STEP_OPS_SLACK} "
+        "(both less torch Adam's per-tensor reads of its CPU step counts, host_scalar_reads: see step_ops); "
+        f"syncs + blocking copies per step (all phases) <= DeepSpeed's + {WAITS_SLACK}; (FULL - off) / N <= "
+        f"{US_PER_UNIT_TARGET:g} us per unit (times reported, not asserted).",
+        "Ops: aten ops that do work, outermost only (ldb_ds/bench/host_count.py METADATA_OPS lists the view and "
+        "allocation ops left out). Syncs: _local_scalar_dense/item/is_nonzero by name"
+        + ("; on CUDA also torch.cuda.set_sync_debug_mode('warn') warnings. Copies: Memcpy HtoD activities."
+           if cuda else ". Copies: aten::lift_fresh (torch.tensor(value, device=...): a blocking copy on a GPU)."),
+        "Counts from one profiled step per variant after warm-up (deterministic); times from interleaved "
+        f"rounds ({h.host_rounds} x {h.host_steps_per_round} steps per variant), median.",
+    ]
+    out = result(ctx, "host", {"cells": cells, "cuda": cuda, "variants": list(VARIANTS),
+                               "ldb_section": {**LDB_SECTION, **ctx.opts.ldb}, "width": h.host_width,
+                               "batch": h.host_batch}, notes=notes)
+    c = out["conditions"]
+    c["model"] = f"N x Linear({h.host_width},{h.host_width})+ReLU, N={','.join(map(str, h.host_units))}"
+    c["img_size"], c["micro_batch_per_rank"] = "-", h.host_batch
+    c["global_batch_full"] = h.host_batch * ctx.world_size
+    c["zero_stage"] = ",".join(map(str, h.host_stages))
+    c["precision"] = ",".join(h.host_precisions)
+    c["optimizer"] = ",".join(h.host_optimizers) + " (torch, foreach=True)"
+    c["ldb"] = {**c.get("ldb", {}), **LDB_SECTION, **ctx.opts.ldb}
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _ok(flag: Any) -> str:
+    return "-" if flag is None else ("ok" if flag else "**FAIL**")
+
+
+def _verdict(target: dict[str, Any] | None, key: str) -> str:
+    """'ok (+3)' / '**FAIL** (+12)': the target's verdict and the excess over plain DeepSpeed."""
+    if target is None:
+        return "-"
+    return f"{_ok(target[key + '_ok'])} ({target[key + '_over_deepspeed']:+d})"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    from . import report as rep
+
+    r = res["results"]
+    cuda = r.get("cuda", False)
+    s = ("Per step and rank. ops: aten ops that do work (fwd / bwd / step); waits: syncs + blocking "
+         "host-to-device copies over all phases (syncs, copies); collectives: calls / bytes; us/unit: "
+         "(variant - off) / N. Targets per cell: step ops and waits of FULL and DROP against DeepSpeed's.\n\n")
+    for units in sorted({c["units"] for c in r["cells"]}):
+        rows = []
+        for c in (c for c in r["cells"] if c["units"] == units):
+            off_ms = c["times"]["off"]["median"]
+            for v in r["variants"]:
+                row = c["variants"][v]
+                ph = row["phases"]
+                t = c["times"][v]
+                us = (t["median"] - off_ms) / units * 1e6 if v in ("full", "drop") else None
+                target = c["targets"].get(v) if v in ("full", "drop") else None
+                rows.append([c["cell"], v, " / ".join(str(ph[p]["ops"]) for p in PHASES),
+                             f"{waits(row, cuda)} ({row['syncs']}, {row['copies']})"
+                             + (f" w{row['sync_warnings']}" if cuda else ""),
+                             " / ".join(str(ph[p]["kernels"]) for p in PHASES) if cuda else "-",
+                             f"{row['collectives']['calls']} / {row['collectives']['bytes']:,}",
+                             rep.spread(t, 1e3, 2), "-" if us is None else f"{us:.1f}",
+                             _verdict(target, "step_ops"), _verdict(target, "waits"),
+                             "-" if target is None or v != "full" else _ok(c["targets"]["us_per_unit_ok"])])
+        s += f"#### N = {units} units\n\n"
+        s += rep.table(["cell", "variant", "ops fwd / bwd / step", "waits (syncs, copies)",
+                        "kernels fwd / bwd / step", "collectives", "ms/step [IQR]", "us/unit",
+                        f"step ops <= DS+{STEP_OPS_SLACK}", f"waits <= DS+{WAITS_SLACK}",
+                        f"<= {US_PER_UNIT_TARGET:g} us/unit"], rows)
+        s += "\n"
+    failing = [f"N={c['units']} {c['cell']}" for c in r["cells"] if not c["targets"]["counts_ok"]]
+    s += (f"Count targets met in {len(r['cells']) - len(failing)} of {len(r['cells'])} cells"
+          + (f"; failing: {', '.join(failing)}.\n" if failing else ".\n"))
+    return s
+
+
+def plot(res: dict[str, Any], path: str) -> str:
+    from . import report as rep
+
+    plt = rep.pyplot()
+    cells = res["results"]["cells"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.45 * len(cells) + 4), 4.5))
+    width = 0.2
+    labels = [f"N={c['units']}\n{c['cell']}" for c in cells]
+    for ax, title, get in ((axes[0], "step-phase aten ops", lambda row: row["phases"]["step"]["ops"]),
+                           (axes[1], "syncs + copies per step", lambda row: row["syncs"] + row["copies"])):
+        for j, v in enumerate(VARIANTS):
+            ax.bar([i + (j - 1.5) * width for i in range(len(cells))], [get(c["variants"][v]) for c in cells],
+                   width, label=v)
+        ax.set_xticks(range(len(cells)), labels, fontsize=5, rotation=90)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    c = res["conditions"]
+    fig.suptitle(f"host work per step - {c.get('device')}, ws {c.get('world_size')}", fontsize=9)
+    return rep.save(fig, path)
+
+
+def scalars(res: dict[str, Any]) -> list[tuple[str, float, int]]:
+    out = []
+    for c in res["results"]["cells"]:
+        tag = f"bench/host/zero{c['zero_stage']}_{c['precision']}_{c['optimizer']}"
+        for v in VARIANTS:
+            row = c["variants"][v]
+            out += [(f"{tag}/{v}/step_ops", row["phases"]["step"]["ops"], c["units"]),
+                    (f"{tag}/{v}/waits", row["syncs"] + row["copies"], c["units"]),
+                    (f"{tag}/{v}/ms_per_step", c["times"][v]["median"] * 1e3, c["units"])]
+        out.append((f"{tag}/us_per_unit", c["targets"]["us_per_unit"], c["units"]))
+    return out
+
+
+__all__ = ["VARIANTS", "STEP_OPS_SLACK", "WAITS_SLACK", "US_PER_UNIT_TARGET", "LDB_SECTION", "run_host",
+           "measure_cell", "targets", "waits", "markdown", "plot", "scalars"]

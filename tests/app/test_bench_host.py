@@ -1,0 +1,157 @@
+"""``ldb-bench host``: the host-work targets of issue 16, item 2, asserted on the counts.
+
+Two real runs of the benchmark, each one subprocess over every cell (ZeRO 0-3 x fp32/bf16 x
+SGD/AdamW) at N = 6 and N = 14 units: world size 1 (plain ``python -m ldb_ds.bench``) and world size
+2 (the deepspeed launcher, gloo, all cells in one process group). No timing rounds: the counts are
+deterministic (one profiled step per variant after warm-up, same seed, same masks), the times on a
+shared machine are not, so times are reported by the benchmark and never asserted here.
+
+Per cell and world size, at both N:
+
+* step-phase aten ops of an LDB FULL and a DROP step <= plain DeepSpeed's + 40;
+* syncs + blocking host-to-device copies per step (all phases) <= plain DeepSpeed's + 1;
+* per-step host work does not grow with the number of units: LDB's step-phase ops over DeepSpeed's
+  (FULL and DROP) at N = 14 are at most those at N = 6, and so are its syncs + copies;
+* with LDB off, ldb_ds costs exactly what plain DeepSpeed costs (ops per phase, syncs, copies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UNITS = (6, 14)
+STAGES, PRECISIONS, OPTIMIZERS = (0, 1, 2, 3), ("fp32", "bf16"), ("sgd", "adamw")
+ARGS = ["host", "--host-units", ",".join(map(str, UNITS)), "--host-rounds", "0", "--host-warmup", "2",
+        "--no-tensorboard", "--quiet"]
+CELLS = [(s, p, o) for s in STAGES for p in PRECISIONS for o in OPTIMIZERS]
+
+from ldb_ds.bench import host  # noqa: E402
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions")),
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _bench(cmd: list[str], out: str) -> dict:
+    proc = subprocess.run([*cmd, *ARGS, "--out", out], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
+                                  f"{proc.stderr[-6000:]}")
+    with open(os.path.join(out, "host.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def ws1(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("host_ws1"))
+    return out, _bench([sys.executable, "-m", "ldb_ds.bench"], out)
+
+
+@pytest.fixture(scope="module")
+def ws2(tmp_path_factory):
+    from ldb_ds.runtime import free_port
+
+    out = str(tmp_path_factory.mktemp("host_ws2"))
+    exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return out, _bench([exe, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ldb_ds.bench"], out)
+
+
+def _cells(res: dict, stage: int, precision: str, optimizer: str) -> dict[int, dict]:
+    found = {c["units"]: c for c in res["results"]["cells"]
+             if (c["zero_stage"], c["precision"], c["optimizer"]) == (stage, precision, optimizer)}
+    assert sorted(found) == list(UNITS), f"cells for N = {UNITS} missing: {sorted(found)}"
+    return found
+
+
+def _waits(row: dict) -> int:
+    return host.waits(row, cuda=False)
+
+
+def _why(cell: dict, variant: str, phase: str = "step") -> str:
+    """The op names by which ``variant`` differs from plain DeepSpeed in ``phase`` (for the message)."""
+    a = cell["variants"][variant]["phases"][phase]["op_names"]
+    b = cell["variants"]["deepspeed"]["phases"][phase]["op_names"]
+    diff = {k: a.get(k, 0) - b.get(k, 0) for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
+    return f"N={cell['units']} {variant} {phase}-phase ops minus DeepSpeed's, by name: {diff}"
+
+
+@pytest.mark.parametrize("world", ["ws1", "ws2"])
+@pytest.mark.parametrize("stage,precision,optimizer", CELLS, ids=[f"zero{s}-{p}-{o}" for s, p, o in CELLS])
+def test_host_work_targets(world, stage, precision, optimizer, request):
+    _, res = request.getfixturevalue(world)
+    assert res["conditions"]["world_size"] == (1 if world == "ws1" else 2)
+    cells = _cells(res, stage, precision, optimizer)
+    failures = []
+    for units, cell in cells.items():
+        v = cell["variants"]
+        ds, off = v["deepspeed"], v["off"]
+        # LDB off: exactly plain DeepSpeed's host work, phase by phase.
+        for phase in host.PHASES:
+            if off["phases"][phase]["ops"] != ds["phases"][phase]["ops"]:
+                failures.append(f"LDB off, {phase} ops {off['phases'][phase]['ops']} != DeepSpeed's "
+                                f"{ds['phases'][phase]['ops']}; " + _why(cell, "off", phase))
+        if (off["syncs"], off["copies"]) != (ds["syncs"], ds["copies"]):
+            failures.append(f"N={units} LDB off: (syncs, copies) {(off['syncs'], off['copies'])} != DeepSpeed's "
+                            f"{(ds['syncs'], ds['copies'])}")
+        for variant in ("full", "drop"):
+            row = v[variant]
+            # Less torch Adam's per-tensor reads of its CPU step counts (host.step_ops says why).
+            step_ops, ds_step_ops = host.step_ops(row), host.step_ops(ds)
+            if step_ops > ds_step_ops + host.STEP_OPS_SLACK:
+                failures.append(f"step ops {step_ops} > DeepSpeed's {ds_step_ops} + {host.STEP_OPS_SLACK}; "
+                                + _why(cell, variant))
+            if _waits(row) > _waits(ds) + host.WAITS_SLACK:
+                failures.append(f"N={units} {variant}: syncs + copies {_waits(row)} (syncs "
+                                f"{[row['phases'][p]['syncs'] for p in host.PHASES]}, copies "
+                                f"{[row['phases'][p]['copies'] for p in host.PHASES]} per phase) > DeepSpeed's "
+                                f"{_waits(ds)} + {host.WAITS_SLACK}")
+    # Per-step host work does not grow with the number of units. Not "equal": a DROP step skips
+    # DeepSpeed's own per-parameter work for the dropped units (e.g. torch's foreach Adam reads
+    # one step count per parameter), and a batched FULL step may undercut DeepSpeed's per-parameter
+    # loops, so LDB's excess may shrink as N grows; it must never rise.
+    small, large = cells[UNITS[0]], cells[UNITS[-1]]
+    for variant in ("full", "drop"):
+        for label, get in (("step-phase ops", lambda c, x: host.step_ops(c["variants"][x])),
+                           ("syncs + copies", lambda c, x: _waits(c["variants"][x]))):
+            excess = {c["units"]: get(c, variant) - get(c, "deepspeed") for c in (small, large)}
+            if excess[UNITS[-1]] > excess[UNITS[0]]:
+                failures.append(f"{variant}: {label} over DeepSpeed's grow with N: {excess}; " + _why(large, variant)
+                                + "; " + _why(small, variant))
+    assert not failures, f"{world} ZeRO-{stage} {precision} {optimizer}:\n  " + "\n  ".join(failures)
+
+
+def test_host_bench_renders_every_cell(ws1):
+    out, res = ws1
+    assert res["schema"] == "ldb_ds.bench/1" and res["mode"] == "host"
+    md = open(os.path.join(out, "host.md")).read()
+    assert md.startswith("### ldb_ds benchmark: host") and "Conditions:" in md
+    with open(os.path.join(out, "host.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for units in UNITS:
+        assert f"#### N = {units} units" in md
+        section = md.split(f"#### N = {units} units", 1)[1].split("####", 1)[0]
+        for stage, precision, optimizer in CELLS:
+            for variant in host.VARIANTS:
+                assert f"| ZeRO-{stage} {precision} {optimizer} | {variant} |" in section, (units, stage, variant)
+    for cell in res["results"]["cells"]:
+        assert cell["ldb_param_groups"] == cell["units"]  # every Linear one unit, one group per unit
+        assert 0 < cell["dropped_units_profiled"] <= cell["units"] - 2  # the counted DROP step drops some units
+        for variant in host.VARIANTS:
+            row = cell["variants"][variant]
+            assert row["ops"] == sum(row["phases"][p]["ops"] for p in host.PHASES) > 0
+            assert row["phases"]["forward"]["ops"] >= cell["units"]  # one linear per unit, at least
+        # A DROP step skips the dropped units' weight gradients: fewer backward ops than a FULL step.
+        backward = {v: cell["variants"][v]["phases"]["backward"]["ops"] for v in ("full", "drop")}
+        assert backward["drop"] < backward["full"], backward
