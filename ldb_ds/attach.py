@@ -8,7 +8,7 @@ instead of the DeepSpeed engine. The Hugging Face Trainer and Accelerate call
 
 * a forward pre-hook opens the accumulation window at the first training forward: rank 0
   draws the mask and broadcasts it, every rank applies it (docs/design.md, section 3, step 4);
-* the instance's ``step`` runs :func:`run_step` (section 3, step 5): at the accumulation
+* the instance's ``step`` runs ``Installation.run_step`` (section 3, step 5): at the accumulation
   boundary the dropped groups are hidden inside the basic optimizer's step and left out of
   ZeRO-1/2's all-gather;
 * the instance's ``save_checkpoint``/``load_checkpoint`` run with every unit trainable
@@ -16,8 +16,10 @@ instead of the DeepSpeed engine. The Hugging Face Trainer and Accelerate call
   file inside the checkpoint's tag folder, because the Hugging Face Trainer's loader discards
   DeepSpeed's ``client_state``.
 
-:func:`new_controller` and :func:`run_step` are what :class:`~ldb_ds.engine.LDBEngine` is
-built on as well, so both paths share one step protocol.
+:func:`ldb_ds.installation.install` (and its ``run_step``) is what :class:`~ldb_ds.engine.LDBEngine`
+is built on as well, so both paths share one step protocol; attach's own methods and hook are
+patches of the same installation, so ``destroy()`` (or :meth:`Attachment.detach`) takes every
+one of them off.
 """
 
 from __future__ import annotations
@@ -25,104 +27,20 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
-from deepspeed.accelerator import get_accelerator
-
 from . import zero_hooks
 from .config import LDBConfig
-from .controller import LDBController, LDBState, mask_group
+from .controller import LDBState
+from .installation import Installation, install
 from .schedule import Mode, check_epoch
-from .units import Unit, param_numel
+from .units import Unit
 
 STATE_FILE = "ldb_state.pt"
 """Name of the LDB state file written into a checkpoint's tag folder by an attached engine."""
-
-
-def unit_grad_bytes(ds_engine: Any, unit: Unit) -> int:
-    """Bytes ``unit``'s gradient occupies in the reductions, per rank."""
-    # Gradients travel in DeepSpeed's communication dtype (the model dtype unless configured).
-    comm_dtype = getattr(ds_engine, "communication_data_type", None)
-    if isinstance(comm_dtype, torch.dtype):
-        return unit.numel * torch.empty((), dtype=comm_dtype).element_size()
-    return sum(param_numel(p) * p.element_size() for p in unit.params)
-
-
-def new_controller(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit],
-                   unit_of_group: Sequence[int]) -> LDBController:
-    """The controller of one run on ``ds_engine``, with the step filter and batched norm installed.
-
-    ``unit_of_group[i]`` is the unit of the basic optimizer's param group ``i``. With LDB
-    disabled nothing is installed on DeepSpeed's objects.
-    """
-    optimizer = zero_hooks.basic_optimizer(ds_engine) if cfg.enabled else None
-    # The group dicts, captured once: ZeRO swaps optimizer.param_groups to a one-group list
-    # inside its per-group step, but keeps these dict objects.
-    group_dicts = list(optimizer.param_groups) if optimizer is not None else []
-    controller = LDBController(cfg, units, unit_of_group, group_dicts,
-                               [unit_grad_bytes(ds_engine, u) for u in units],
-                               device=get_accelerator().current_device_name())
-    if cfg.enabled:
-        c = controller
-        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            mask_group()  # made now, at set-up, on every rank (a collective), not in a step
-        zero_hooks.install_group_step_filter(optimizer, lambda: c.plan.hidden_groups, lambda: c.lr_factor)
-        # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step.
-        zero_hooks.install_batched_grad_norm(ds_engine, lambda: c.plan.skipped_groups)
-        # ...and would do the rest of its step, the ZeRO-3 norm and optimizer call per group too.
-        zero_hooks.install_step_loops(ds_engine, lambda: c.plan.skipped_groups)
-        # With LDB on, a step with a non-finite gradient is skipped at every stage (ZeRO 1-3 and
-        # the fp16/bf16 optimizers do it themselves; stage 0 in fp32 gets it here), so run_step
-        # sees it as was_step_applied() False and counts it once, in counters.skipped_steps. With
-        # LDB off nothing is installed: the engine costs what plain DeepSpeed costs (the skip's
-        # norm needs a host sync per step), and DeepSpeed's own stage-0 behaviour applies.
-        zero_hooks.install_nonfinite_skip(ds_engine)
-        # fp16 at ZeRO-0: DeepSpeed 0.19.8 never multiplies the loss by the loss scale there but
-        # its fp16 step divides by it (every update loss_scale times too small; the GPU parity
-        # test found it): with LDB on, backward scales the loss as the step expects.
-        zero_hooks.install_fp16_loss_scaling(ds_engine)
-    elif zero_hooks.fp16_unscaled_at_zero0(ds_engine):
-        warnings.warn("ldb_ds: fp16 at ZeRO stage 0 with DeepSpeed 0.19.8 never scales the loss but divides the "
-                      "gradients by the loss scale, so every update is loss_scale times too small (plain "
-                      "DeepSpeed's behaviour, kept with LDB off: deepspeedai/DeepSpeed pull request 8393). Use "
-                      "bf16 or ZeRO stage >= 1 for a baseline", RuntimeWarning, stacklevel=3)
-    return controller
-
-
-def run_step(ds_engine: Any, controller: LDBController, step_fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """One call of DeepSpeed's ``step`` (``step_fn``) with LDB's step protocol around it.
-
-    Inside a window (not the accumulation boundary) DeepSpeed's step only counts the micro
-    step. At the boundary: the group dicts are re-captured (a checkpoint load may have replaced
-    them), the plan is computed once (DeepSpeed calls the optimizer once per group at ZeRO
-    1-3), ZeRO-1/2 skip the all-gather of the dropped groups, and the window closes. A step
-    DeepSpeed skipped (fp16 loss-scale overflow, inf/NaN gradient) is counted apart.
-    """
-    # DeepSpeed increments micro_steps inside step(); ask before calling it. With
-    # managed_gradient_accumulation = false the caller owns the boundary: every step() is one
-    # (DeepSpeed's is_gradient_accumulation_boundary() is True only while its step() runs).
-    if not ds_engine.is_gradient_accumulation_boundary() and ds_engine.managed_gradient_accumulation():
-        return step_fn(**kwargs)
-    c = controller
-    if c.cfg.enabled:
-        c.refresh_group_dicts(zero_hooks.basic_optimizer(ds_engine).param_groups)
-        plan = c.begin_step()
-        with zero_hooks.skip_allgather_of_dropped(ds_engine, plan.skipped_groups):
-            result = step_fn(**kwargs)
-    else:
-        result = step_fn(**kwargs)
-    # False when DeepSpeed skipped the update (fp16 loss-scale overflow, an inf/NaN norm in
-    # bf16). The overflow flag is reduced over the ranks, so every rank skips together and
-    # closes this window: the next window draws the next mask everywhere. The basic optimizer
-    # was not called, so the step filter never hid a group or applied the LR factor.
-    applied = bool(ds_engine.was_step_applied())
-    if not applied and c.cfg.enabled:
-        zero_hooks.clear_stale_gradient_partitions(ds_engine)
-    c.end_step(applied=applied)
-    return result
 
 
 class Attachment:
@@ -132,11 +50,16 @@ class Attachment:
     everything else happens in the engine's own calls.
     """
 
-    def __init__(self, ds_engine: Any, controller: LDBController, state_file: str):
-        self.ds_engine = ds_engine
-        self.controller = controller
+    def __init__(self, installation: Installation, state_file: str):
+        self.installation = installation
+        self.ds_engine = installation.ds_engine
+        self.controller = installation.controller
         self.state_file = state_file
-        self.ldb: LDBState = controller.state
+        self.ldb: LDBState = self.controller.state
+
+    def detach(self) -> None:
+        """Take every ldb_ds patch off the engine (idempotent); its ``destroy()`` does this too."""
+        self.installation.remove()
 
     def set_epoch(self, epoch: int) -> Mode:
         """Enter the mode of ``epoch`` (between windows, before its first forward)."""
@@ -226,8 +149,10 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
         zero_hooks.refuse_unverified_step_paths(ds_config, zero_hooks.basic_optimizer(ds_engine))
         if params_of_group is not None:
             zero_hooks.check_group_order(ds_engine, params_of_group)
-    controller = new_controller(ds_engine, cfg, units, unit_of_group)
-    att = Attachment(ds_engine, controller, state_file)
+    installation = install(ds_engine, cfg, units, unit_of_group)
+    controller, patches = installation.controller, installation.patches
+    att = Attachment(installation, state_file)
+    kind = zero_hooks.Kind.INTEGRATION
 
     def open_window(module: Any, args: Any) -> None:
         # The first training forward of a window: autograd decides at forward time which weight
@@ -235,16 +160,18 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
         if not controller.window_open and ds_engine.module.training and torch.is_grad_enabled():
             controller.open_window()
 
-    ds_engine.register_forward_pre_hook(open_window)
+    handle = ds_engine.register_forward_pre_hook(open_window)
+    patches.add_undo("window opener", kind, "forward pre-hook", handle.remove)
     original_step = ds_engine.step
     original_save = ds_engine.save_checkpoint
     original_load = ds_engine.load_checkpoint
+    original_destroy = ds_engine.destroy
 
     # functools.wraps keeps DeepSpeed's signatures visible: the Trainer inspects
     # save_checkpoint's parameters (exclude_frozen_parameters) before calling it.
     @functools.wraps(original_step)
     def step(**kwargs: Any) -> Any:
-        return run_step(ds_engine, controller, original_step, **kwargs)
+        return installation.run_step(original_step, **kwargs)
 
     @functools.wraps(original_save)
     def save_checkpoint(save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -267,13 +194,19 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
             att.load_state(load_dir, tag)
         return result
 
+    @functools.wraps(original_destroy)
+    def destroy(*args: Any, **kwargs: Any) -> Any:
+        installation.remove()  # every ldb_ds patch off first (this one too), then DeepSpeed's own
+        return original_destroy(*args, **kwargs)
+
     # Instance attributes shadow the class's methods for this engine only; the loop's calls
     # (accelerate's engine.step(), the Trainer's model_wrapped.save_checkpoint(...)) reach them.
-    ds_engine.step = step
-    ds_engine.save_checkpoint = save_checkpoint
-    ds_engine.load_checkpoint = load_checkpoint
-    ds_engine._ldb_attachment = att
+    patches.set("attach: step protocol", kind, ds_engine, "step", step)
+    patches.set("attach: checkpoint save with the LDB state", kind, ds_engine, "save_checkpoint", save_checkpoint)
+    patches.set("attach: checkpoint load with the LDB state", kind, ds_engine, "load_checkpoint", load_checkpoint)
+    patches.set("attach: destroy removes the patches", kind, ds_engine, "destroy", destroy)
+    patches.set("attach: the attachment", kind, ds_engine, "_ldb_attachment", att)
     return att
 
 
-__all__ = ["STATE_FILE", "Attachment", "attach", "new_controller", "run_step", "unit_grad_bytes"]
+__all__ = ["STATE_FILE", "Attachment", "attach"]

@@ -11,8 +11,8 @@ Lifecycle of one optimizer step (= one gradient-accumulation window)::
 
     controller.open_window()      # first training forward of the window: mask drawn, applied
     ... forward / backward (x gradient_accumulation_steps) ...
-    plan = controller.begin_step()   # at the boundary, right before the optimizer step
-    ... optimizer step, dropped groups hidden (plan.hidden_groups) ...
+    controller.begin_step()       # at the boundary, right before the optimizer step: controller.step
+    ... optimizer step, dropped groups hidden (controller.step.hidden_groups) ...
     controller.end_step()         # closes the window, counts the step
 
 Masks change only between windows: a unit dropped for part of a window would
@@ -22,6 +22,7 @@ get a partial gradient (ZeRO 1/2) or a stale one (ZeRO 3).
 from __future__ import annotations
 
 import contextlib
+import enum
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -35,18 +36,41 @@ from .schedule import Mode, batch_factor, draw_dropped, epoch_mode, kept_fractio
 from .units import Unit, UnitInfo
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """What the optimizer step about to run must skip (computed once per step)."""
+class Window(enum.Enum):
+    """Where a run is in its accumulation window."""
 
-    skipped_groups: frozenset[int]
-    """Indices of the param groups of dropped units (for the all-gather and norm hooks)."""
-    hidden_groups: tuple[Mapping[str, Any], ...]
+    CLOSED = "closed"
+    """Between optimizer steps: the mask of the last window stays applied (eval, logging see it)."""
+    OPEN = "open"
+    """Forward/backward of a window: its mask is fixed until the step."""
+    STEPPING = "stepping"
+    """Inside DeepSpeed's optimizer step at the window's boundary: the patches read :class:`StepState`."""
+
+
+@dataclass
+class StepState:
+    """The one object every patch on DeepSpeed reads during a step.
+
+    DeepSpeed calls ``optimizer.step()`` (and its norms and all-gathers) without arguments, so
+    what a step must skip cannot be passed down that chain: :meth:`LDBController.begin_step`
+    writes it here, every patch of :mod:`ldb_ds.zero_hooks` reads this same object, and
+    :meth:`LDBController.end_step` clears it. Outside a step nothing is skipped and no factor
+    applies.
+    """
+
+    window: Window = Window.CLOSED
+    skipped_groups: frozenset[int] = frozenset()
+    """Indices of the param groups of dropped units (for the all-gather and norm patches)."""
+    hidden_groups: tuple[Mapping[str, Any], ...] = ()
     """Those groups' dicts (for the step filter, which sees dicts, not indices)."""
+    lr_factor: float = 1.0
+    """The DROP-epoch learning-rate factor, applied inside the optimizer step only."""
 
-
-NOTHING_SKIPPED = StepPlan(frozenset(), ())
-"""The plan of a step that drops nothing (FULL epochs, and outside the step)."""
+    def clear(self, window: Window) -> None:
+        self.window = window
+        self.skipped_groups = frozenset()
+        self.hidden_groups = ()
+        self.lr_factor = 1.0
 
 
 @dataclass
@@ -72,7 +96,7 @@ def mask_group(process_group: Any = None) -> Any:
     The mask is decided on the host (Python's generator) and used on the host
     (``requires_grad``), so it travels in host memory: over the process group itself when its
     backend is gloo (the CPU), else over one gloo group made for it. Made at the first use, which
-    is ``attach.new_controller`` on every rank (making a group is a collective: every rank
+    is ``installation.install`` on every rank (making a group is a collective: every rank
     must make the same ones in the same order, and every rank builds its engines in the same
     order), and kept for the process: a second engine over the same ranks reuses it.
     """
@@ -107,12 +131,16 @@ class LDBController:
         self.epoch = 0
         self.mode = Mode.FULL
         self.dropped: list[bool] = [False] * len(self.units)
-        self.window_open = False
         self.epoch_mask: list[bool] | None = None
         self.counters = StepCounters()
         self.rng = random.Random(cfg.seed)
-        self.plan = NOTHING_SKIPPED
+        self.step = StepState()
         self.state = LDBState(self)
+
+    @property
+    def window_open(self) -> bool:
+        """Whether a window is open (forward/backward since the last step, or its step running)."""
+        return self.step.window is not Window.CLOSED
 
     # -- mode -----------------------------------------------------------------
 
@@ -141,7 +169,7 @@ class LDBController:
         """Start an accumulation window: in DROP mode, draw (rank 0), broadcast and apply a mask."""
         if self.window_open:
             return
-        self.window_open = True
+        self.step.window = Window.OPEN
         if self.mode is not Mode.DROP:
             return
         if self.cfg.resample == "epoch" and self.epoch_mask is not None:
@@ -155,14 +183,18 @@ class LDBController:
             self.epoch_mask = mask
         self._set_dropped(mask)
 
-    def begin_step(self) -> StepPlan:
-        """At the accumulation boundary, before the optimizer step: what the step must skip."""
+    def begin_step(self) -> StepState:
+        """At the accumulation boundary, before the optimizer step: fill :attr:`step` for the patches."""
+        step = self.step
+        step.window = Window.STEPPING
+        step.lr_factor = self.lr_factor
         if not any(self.dropped):  # a FULL step: nothing to hide, no per-group work
-            self.plan = NOTHING_SKIPPED
-            return self.plan
+            step.skipped_groups, step.hidden_groups = frozenset(), ()
+            return step
         skipped = frozenset(gi for gi, ui in enumerate(self.unit_of_group) if self.dropped[ui])
-        self.plan = StepPlan(skipped, tuple(self.group_dicts[gi] for gi in sorted(skipped)))
-        return self.plan
+        step.skipped_groups = skipped
+        step.hidden_groups = tuple(self.group_dicts[gi] for gi in sorted(skipped))
+        return step
 
     def end_step(self, applied: bool = True) -> None:
         """After the optimizer step of a window: close it and count the step.
@@ -173,8 +205,7 @@ class LDBController:
         stream stays in step. The mask stays applied until the next window opens, so
         everything between two steps (eval, logging) sees a stable state.
         """
-        self.window_open = False
-        self.plan = NOTHING_SKIPPED
+        self.step.clear(Window.CLOSED)
         if not applied:
             self.counters.skipped_steps += 1
             return
@@ -195,7 +226,9 @@ class LDBController:
         if not torch_dist.is_initialized() or torch_dist.get_world_size(self.process_group) == 1:
             return drawn
         group = mask_group(self.process_group)
-        mask = torch.tensor(drawn, dtype=torch.uint8)
+        # From a byte buffer, not torch.tensor(list): a host tensor either way, but this one is made
+        # without an op that on a device would be a blocking copy (what ldb-bench host counts).
+        mask = torch.frombuffer(bytearray(drawn), dtype=torch.uint8)
         src = 0 if self.process_group is None else torch_dist.get_global_rank(self.process_group, 0)
         torch_dist.broadcast(mask, src=src, group=group)
         return [bool(v) for v in mask.tolist()]
@@ -230,8 +263,7 @@ class LDBController:
         if self.window_open and not force:
             raise RuntimeError("release_mask() called in the middle of a gradient-accumulation window "
                                "(forward/backward since the last step()); call step() first")
-        self.window_open = False
-        self.plan = NOTHING_SKIPPED
+        self.step.clear(Window.CLOSED)
         self._set_dropped([False] * len(self.units))
 
     def refresh_group_dicts(self, current: Sequence[Mapping[str, Any]]) -> None:
@@ -361,4 +393,4 @@ class LDBState:
                 f"skipped_steps={self.skipped_steps})")
 
 
-__all__ = ["LDBController", "LDBState", "StepPlan", "StepCounters"]
+__all__ = ["LDBController", "LDBState", "StepState", "Window", "StepCounters", "mask_group"]

@@ -17,8 +17,9 @@ all the work. Per optimizer step (= one gradient-accumulation window):
    unit trainable again (the end of training); the next training window
    applies a mask again.
 
-The state and its rules live in :class:`ldb_ds.controller.LDBController`, the step protocol in
-:func:`ldb_ds.attach.run_step` (shared with engines driven by other loops); this
+The state and its rules live in :class:`ldb_ds.controller.LDBController`, the step protocol and
+every patch on DeepSpeed in :class:`ldb_ds.installation.Installation` (shared with engines driven
+by other loops); this
 module connects it to a DeepSpeed engine. docs/design.md, section 3,
 follows one mask from the config to the optimizer step.
 """
@@ -40,7 +41,8 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 from . import guards, zero_hooks
-from .attach import STATE_FILE, new_controller, run_step
+from .attach import STATE_FILE
+from .installation import install
 from .config import LDBConfig, LDBConfigError, load_ds_config
 from .controller import LDBState
 from .guards import LDBUnsupportedError
@@ -66,7 +68,9 @@ class LDBEngine:
                  dataloader: DataLoader | None):
         self.ds_engine = ds_engine
         self.training_dataloader = dataloader
-        self.controller = new_controller(ds_engine, cfg, units, unit_of_group)
+        self.installation = install(ds_engine, cfg, units, unit_of_group)
+        self.controller = self.installation.controller
+        self.patches = self.installation.patches  # every change to DeepSpeed's objects (describe(), remove())
         self.ldb: LDBState = self.controller.state
         self._base_train_batch = ds_engine.train_batch_size()
         self._batch_checked = True   # set False by set_epoch in DROP epochs with micro_batch scaling
@@ -111,7 +115,7 @@ class LDBEngine:
             raise RuntimeError("ldb_ds: engine.step() was called with no engine.backward(loss) since the last "
                                "step(); call engine.backward(loss) first (each micro step: loss = "
                                "criterion(engine(x), y); engine.backward(loss); engine.step()).")
-        result = run_step(self.ds_engine, self.controller, self.ds_engine.step, **kwargs)
+        result = self.installation.run_step(self.ds_engine.step, **kwargs)
         self._backward_since_step = False
         return result
 
@@ -141,9 +145,9 @@ class LDBEngine:
             self.controller.release_mask()
 
     def destroy(self) -> Any:
-        """DeepSpeed's ``destroy()``, after making every unit trainable (abandoning an open window)."""
-        if self.controller.cfg.enabled:
-            self.controller.release_mask(force=True)
+        """DeepSpeed's ``destroy()``, after making every unit trainable (abandoning an open window)
+        and taking every ldb_ds patch off DeepSpeed's objects (``installation.remove()``)."""
+        self.installation.remove()
         return self.ds_engine.destroy()
 
     def compile(self, *args: Any, **kwargs: Any) -> Any:

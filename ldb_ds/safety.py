@@ -5,7 +5,7 @@
 * :func:`check_replicas` -- every rank hashes its copy of the parameters and the LDB mask, the
   hashes are all-gathered and the ranks that differ are named. LDB relies on replicas staying
   identical: ZeRO-1/2 skip the all-gather of dropped groups because every rank already holds
-  their values (``zero_hooks.skip_allgather_of_dropped``); stage 0 steps every rank's full copy.
+  their values (``zero_hooks.install_allgather_skip``); stage 0 steps every rank's full copy.
 * :func:`drop_batch_precheck` -- one forward and backward at the DROP micro batch
   (``batch_kappa`` times the FULL one) before training, so an out-of-memory shows in the first
   minute rather than at the first DROP epoch, with the fix in the message. It leaves no trace:

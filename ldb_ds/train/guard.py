@@ -4,7 +4,7 @@ At every optimizer step (the end of an accumulation window, the only moment a ch
 taken), in this order:
 
 1. **Numerical faults.** Every ZeRO stage skips a step whose gradient norm is not finite (stage 0
-   in fp32 through ``ldb_ds.zero_hooks.install_nonfinite_skip``); ``ldb_ds.attach.run_step``
+   in fp32 through ``ldb_ds.zero_hooks.install_nonfinite_skip``); ``Installation.run_step``
    counts it once, in ``engine.ldb.skipped_steps`` (from DeepSpeed's ``was_step_applied()``; the
    skipped window's mask draw is consumed). The decision is taken on reduced values, so all
    ranks see the same. With fp16 that is the loss scaler at work (counted as an overflow); else

@@ -176,7 +176,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     # DeepSpeed costs), so the app installs it itself (a no-op where it is installed or not needed).
     from ldb_ds import zero_hooks
 
-    zero_hooks.install_nonfinite_skip(engine.ds_engine)
+    zero_hooks.install_nonfinite_skip(engine.ds_engine, engine.patches)  # removed with the engine's other patches
     ldb = engine.ldb
     log(f"LDB {'enabled' if ldb.enabled else 'disabled'}: {len(ldb.units)} units"
         + (f", {ldb.config}" if ldb.enabled else ""))

@@ -42,7 +42,7 @@ In every case the group *dicts* are the ones ldb_ds created, in the same order
 (DeepSpeed swaps their ``params`` for flat partitions but keeps the dicts).
 So :func:`install_group_step_filter` wraps the basic optimizer's ``step`` and,
 for the duration of one call, hides the dicts of dropped units from
-``param_groups``. Hidden groups are not looked at at all: no momentum, no
+``param_groups`` (it reads them from the run's :class:`ldb_ds.controller.StepState`). Hidden groups are not looked at at all: no momentum, no
 weight decay, no Adam moment, no per-group ``step`` counter moves. Without it,
 ZeRO would move dropped units: it turns missing gradients into zeros and steps
 the whole flat group, and momentum and weight decay move parameters even with
@@ -54,7 +54,7 @@ step, and puts the scheduler's value back afterwards, so any LR scheduler
 
 ZeRO-1/2 and BF16_Optimizer then all-gather every group's partition after the step.
 Where ldb_ds's own ZeRO-1/2 loop runs it gathers the kept groups only, in one collective;
-elsewhere :func:`skip_allgather_of_dropped` removes dropped groups from that all-gather: their
+elsewhere :func:`install_allgather_skip` removes dropped groups from that all-gather: their
 values did not change on any rank (every rank skipped the same groups), so each
 rank's full copy is already current. That is pure saving, not a correctness need.
 
@@ -69,19 +69,21 @@ from __future__ import annotations
 
 from .groups import NOT_A_GRADIENT, basic_optimizer, check_group_order, zero_stage
 from .refusals import refuse_unverified_step_paths
-from .step_filter import install_group_step_filter, install_nonfinite_skip, skip_allgather_of_dropped
+from .patches import Kind, Patch, PatchSet, fallback_warning, require_verified
+from .step_filter import (FILTER_CALLERS, filter_callers, install_allgather_skip, install_group_step_filter,
+                          install_nonfinite_skip, skipping)
 from .step_loops import install as install_step_loops
 from .step_loops import installed as installed_step_loops
-from .step_loops import uninstall as uninstall_step_loops
 from .version import (MIRRORED_SOURCES, VERIFIED_DEEPSPEED, check_deepspeed_version, deepspeed_version_verified,
                       mirrors_verified, source_digest)
-from .zero0_step import fp16_unscaled_at_zero0, install_fp16_loss_scaling, uninstall_fp16_loss_scaling
+from .zero0_step import fp16_unscaled_at_zero0, install_fp16_loss_scaling
 from .zero3_step import clear_stale_gradient_partitions
 from .zero12_step import allgather_partitions, install_batched_grad_norm
 
 __all__ = ["VERIFIED_DEEPSPEED", "NOT_A_GRADIENT", "check_deepspeed_version", "deepspeed_version_verified",
            "zero_stage", "basic_optimizer", "check_group_order", "install_group_step_filter",
-           "skip_allgather_of_dropped", "install_batched_grad_norm", "refuse_unverified_step_paths",
-           "clear_stale_gradient_partitions", "install_nonfinite_skip", "install_step_loops", "uninstall_step_loops", "installed_step_loops",
+           "install_allgather_skip", "skipping", "FILTER_CALLERS", "filter_callers", "Kind", "Patch", "PatchSet",
+           "require_verified", "fallback_warning", "install_batched_grad_norm", "refuse_unverified_step_paths",
+           "clear_stale_gradient_partitions", "install_nonfinite_skip", "install_step_loops", "installed_step_loops",
            "allgather_partitions", "MIRRORED_SOURCES", "mirrors_verified", "source_digest", "fp16_unscaled_at_zero0",
-           "install_fp16_loss_scaling", "uninstall_fp16_loss_scaling"]
+           "install_fp16_loss_scaling"]

@@ -8,6 +8,7 @@ basic optimizer's ``step`` keeps a dropped unit bitwise unchanged at every ZeRO 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -15,22 +16,46 @@ import torch
 
 from ..functional import hide_groups, merged_groups
 from .groups import zero_stage
+from .patches import Kind, PatchSet, require_verified
 
 
-def install_group_step_filter(optimizer: torch.optim.Optimizer,
-                              hidden_groups: Callable[[], Sequence[Mapping[str, Any]]],
-                              lr_factor: Callable[[], float]) -> None:
+FILTER_CALLERS = {
+    "basic": ["engine.DeepSpeedEngine._take_model_step"],
+    "FP16_UnfusedOptimizer": ["fp16.unfused_optimizer.FP16_UnfusedOptimizer.step"],
+    "FP16_Optimizer": ["fp16.fused_optimizer.FP16_Optimizer.step"],
+    "BF16_Optimizer": ["bf16_optimizer.BF16_Optimizer.step"],
+    "DeepSpeedZeroOptimizer": ["stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step"],
+    "DeepSpeedZeroOptimizer_Stage3": ["stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step"],
+}
+"""The DeepSpeed code that calls the basic optimizer's ``step`` directly, per wrapper (``basic``:
+``engine._take_model_step``, which steps ``engine.optimizer``, the basic optimizer at ZeRO-0 fp32).
+The step filter is exact only if that code shows the optimizer ldb_ds's group dicts and calls
+``step()`` as verified (docs/design.md, section 4): a changed caller refuses LDB
+(:func:`.patches.require_verified`). The ZeRO ``step()`` methods around them are mirrored by the
+step loops (an optimisation: a changed one falls back to DeepSpeed's, which still calls these)."""
+
+
+def filter_callers(ds_engine: Any) -> list[str]:
+    """The :data:`FILTER_CALLERS` keys for ``ds_engine``'s optimizer wrapper."""
+    wrapper = ds_engine.optimizer
+    if wrapper is getattr(ds_engine, "basic_optimizer", None):
+        return FILTER_CALLERS["basic"]
+    # Exact types were checked by groups.check_group_order; the name picks the caller list.
+    return FILTER_CALLERS["basic"] + FILTER_CALLERS.get(type(wrapper).__name__, [])
+
+
+def install_group_step_filter(optimizer: torch.optim.Optimizer, step_state: Any, patches: PatchSet) -> None:
     """Wrap ``optimizer.step`` to skip hidden groups and scale ``lr`` of the others.
 
-    ``hidden_groups()`` returns the group dicts to hide in the coming step;
-    ``lr_factor()`` the multiplier for the visible ones. Both are read at every
-    call, so the engine only has to update its own state. The hiding itself is
-    :func:`ldb_ds.functional.hide_groups`; what this adds is that it happens
-    inside DeepSpeed's own call of the step, whatever ``param_groups`` DeepSpeed
-    has put in place for that call (ZeRO-0: all groups; ZeRO-1/2: all kept groups
-    with ldb_ds's step loop, else one; ZeRO-3: one sub-group). The visible groups
-    are then stepped with :func:`ldb_ds.functional.merged_groups`, so a torch
-    optimizer runs its kernels once over all groups of equal hyperparameters.
+    ``step_state`` (:class:`ldb_ds.controller.StepState`) is read at every call:
+    ``hidden_groups`` are the group dicts to hide in the coming step, ``lr_factor`` the
+    multiplier for the visible ones; the controller fills it at the step's boundary. The
+    hiding itself is :func:`ldb_ds.functional.hide_groups`; what this adds is that it happens
+    inside DeepSpeed's own call of the step, whatever ``param_groups`` DeepSpeed has put in
+    place for that call (ZeRO-0: all groups; ZeRO-1/2: all kept groups with ldb_ds's step
+    loop, else one; ZeRO-3: one sub-group). The visible groups are then stepped with
+    :func:`ldb_ds.functional.merged_groups`, so a torch optimizer runs its kernels once over all
+    groups of equal hyperparameters.
     """
     if getattr(optimizer, "_ldb_wrapped", False):
         raise RuntimeError("optimizer already wrapped by ldb_ds")
@@ -38,8 +63,8 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer,
     key_cache: dict[int, tuple] = {}  # merged_groups' key names per group dict, kept across steps
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        hidden = hidden_groups()
-        factor = lr_factor()
+        hidden = step_state.hidden_groups
+        factor = step_state.lr_factor
         if not hidden and factor == 1.0:
             with merged_groups(optimizer, key_cache):
                 return original_step(*args, **kwargs)
@@ -51,45 +76,78 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer,
             with merged_groups(optimizer, key_cache):
                 return original_step(*args, **kwargs)
 
-    optimizer.step = step
-    optimizer._ldb_wrapped = True
+    patches.set("step filter", Kind.EXACTNESS, optimizer, "step", step)
+    patches.set("step filter (marker)", Kind.EXACTNESS, optimizer, "_ldb_wrapped", True)
 
 
-@contextlib.contextmanager
-def skip_allgather_of_dropped(ds_engine: Any, skipped_group_indices: set[int]) -> Iterator[None]:
-    """During one ``step()``, leave dropped groups out of the post-step all-gather.
+# The all-gather skip: one swap of a module-level DeepSpeed function per module, shared by every
+# engine that needs it (reference-counted), and told per step which groups to leave out through
+# a context variable that run_step sets around DeepSpeed's step (so two engines, or two threads,
+# never see each other's groups).
+_SKIPPED_IN_THIS_STEP: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "ldb_ds_skipped_groups", default=frozenset())
+_ALLGATHER_SWAPS: dict[str, tuple[Callable, int]] = {}
 
-    ``DeepSpeedZeroOptimizer.step`` (ZeRO-1/2) and ``BF16_Optimizer.step`` call
-    the module-level function ``all_gather_dp_groups`` of their own module once
-    with the lists of all groups; we substitute a version that passes on only
-    the kept groups. Exact because the skipped groups were not stepped on any rank (the
-    mask is identical everywhere), so their partitions equal every rank's copy.
+
+def install_allgather_skip(ds_engine: Any, patches: PatchSet) -> bool:
+    """Leave dropped groups out of DeepSpeed's post-step all-gather where DeepSpeed's own loop runs.
+
+    ``DeepSpeedZeroOptimizer.step`` (ZeRO-1/2, where ldb_ds's own loop is not installed) and
+    ``BF16_Optimizer.step`` call the module-level function ``all_gather_dp_groups`` of their own
+    module once with the lists of all groups; while a step runs under :func:`skipping`, the
+    swapped-in version passes on only the kept groups. Exact because the skipped groups were
+    not stepped on any rank (the mask is identical everywhere), so their partitions equal every
+    rank's copy. The swap is process-wide (a module attribute), so it is reference-counted:
+    made by the first engine that needs it, put back when the last one's patches are removed.
+    Returns whether it applies to ``ds_engine``.
     """
     # DeepSpeedZeroOptimizer (stage_1_and_2) and BF16_Optimizer each import the function into
     # their own module (stage_1_and_2.py:26, bf16_optimizer.py:16) and call it once per step
     # with the lists of all groups (stage_1_and_2.py:3155, bf16_optimizer.py:599).
-    module = sys.modules[type(ds_engine.optimizer).__module__]
-    if not skipped_group_indices or not callable(getattr(module, "all_gather_dp_groups", None)) \
-            or zero_stage(ds_engine) == 3:
-        yield
-        return
-    original = module.all_gather_dp_groups
+    module_name = type(ds_engine.optimizer).__module__
+    module = sys.modules[module_name]
+    if not callable(getattr(module, "all_gather_dp_groups", None)) or zero_stage(ds_engine) == 3:
+        return False
+    require_verified("the all-gather skip", ["utils.all_gather_dp_groups"])
+    original, count = _ALLGATHER_SWAPS.get(module_name, (module.all_gather_dp_groups, 0))
+    if count == 0:
+        def all_gather_kept_groups(groups_flat, partitioned_param_groups, dp_process_group, **kwargs):
+            skipped = _SKIPPED_IN_THIS_STEP.get()
+            if not skipped:
+                return original(groups_flat=groups_flat, partitioned_param_groups=partitioned_param_groups,
+                                dp_process_group=dp_process_group, **kwargs)
+            keep = [i for i in range(len(groups_flat)) if i not in skipped]
+            return original(groups_flat=[groups_flat[i] for i in keep],
+                            partitioned_param_groups=[partitioned_param_groups[i] for i in keep],
+                            dp_process_group=[dp_process_group[i] for i in keep],
+                            **kwargs)
 
-    def all_gather_kept_groups(groups_flat, partitioned_param_groups, dp_process_group, **kwargs):
-        keep = [i for i in range(len(groups_flat)) if i not in skipped_group_indices]
-        return original(groups_flat=[groups_flat[i] for i in keep],
-                        partitioned_param_groups=[partitioned_param_groups[i] for i in keep],
-                        dp_process_group=[dp_process_group[i] for i in keep],
-                        **kwargs)
+        module.all_gather_dp_groups = all_gather_kept_groups
+    _ALLGATHER_SWAPS[module_name] = (original, count + 1)
 
-    module.all_gather_dp_groups = all_gather_kept_groups
+    def release() -> None:
+        original_fn, n = _ALLGATHER_SWAPS[module_name]
+        if n == 1:
+            module.all_gather_dp_groups = original_fn  # the last engine that needed it
+            del _ALLGATHER_SWAPS[module_name]
+        else:
+            _ALLGATHER_SWAPS[module_name] = (original_fn, n - 1)
+
+    patches.add_undo("all-gather skip", Kind.EXACTNESS, f"{module_name}.all_gather_dp_groups", release)
+    return True
+
+
+@contextlib.contextmanager
+def skipping(skipped_group_indices: frozenset[int]) -> Iterator[None]:
+    """During one DeepSpeed step: the groups the all-gather skip leaves out (this context only)."""
+    token = _SKIPPED_IN_THIS_STEP.set(frozenset(skipped_group_indices))
     try:
         yield
     finally:
-        module.all_gather_dp_groups = original
+        _SKIPPED_IN_THIS_STEP.reset(token)
 
 
-def install_nonfinite_skip(ds_engine: Any) -> bool:
+def install_nonfinite_skip(ds_engine: Any, patches: PatchSet) -> bool:
     """Stage 0 in fp32: skip an optimizer step whose gradients are not finite, as ZeRO 1-3 do.
 
     ZeRO-1/2 (``stage_1_and_2.py:3043``), ZeRO-3 (``stage3.py:2887``), ``BF16_Optimizer``
@@ -99,13 +157,13 @@ def install_nonfinite_skip(ds_engine: Any) -> bool:
     fp32 ``engine.optimizer`` is the basic torch optimizer, which checks nothing: a NaN gradient
     would be applied. This wraps its ``step`` (outside ldb_ds's group filter): if the norm of
     all gradients is not finite, nothing is stepped and ``optimizer.overflow = True`` tells
-    ``_take_model_step`` (``was_step_applied()`` False, so ``attach.run_step`` counts it in
+    ``_take_model_step`` (``was_step_applied()`` False, so ``Installation.run_step`` counts it in
     ``counters.skipped_steps`` as an fp16 overflow and the window's mask draw is consumed), so
     every stage skips and counts alike. The gradients were all-reduced
     in backward (``engine.py:3165``), so every rank decides the same without a collective; the
     cost is one foreach norm over the gradients and one host sync per step, as at ZeRO 1-3.
     Plain DeepSpeed has no such skip at stage 0, so ldb_ds installs it where LDB is enabled
-    (``attach.new_controller``); with LDB off an engine costs exactly what DeepSpeed's costs, and
+    (``installation.install``); with LDB off an engine costs exactly what DeepSpeed's costs, and
     an application that wants the skip there too calls this itself (``ldb-train`` does).
     Returns whether it was installed (only stage 0 without fp16/bf16 needs it).
     """
@@ -115,6 +173,7 @@ def install_nonfinite_skip(ds_engine: Any) -> bool:
         return False
     if getattr(opt, "_ldb_nonfinite_wrapped", False):
         return True
+    require_verified("the stage-0 non-finite skip", ["engine.DeepSpeedEngine._take_model_step"])
     original_step = opt.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
@@ -129,7 +188,7 @@ def install_nonfinite_skip(ds_engine: Any) -> bool:
                 return None
         return original_step(*args, **kwargs)
 
-    opt.step = step
-    opt.overflow = False
-    opt._ldb_nonfinite_wrapped = True
+    patches.set("non-finite skip", Kind.EXACTNESS, opt, "step", step)
+    patches.set("non-finite skip (flag read by DeepSpeed)", Kind.EXACTNESS, opt, "overflow", False)
+    patches.set("non-finite skip (marker)", Kind.EXACTNESS, opt, "_ldb_nonfinite_wrapped", True)
     return True

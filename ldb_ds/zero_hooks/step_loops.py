@@ -11,9 +11,10 @@ with the step filter, so results are exact either way; only the per-group cost s
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from . import zero0_step, zero3_step, zero12_step
+from .patches import Kind, PatchSet, fallback_warning
 from .version import mirrored_object, mirrors_verified
 
 INSTALLED_ATTR = "_ldb_step_hooks"
@@ -28,40 +29,38 @@ def installed(ds_engine: Any) -> tuple[str, ...]:
     return tuple(getattr(ds_engine.optimizer, INSTALLED_ATTR, ()))
 
 
-def install(ds_engine: Any, skipped_groups: Callable[[], frozenset[int]]) -> tuple[str, ...]:
-    """Install what applies to ``ds_engine``'s ZeRO optimizer; returns the names installed.
+def install(ds_engine: Any, step_state: Any, patches: PatchSet) -> tuple[str, ...]:
+    """Install what applies to ``ds_engine``'s optimizer wrapper; returns the names installed.
 
-    ``skipped_groups()`` gives the indices of the param groups of the dropped units in the
-    step about to run (read once per step).
+    ``step_state`` (:class:`ldb_ds.controller.StepState`) gives the indices of the param groups
+    of the dropped units in the step running (``skipped_groups``). Where the plain path applies
+    but a mirrored source is not the verified one, DeepSpeed's own loop stays, with a warning.
     """
     z = ds_engine.optimizer
     names: list[str] = []
-    if zero0_step.plain(z) and mirrors_verified(zero0_step.MIRRORED):
-        z.step = zero0_step.step(z, skipped_groups)
-        names.append("zero0_step")
-    if zero12_step.plain(z) and mirrors_verified(zero12_step.MIRRORED):
-        z.step = zero12_step.step(z, skipped_groups, z.step)
-        names.append("zero12_step")
+
+    def put(name: str, attr: str, value: Any) -> None:
+        patches.set(f"step loop {name}", Kind.OPTIMISATION, z, attr, value)
+        names.append(name)
+
+    def verified(name: str, mirrored: list[str]) -> bool:
+        if mirrors_verified(mirrored):
+            return True
+        fallback_warning(f"ldb_ds's {name}", mirrored)
+        return False
+
+    if zero0_step.plain(z) and verified("zero0_step", zero0_step.MIRRORED):
+        put("zero0_step", "step", zero0_step.step(z, step_state))
+    if zero12_step.plain(z) and verified("zero12_step", zero12_step.MIRRORED):
+        put("zero12_step", "step", zero12_step.step(z, step_state, z.step))
     if zero3_step.norm_group(z) is not None:
-        if mirrors_verified(zero3_step.MIRRORED["norm"]):
-            z._get_norm_groups = zero3_step.norm_groups(z, skipped_groups)
-            names.append("zero3_grad_norm")
-        if mirrors_verified(zero3_step.MIRRORED["optimizer_step"]):
-            z._optimizer_step = zero3_step.optimizer_step(z)
-            names.append("zero3_optimizer_step")
+        if verified("zero3_grad_norm", zero3_step.MIRRORED["norm"]):
+            put("zero3_grad_norm", "_get_norm_groups", zero3_step.norm_groups(z, step_state))
+        if verified("zero3_optimizer_step", zero3_step.MIRRORED["optimizer_step"]):
+            put("zero3_optimizer_step", "_optimizer_step", zero3_step.optimizer_step(z))
         # A subclass (ZenFlow's, SuperOffload's) overrides step(): only DeepSpeed's own is mirrored.
         if type(z).step is mirrored_object("stage3.DeepSpeedZeroOptimizer_Stage3.step") \
-                and mirrors_verified(zero3_step.MIRRORED["step"]):
-            z.step = zero3_step.step(z, skipped_groups)
-            names.append("zero3_step")
-    setattr(z, INSTALLED_ATTR, tuple(names))
+                and verified("zero3_step", zero3_step.MIRRORED["step"]):
+            put("zero3_step", "step", zero3_step.step(z, step_state))
+    patches.set("step loops (names)", Kind.OPTIMISATION, z, INSTALLED_ATTR, tuple(names))
     return tuple(names)
-
-
-def uninstall(ds_engine: Any) -> None:
-    """Put DeepSpeed's own methods back (the instance attributes :func:`install` set are removed)."""
-    z = ds_engine.optimizer
-    for name in installed(ds_engine):
-        if _ATTRS[name] in vars(z):
-            delattr(z, _ATTRS[name])
-    setattr(z, INSTALLED_ATTR, ())

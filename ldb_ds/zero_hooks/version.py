@@ -46,6 +46,12 @@ MIRRORED_SOURCES = {
     "stage_1_and_2.DeepSpeedZeroOptimizer.scaled_global_norm": "63c6a6fe100c4e49",
     "stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct": "72af0993ad8cde2c",
     "utils.combine_grad_norm_groups": "37a114f1037dc520",
+    # The callers of the basic optimizer's step that the step filter relies on (step_filter.FILTER_CALLERS),
+    # and the function the all-gather skip wraps.
+    "engine.DeepSpeedEngine._take_model_step": "c4c6e01aa1fc4e7d",
+    "fp16.fused_optimizer.FP16_Optimizer.step": "b6f68ab9785efd33",
+    "bf16_optimizer.BF16_Optimizer.step": "9b21d4a28f8714d9",
+    "utils.all_gather_dp_groups": "87c5e3c4215b8194",
     # zero0_step: FP16_UnfusedOptimizer's step and what it calls (the overflow check's functions
     # too: zero0_step relies on an inf/NaN gradient giving an invalid norm instead of calling it).
     "fp16.unfused_optimizer.FP16_UnfusedOptimizer.step": "626bd9aa8af843e9",
@@ -113,7 +119,8 @@ def mirrored_object(name: str) -> Any:
     if module_name in ("fp16", "moe"):  # deepspeed.runtime.fp16.<module>, deepspeed.moe.<module>
         module_name, attrs = f"{module_name}.{attrs[0]}", attrs[1:]
     package = "deepspeed" if module_name.startswith("moe.") else "deepspeed.runtime" \
-        if module_name in ("utils", "engine") or module_name.startswith("fp16.") else "deepspeed.runtime.zero"
+        if module_name in ("utils", "engine", "bf16_optimizer") or module_name.startswith("fp16.") \
+        else "deepspeed.runtime.zero"
     obj: Any = importlib.import_module(f"{package}.{module_name}")
     for a in attrs:
         obj = getattr(obj, a)
@@ -141,8 +148,13 @@ def source_digest(obj: Any) -> str | None:
         return None
 
 
+def sources_match(names: Sequence[str]) -> bool:
+    """Whether the installed DeepSpeed's functions ``names`` hash to the verified source (any version)."""
+    return all(source_digest(mirrored_object(n)) == MIRRORED_SOURCES[n] for n in names)
+
+
 def mirrors_verified(names: Sequence[str]) -> bool:
     """Whether the installed DeepSpeed is verified and its functions ``names`` are as verified."""
     if not deepspeed_version_verified(installed_version()):
         return False
-    return all(source_digest(mirrored_object(n)) == MIRRORED_SOURCES[n] for n in names)
+    return sources_match(names)

@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 import torch
 
+from .patches import Kind, PatchSet
+
 MIRRORED = ["fp16.unfused_optimizer.FP16_UnfusedOptimizer.step",
             "fp16.unfused_optimizer.FP16_UnfusedOptimizer.unscale_and_clip_grads",
             "fp16.unfused_optimizer.FP16_UnfusedOptimizer._skip_invalid_grad_norm",
@@ -103,14 +105,14 @@ def _group_sums_of_squares(norms: list[list[torch.Tensor]]) -> list[float]:
     return total.tolist()
 
 
-def step(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
+def step(z: Any, step_state: Any) -> Callable:
     """``FP16_UnfusedOptimizer.step`` (``unfused_optimizer.py:197``) with the per-group work batched."""
     from deepspeed.runtime.utils import get_global_norm, is_invalid_grad_norm
 
     norm_type = 2.0  # FP16_UnfusedOptimizer.norm_type (:96), as get_weight_norm's float(norm_type)
 
     def step(closure: Any = None) -> bool:
-        skipped = skipped_groups()
+        skipped = step_state.skipped_groups
         z.overflow = False  # what CheckOverflow.check returns for finite gradients (see module doc)
         norm_groups: list[float] = [0.0] * len(z.fp16_groups)  # :212, 0.0 for a group without gradients
         normed, norms = [], []
@@ -202,7 +204,7 @@ def fp16_unscaled_at_zero0(ds_engine: Any) -> bool:
             and opt.loss_scale_config.use_grad_scaling and mirrors_verified(LOSS_SCALING_MIRRORED))
 
 
-def install_fp16_loss_scaling(ds_engine: Any) -> bool:
+def install_fp16_loss_scaling(ds_engine: Any, patches: PatchSet) -> bool:
     """fp16 at ZeRO-0: multiply the loss by the loss scale in ``backward``, as the step expects.
 
     DeepSpeed 0.19.8's ``engine.backward`` (``engine.py:3416``-``:3420``) scales the loss only
@@ -239,17 +241,9 @@ def install_fp16_loss_scaling(ds_engine: Any) -> bool:
         deepspeed_backward(scaled, retain_graph=retain_graph, scale_wrt_gas=False)
         return gas_scaled_loss
 
-    ds_engine.backward = backward
-    ds_engine._ldb_fp16_loss_scaling = True
+    patches.set("fp16 ZeRO-0 loss scaling", Kind.EXACTNESS, ds_engine, "backward", backward)
+    patches.set("fp16 ZeRO-0 loss scaling (marker)", Kind.EXACTNESS, ds_engine, "_ldb_fp16_loss_scaling", True)
     return True
 
 
-def uninstall_fp16_loss_scaling(ds_engine: Any) -> None:
-    """Put DeepSpeed's own ``backward`` back (tests compare against it)."""
-    if getattr(ds_engine, "_ldb_fp16_loss_scaling", False):
-        del ds_engine.backward
-        ds_engine._ldb_fp16_loss_scaling = False
-
-
-__all__ = ["MIRRORED", "LOSS_SCALING_MIRRORED", "plain", "step", "fp16_unscaled_at_zero0", "install_fp16_loss_scaling",
-           "uninstall_fp16_loss_scaling"]
+__all__ = ["MIRRORED", "LOSS_SCALING_MIRRORED", "plain", "step", "fp16_unscaled_at_zero0", "install_fp16_loss_scaling"]

@@ -20,20 +20,20 @@ Installed by :func:`ldb_ds.zero_hooks.install_step_loops` where the plain path a
   DeepSpeed's zero fill, and they are released unread.
 
 :func:`install_batched_grad_norm` (one all-reduce for all group norms) is installed by
-``attach.new_controller`` itself; :func:`step` calls it through ``scaled_global_norm``.
+``attach.install`` itself; :func:`step` calls it through ``scaled_global_norm``.
 Memory: the batched step holds the kept groups' fp32 gradients at once, as DeepSpeed does for
 a model with one param group (it frees each group's after stepping it).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .groups import NOT_A_GRADIENT
 from .norms import group_square_sums
+from .patches import Kind, PatchSet, fallback_warning
 from .version import mirrors_verified
 
 NORM_MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.scaled_global_norm",
@@ -141,7 +141,7 @@ def _plain_gradients(z: Any) -> bool:
     return True
 
 
-def step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed_step: Callable) -> Callable:
+def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
     """``DeepSpeedZeroOptimizer.step`` (``stage_1_and_2.py:3013``) with the per-group loop batched.
 
     Up to the overflow decision it is DeepSpeed's code, line for line (``:3017``-``:3072``), so
@@ -171,7 +171,7 @@ def step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed_step: C
     def step(closure: Any = None) -> None:
         if not _plain_gradients(z):
             return deepspeed_step(closure)
-        skipped = skipped_groups()
+        skipped = step_state.skipped_groups
         # :3017-3072, as DeepSpeed has them (cpu_offload is excluded at install).
         z.micro_step_id = INITIAL_MICRO_STEP_ID
         z._wait_for_offload_copies()
@@ -285,7 +285,7 @@ def step(z: Any, skipped_groups: Callable[[], frozenset[int]], deepspeed_step: C
 # --------------------------------------------------------------------------- the gradient norm
 
 
-def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[int]]) -> bool:
+def install_batched_grad_norm(ds_engine: Any, step_state: Any, patches: PatchSet) -> bool:
     """ZeRO-1/2: one all-reduce for all group norms instead of one per group.
 
     ``DeepSpeedZeroOptimizer.scaled_global_norm`` (``stage_1_and_2.py:2943``) calls
@@ -320,8 +320,7 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
     if not mirrors_verified(NORM_MIRRORED):
         # An optimisation only: with a DeepSpeed whose norm code changed, its own per-group norm
         # runs (exact, one all-reduce per group), and the user is told why the step is slower.
-        warnings.warn("ldb_ds: DeepSpeed's ZeRO-1/2 gradient-norm code is not the verified one; its own "
-                      "per-group norm runs (one all-reduce per param group)", RuntimeWarning, stacklevel=2)
+        fallback_warning("the ZeRO-1/2 batched gradient norm (one all-reduce per param group remains)", NORM_MIRRORED)
         return False
     original = z.scaled_global_norm
     device = get_accelerator().current_device_name()
@@ -333,7 +332,7 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
     def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
         if norm_type != 2:
             return original(norm_type)
-        dropped = dropped_groups()
+        dropped = step_state.skipped_groups
         # get_grad_norm_direct's per-tensor norms (:2677-2685), for the kept groups only; a
         # dropped group's gradients are DeepSpeed's zero fill, whose sum is 0.
         norms_by_group = [
@@ -351,7 +350,7 @@ def install_batched_grad_norm(ds_engine: Any, dropped_groups: Callable[[], set[i
         # combine_grad_norm_groups (runtime/utils.py:891) stacks its list back into this vector.
         return combine_grad_norm_groups(list(norms.unbind(0)), norm_type=2)
 
-    z.scaled_global_norm = scaled_global_norm
+    patches.set("batched gradient norm", Kind.OPTIMISATION, z, "scaled_global_norm", scaled_global_norm)
     return True
 
 

@@ -73,7 +73,7 @@ def norm_group(z: Any) -> Any:
     return next(iter(groups.values()))
 
 
-def norm_groups(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
+def norm_groups(z: Any, step_state: Any) -> Callable:
     """``_get_norm_groups`` (``stage3.py:2573``) with one all-reduce for all sub-groups.
 
     Per sub-group it is ``get_grad_norm_direct`` (``:2419``) on the plain path: the sum over
@@ -97,7 +97,7 @@ def norm_groups(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callabl
     zero = torch.zeros((), dtype=norm_dtype, device=device_name)
 
     def _get_norm_groups() -> list[torch.Tensor]:
-        skipped = skipped_groups()
+        skipped = step_state.skipped_groups
         # get_grad_norm_direct's per-tensor norms (:2454-2457) for the kept sub-groups; a dropped
         # unit's sub-group holds DeepSpeed's zero fill, whose sum is 0.
         norms_by_group = [
@@ -142,7 +142,7 @@ def optimizer_step(z: Any) -> Callable:
     return _optimizer_step
 
 
-def step(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
+def step(z: Any, step_state: Any) -> Callable:
     """``DeepSpeedZeroOptimizer_Stage3.step`` (``stage3.py:2873``) with the sub-group loop batched.
 
     Up to the overflow decision it calls what DeepSpeed calls, in the same order
@@ -158,7 +158,7 @@ def step(z: Any, skipped_groups: Callable[[], frozenset[int]]) -> Callable:
     from deepspeed.utils import logger
 
     def _step(closure: Any = None) -> None:
-        skipped = skipped_groups()
+        skipped = step_state.skipped_groups
         # :2877-2902, as DeepSpeed has them (swap_optimizer is excluded at install).
         z._pre_step()
         z._partition_all_parameters()

@@ -2,7 +2,8 @@
 
 ldb_ds's own ZeRO step loops (``ldb_ds.zero_hooks``) against DeepSpeed's, on the same gradients:
 two LDB engines built from the same weights and config, one with ldb_ds's loops and one with
-``zero_hooks.uninstall_step_loops`` (DeepSpeed's own ``step()``, ``_get_norm_groups``, ``_optimizer_step``),
+its step-loop patches removed (``engine.patches.remove("step loop")``: DeepSpeed's own ``step()``,
+``_get_norm_groups``, ``_optimizer_step``),
 trained side by side on the same batches and masks; after every step everything a step can change
 is compared bitwise. The collectives of each step are counted at DeepSpeed's communication backend.
 """
@@ -125,14 +126,16 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
         zero_hooks.MIRRORED_SOURCES["stage_1_and_2.DeepSpeedZeroOptimizer.step"] = "0" * 16
         zero_hooks.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups"] = "0" * 16
         zero_hooks.MIRRORED_SOURCES["stage3.DeepSpeedZeroOptimizer_Stage3.step"] = "0" * 16
-        zero_hooks.MIRRORED_SOURCES["fp16.unfused_optimizer.FP16_UnfusedOptimizer.step"] = "0" * 16
+        # (not FP16_UnfusedOptimizer.step itself: it calls the basic optimizer, so a change there
+        # refuses LDB - step_filter.FILTER_CALLERS - instead of falling back)
+        zero_hooks.MIRRORED_SOURCES["fp16.unfused_optimizer.FP16_UnfusedOptimizer.unscale_and_clip_grads"] = "0" * 16
     try:
         ours, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg), optimizer=optimizer)
     finally:
         zero_hooks.MIRRORED_SOURCES.update(verified)
     theirs, _, _, _ = ldb_ds.initialize(model=copy.deepcopy(model), config=copy.deepcopy(cfg), optimizer=optimizer)
     installed = zero_hooks.installed_step_loops(ours.ds_engine)
-    zero_hooks.uninstall_step_loops(theirs.ds_engine)
+    theirs.patches.remove("step loop")  # DeepSpeed's own loops on the other engine
     steps = []
     step = 0
     for epoch in case.get("epochs", (0, 2, 3)):  # s = 2: FULL, DROP, FULL
@@ -310,7 +313,7 @@ def zero0_host_counts(rank: int, units: list[int], dtype_name: str) -> dict[str,
             cfg["layer_drop_back"]["enabled"] = name != "plain"
             engine, _, _, _ = ldb_ds.initialize(model=make_model(depth=n).to(dtype), config=cfg)
             if name == "theirs":
-                zero_hooks.uninstall_step_loops(engine.ds_engine)
+                engine.patches.remove("step loop")
             row = _step_phase_counts(engine, rank, world, dtype)
             row["installed"] = zero_hooks.installed_step_loops(engine.ds_engine)
             row["groups"] = len(engine.ds_engine.basic_optimizer.param_groups)
@@ -326,7 +329,7 @@ def fp16_zero0_training(rank: int, case: dict[str, Any], loss_scaling: bool) -> 
     """``core_workers.train_case`` in fp16 at ZeRO-0, with or without ldb_ds's loss scaling.
 
     ``loss_scaling`` True: ``zero0_step.install_fp16_loss_scaling`` on the engine (a no-op where
-    ldb_ds already installed it); False: DeepSpeed's own ``backward`` (removed again if installed).
+    ldb_ds already installed it); False: DeepSpeed's own ``backward`` (the patch removed again if installed).
     """
     import ldb_ds
     from ldb_ds.zero_hooks import zero0_step
@@ -339,9 +342,9 @@ def fp16_zero0_training(rank: int, case: dict[str, Any], loss_scaling: bool) -> 
     def initialize(*args: Any, **kwargs: Any):
         out = original(*args, **kwargs)
         if loss_scaling:
-            installed.append(zero0_step.install_fp16_loss_scaling(out[0].ds_engine))
+            installed.append(zero0_step.install_fp16_loss_scaling(out[0].ds_engine, out[0].patches))
         else:
-            zero0_step.uninstall_fp16_loss_scaling(out[0].ds_engine)
+            out[0].patches.remove("fp16 ZeRO-0 loss scaling")
             installed.append(False)
         return out
 

@@ -96,14 +96,15 @@ def _imports(path: pathlib.Path) -> set[str]:
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
-    "guards": "deepspeed", "zero_hooks": "deepspeed", "attach": "deepspeed", "engine": "deepspeed",
+    "guards": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed", "attach": "deepspeed",
+    "engine": "deepspeed",
     "runtime": "deepspeed", "safety": "deepspeed", "__init__": "pure",
 }
 # Core packages (a directory with __init__.py): every file in them is held to the package's layer.
 CORE_PACKAGES = {"zero_hooks"}
 APPLICATIONS = {"train", "bench", "integrations"}
 # ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
-ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "norms", "zero0_step", "zero12_step",
+ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "norms", "patches", "zero0_step", "zero12_step",
                       "zero3_step", "step_loops"}
 
 
@@ -147,7 +148,7 @@ def test_zero_hooks_keeps_its_public_names():
 
     for name in zero_hooks.__all__:
         assert hasattr(zero_hooks, name), name
-    assert {"basic_optimizer", "check_group_order", "install_group_step_filter", "skip_allgather_of_dropped",
+    assert {"basic_optimizer", "check_group_order", "install_group_step_filter", "install_allgather_skip",
             "install_batched_grad_norm", "refuse_unverified_step_paths", "clear_stale_gradient_partitions",
             "NOT_A_GRADIENT", "VERIFIED_DEEPSPEED", "install_step_loops"} <= set(zero_hooks.__all__)
 

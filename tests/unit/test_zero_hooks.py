@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ldb_ds import zero_hooks
+from ldb_ds.controller import StepState
 
 
 def test_step_filter_hides_groups_scales_lr_and_restores():
@@ -16,16 +17,15 @@ def test_step_filter_hides_groups_scales_lr_and_restores():
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     opt = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters()}], lr=0.5, momentum=0.9,
                           weight_decay=0.1)
-    hidden: list = []
-    factor = [1.0]
-    zero_hooks.install_group_step_filter(opt, lambda: hidden, lambda: factor[0])
+    state, patches = StepState(), zero_hooks.PatchSet()
+    zero_hooks.install_group_step_filter(opt, state, patches)
     with pytest.raises(RuntimeError, match="already wrapped"):
-        zero_hooks.install_group_step_filter(opt, lambda: hidden, lambda: 1.0)
+        zero_hooks.install_group_step_filter(opt, state, patches)
     (a(torch.ones(1, 3)).sum() + b(torch.ones(1, 3)).sum()).backward()
     b_before = [p.detach().clone() for p in b.parameters()]
     a_before = [p.detach().clone() for p in a.parameters()]
-    hidden[:] = [opt.param_groups[1]]
-    factor[0] = 2.0
+    state.hidden_groups = (opt.param_groups[1],)  # what the controller writes at the step's boundary
+    state.lr_factor = 2.0
     opt.step()
     assert all(torch.equal(x, y) for x, y in zip(b_before, b.parameters()))  # hidden: not looked at
     assert not any(p in opt.state for p in b.parameters())                   # no momentum buffer either
@@ -39,10 +39,33 @@ def test_step_filter_returns_none_when_everything_visible_is_empty():
     # ZeRO-3 calls the optimizer per sub-group with all other groups' params emptied.
     p = nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([{"params": [p]}, {"params": []}], lr=0.1)
-    zero_hooks.install_group_step_filter(opt, lambda: [opt.param_groups[0]], lambda: 1.0)
+    state = StepState(hidden_groups=(opt.param_groups[0],))
+    zero_hooks.install_group_step_filter(opt, state, zero_hooks.PatchSet())
     p.grad = torch.ones(2)
     assert opt.step() is None
     assert torch.equal(p, torch.ones(2))
+
+
+def test_patch_set_removes_stacked_wrappers_newest_first():
+    """Two patches on one attribute (the non-finite skip wraps the step filter): removal unwinds both."""
+    opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    class_step = type(opt).step
+    patches = zero_hooks.PatchSet()
+    zero_hooks.install_group_step_filter(opt, StepState(), patches)
+    inner = opt.step
+    patches.set("outer", zero_hooks.Kind.EXACTNESS, opt, "step", lambda: inner())
+    assert len(patches) == 3 and any("step filter (exactness): SGD.step" in d for d in patches.describe())
+    patches.remove()
+    assert "step" not in vars(opt) and "_ldb_wrapped" not in vars(opt) and type(opt).step is class_step
+    patches.remove()  # idempotent
+
+
+def test_exactness_patch_refuses_a_changed_deepspeed_caller(monkeypatch):
+    monkeypatch.setitem(zero_hooks.MIRRORED_SOURCES, "engine.DeepSpeedEngine._take_model_step", "0" * 16)
+    with pytest.raises(RuntimeError, match="_take_model_step.*not run"):
+        zero_hooks.require_verified("the step filter", ["engine.DeepSpeedEngine._take_model_step"])
+    monkeypatch.undo()
+    zero_hooks.require_verified("the step filter", ["engine.DeepSpeedEngine._take_model_step"])  # verified: passes
 
 
 @pytest.mark.parametrize("version,inside", [("0.19.8", True), ("0.19.8+cu130", True), ("0.19.7", False),

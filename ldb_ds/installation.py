@@ -1,0 +1,162 @@
+"""One engine's LayerDropBack: its controller, the step state, and every patch on DeepSpeed.
+
+:func:`install` is what every entry point runs once it has a DeepSpeed engine
+(``ldb_ds.initialize`` through :class:`~ldb_ds.engine.LDBEngine`, and :func:`ldb_ds.attach.attach`
+for the Hugging Face Trainer and Accelerate). It returns an :class:`Installation`, the one owner
+of everything ldb_ds changed on that engine's DeepSpeed objects (a :class:`~ldb_ds.zero_hooks.PatchSet`):
+
+* exactness patches - the step filter (dropped groups hidden inside the basic optimizer's
+  step, the DROP learning-rate factor), the stage-0 fp32 non-finite skip, the all-gather skip,
+  the fp16 ZeRO-0 loss scaling; if a DeepSpeed function they rely on is not the verified source,
+  LDB is refused;
+* optimisation patches - the batched gradient norm and ldb_ds's own step loops; if what they
+  mirror changed, DeepSpeed's own code runs (with a warning);
+* integration patches - what :func:`ldb_ds.attach.attach` puts on a foreign loop's engine.
+
+:meth:`Installation.describe` lists them; :meth:`Installation.remove` takes them all off
+(``destroy()`` does it), after which the engine steps as plain DeepSpeed over the same param
+groups. DeepSpeed calls ``optimizer.step()`` without arguments, so what a step must skip is not
+passed down that chain: the controller writes it into one :class:`~ldb_ds.controller.StepState`
+at the boundary (:meth:`Installation.run_step`), and every patch reads that object.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+from deepspeed.accelerator import get_accelerator
+
+from . import zero_hooks
+from .config import LDBConfig
+from .controller import LDBController, StepState, mask_group
+from .units import Unit, param_numel
+
+
+def unit_grad_bytes(ds_engine: Any, unit: Unit) -> int:
+    """Bytes ``unit``'s gradient occupies in the reductions, per rank."""
+    # Gradients travel in DeepSpeed's communication dtype (the model dtype unless configured).
+    comm_dtype = getattr(ds_engine, "communication_data_type", None)
+    if isinstance(comm_dtype, torch.dtype):
+        return unit.numel * torch.empty((), dtype=comm_dtype).element_size()
+    return sum(param_numel(p) * p.element_size() for p in unit.params)
+
+
+class Installation:
+    """LDB on one DeepSpeed engine: ``controller`` (the run's state), ``step`` (what the patches
+    read during a step) and ``patches`` (every change to DeepSpeed's objects, removable)."""
+
+    def __init__(self, ds_engine: Any, controller: LDBController, patches: zero_hooks.PatchSet):
+        self.ds_engine = ds_engine
+        self.controller = controller
+        self.patches = patches
+
+    @property
+    def step(self) -> StepState:
+        return self.controller.step
+
+    def describe(self) -> list[str]:
+        """One line per patch: what it is, its kind, where."""
+        return self.patches.describe()
+
+    def remove(self) -> None:
+        """Take every patch off (idempotent): DeepSpeed's own methods, hooks and functions are back.
+
+        The controller's mask is released first, so no unit stays ``requires_grad=False``.
+        """
+        if self.controller.cfg.enabled:
+            self.controller.release_mask(force=True)
+        self.patches.remove()
+
+    def run_step(self, step_fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """One call of DeepSpeed's ``step`` (``step_fn``) with LDB's step protocol around it.
+
+        Inside a window (not the accumulation boundary) DeepSpeed's step only counts the micro
+        step. At the boundary: the group dicts are re-captured (a checkpoint load may have
+        replaced them), the step state is filled once (DeepSpeed calls the optimizer once per
+        group at ZeRO 1-3, and every patch reads it), the all-gather skip is told this step's
+        dropped groups, and the window closes. A step DeepSpeed skipped (fp16 loss-scale
+        overflow, inf/NaN gradient) is counted apart.
+        """
+        ds_engine, c = self.ds_engine, self.controller
+        # DeepSpeed increments micro_steps inside step(); ask before calling it. With
+        # managed_gradient_accumulation = false the caller owns the boundary: every step() is one
+        # (DeepSpeed's is_gradient_accumulation_boundary() is True only while its step() runs).
+        if not ds_engine.is_gradient_accumulation_boundary() and ds_engine.managed_gradient_accumulation():
+            return step_fn(**kwargs)
+        if c.cfg.enabled:
+            c.refresh_group_dicts(zero_hooks.basic_optimizer(ds_engine).param_groups)
+            step = c.begin_step()
+            try:
+                with zero_hooks.skipping(step.skipped_groups):
+                    result = step_fn(**kwargs)
+            except BaseException:
+                step.clear(step.window)  # nothing may stay hidden or scaled after a failed step
+                raise
+        else:
+            result = step_fn(**kwargs)
+        # False when DeepSpeed skipped the update (fp16 loss-scale overflow, an inf/NaN norm in
+        # bf16). The overflow flag is reduced over the ranks, so every rank skips together and
+        # closes this window: the next window draws the next mask everywhere. The basic optimizer
+        # was not called, so the step filter never hid a group or applied the LR factor.
+        applied = bool(ds_engine.was_step_applied())
+        if not applied and c.cfg.enabled:
+            zero_hooks.clear_stale_gradient_partitions(ds_engine)
+        c.end_step(applied=applied)
+        return result
+
+
+def install(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group: Sequence[int]) -> Installation:
+    """LDB on ``ds_engine``: the controller, and (LDB on) every patch, checked and recorded.
+
+    ``unit_of_group[i]`` is the unit of the basic optimizer's param group ``i``. With LDB
+    disabled nothing is installed on DeepSpeed's objects: the engine costs what DeepSpeed costs.
+    """
+    optimizer = zero_hooks.basic_optimizer(ds_engine) if cfg.enabled else None
+    # The group dicts, captured once: ZeRO swaps optimizer.param_groups to a one-group list
+    # inside its per-group step, but keeps these dict objects.
+    group_dicts = list(optimizer.param_groups) if optimizer is not None else []
+    controller = LDBController(cfg, units, unit_of_group, group_dicts,
+                               [unit_grad_bytes(ds_engine, u) for u in units],
+                               device=get_accelerator().current_device_name())
+    patches = zero_hooks.PatchSet()
+    installation = Installation(ds_engine, controller, patches)
+    if not cfg.enabled:
+        if zero_hooks.fp16_unscaled_at_zero0(ds_engine):
+            warnings.warn("ldb_ds: fp16 at ZeRO stage 0 with DeepSpeed 0.19.8 never scales the loss but divides the "
+                          "gradients by the loss scale, so every update is loss_scale times too small (plain "
+                          "DeepSpeed's behaviour, kept with LDB off: deepspeedai/DeepSpeed pull request 8393). Use "
+                          "bf16 or ZeRO stage >= 1 for a baseline", RuntimeWarning, stacklevel=3)
+        return installation
+    # Exactness first: a DeepSpeed whose optimizer callers changed could move dropped units.
+    zero_hooks.require_verified("the step filter", zero_hooks.filter_callers(ds_engine))
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        mask_group()  # made now, at set-up, on every rank (a collective), not in a step
+    try:
+        step = controller.step
+        zero_hooks.install_group_step_filter(optimizer, step, patches)
+        # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step...
+        zero_hooks.install_batched_grad_norm(ds_engine, step, patches)
+        # ...and would do the rest of its step, the ZeRO-3 norm and optimizer call per group too.
+        zero_hooks.install_step_loops(ds_engine, step, patches)
+        # Where DeepSpeed's own loop all-gathers every group after the step (offload, BF16_Optimizer).
+        zero_hooks.install_allgather_skip(ds_engine, patches)
+        # A step with a non-finite gradient is skipped at every stage (ZeRO 1-3 and the fp16/bf16
+        # optimizers do it themselves; stage 0 in fp32 gets it here), so run_step sees it as
+        # was_step_applied() False and counts it once. With LDB off it is not installed: the
+        # engine then costs what plain DeepSpeed costs (the skip's norm needs a host sync).
+        zero_hooks.install_nonfinite_skip(ds_engine, patches)
+        # fp16 at ZeRO-0: DeepSpeed 0.19.8 never multiplies the loss by the loss scale there but
+        # its fp16 step divides by it (every update loss_scale times too small; the GPU parity
+        # test found it): with LDB on, backward scales the loss as the step expects.
+        zero_hooks.install_fp16_loss_scaling(ds_engine, patches)
+    except BaseException:
+        patches.remove()  # a refusal half-way leaves DeepSpeed's objects as they were
+        raise
+    return installation
+
+
+__all__ = ["Installation", "install", "unit_grad_bytes"]
