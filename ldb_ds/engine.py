@@ -157,7 +157,7 @@ class LDBEngine:
                 "ldb_ds: engine.compile() is not supported with 'layer_drop_back' enabled: it compiles the whole "
                 "model, and torch.compile guards on requires_grad, so every new mask recompiles it until "
                 "torch._dynamo.config.recompile_limit, after which it runs uncompiled. Compile submodules that each "
-                "lie within one LDB unit before ldb_ds.initialize instead (README, 'torch.compile').")
+                "lie within one LDB unit before ldb_ds.initialize instead (docs/usage.md, 'torch.compile').")
         return self.ds_engine.compile(*args, **kwargs)
 
     def _release_between_windows(self) -> None:

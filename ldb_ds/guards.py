@@ -100,7 +100,7 @@ def _check_optimizer_paths(ds_config: Mapping[str, Any], cfg: LDBConfig) -> None
     if (ds_config.get("compile") or {}).get("deepcompile", False):
         _fail("DeepCompile (compile.deepcompile = true)",
               "it compiles the whole model, whose graphs guard on requires_grad, and replaces DeepSpeed's "
-              "gradient hooks that ldb_ds's exactness relies on", "Disable compile.deepcompile; see the README "
+              "gradient hooks that ldb_ds's exactness relies on", "Disable compile.deepcompile; see docs/usage.md "
               "(torch.compile) for compiling submodules that lie within one unit.")
 
 

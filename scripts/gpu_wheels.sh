@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare, HERE (a machine with a package registry), the wheels that the GPU machine lacks.
 #
-# The GPU machine (issue 8, item 9; docs: README "GPU check") has Python 3.12 and torch 2.11 with
+# The GPU machine (issue 8, item 9; docs: docs/benchmark.md, GPU section) has Python 3.12 and torch 2.11 with
 # timm, tensorboard, tqdm, pyyaml, matplotlib, scikit-learn, numpy, but no network and none of
 # DeepSpeed, its pure-Python dependencies, or pytest. This script puts them, for CPython 3.12
 # manylinux x86_64 and without their dependencies (--no-deps), into .wheels/ (git-ignored; it

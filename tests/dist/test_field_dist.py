@@ -200,7 +200,7 @@ def test_every_way_to_give_the_config_turns_ldb_on(tmp_path):
 
 
 def test_compiling_each_block_is_exact_and_compiles_few_graphs():
-    """README, torch.compile: granularity 'block' with each block compiled (not the whole model)."""
+    """docs/usage.md, torch.compile: granularity 'block' with each block compiled (not the whole model)."""
     from tests.support.field_workers import compiled_blocks_case
 
     r0, r1 = run_distributed(compiled_blocks_case, 2, timeout=300)

@@ -1,7 +1,7 @@
 """The Accelerate recipe on 2 real ranks (gloo): accelerator.prepare with a DeepSpeedPlugin at ZeRO-2.
 
 ``plan_param_groups`` -> the user's optimizer -> ``accelerator.prepare`` -> ``plan.attach(engine)``
-and a hand-written loop (README, "Using LDB with Hugging Face Trainer / Accelerate").
+and a hand-written loop (docs/usage.md, the Hugging Face Trainer / Accelerate section).
 """
 
 from __future__ import annotations

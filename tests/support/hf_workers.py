@@ -263,7 +263,7 @@ def accelerate_case(rank: int, workdir: str) -> dict[str, Any]:
            "zero_optimization": {"stage": 2}, "steps_per_print": 10_000, "zero_allow_untested_optimizer": True,
            "layer_drop_back": dict(LDB)}
     # On a CPU Accelerate's DeepSpeed path finds no backend and runs as one process, unless the
-    # CPU (gloo) state comes first: what the Trainer's use_cpu=True does (README recipe).
+    # CPU (gloo) state comes first: what the Trainer's use_cpu=True does (docs/usage.md recipe).
     PartialState(cpu=True)
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(cfg)))
 

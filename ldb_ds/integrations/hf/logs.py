@@ -1,6 +1,6 @@
 """LDB's figures for the Trainer's (or Accelerate's) logging, under the TensorBoard monitor's tag names.
 
-The keys are the tags of ``ldb_ds.train.monitor`` (README, "TensorBoard tags"): ``LDB/mode``,
+The keys are the tags of ``ldb_ds.train.monitor`` (docs/training.md, "TensorBoard tags"): ``LDB/mode``,
 ``LDB/kept_unit_fraction``, ``LDB/kept_param_fraction``, ``LDB/lr_factor``, ``LDB/batch_factor``,
 ``Comm/grad_bytes``, ``Comm/grad_bytes_saved``, ``Train/lr``, ``Train/samples_per_sec``,
 ``Train/samples_per_sec_per_rank``, ``Time/step_ms``. Per logged step, as the monitor: fractions,
