@@ -31,6 +31,22 @@ def basic_optimizer(ds_engine: Any) -> torch.optim.Optimizer:
     return opt
 
 
+def step_groups(optimizer: torch.optim.Optimizer, indices: Sequence[int]) -> None:
+    """One ``optimizer.step()`` with only the groups at ``indices`` in ``param_groups``, then all back.
+
+    How ldb_ds's step loops show the basic optimizer the kept groups only: a dropped group is
+    not even looked at (the step filter would hide it anyway), and the filter then steps groups
+    of equal hyperparameters as one. The group dicts are DeepSpeed's own, so what the step
+    writes into them (none of torch's optimizers do) stays.
+    """
+    all_groups = optimizer.param_groups
+    optimizer.param_groups = [all_groups[i] for i in indices]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = all_groups
+
+
 def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[torch.nn.Parameter]]) -> None:
     """Fail loudly if DeepSpeed's groups are not ldb_ds's groups in ldb_ds's order.
 

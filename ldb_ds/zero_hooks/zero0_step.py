@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import torch
 
+from .groups import step_groups
 from .patches import Kind, PatchSet
 
 MIRRORED = ["fp16.unfused_optimizer.FP16_UnfusedOptimizer.step",
@@ -159,12 +160,7 @@ def step(z: Any, step_state: Any) -> Callable:
         if kept:
             # :230 with only the kept groups shown: a dropped group is not even looked at (the
             # step filter would hide it anyway), and equal-hyperparameter groups step as one.
-            all_groups = z.optimizer.param_groups
-            z.optimizer.param_groups = [all_groups[i] for i in kept]
-            try:
-                z.optimizer.step()
-            finally:
-                z.optimizer.param_groups = all_groups
+            step_groups(z.optimizer, kept)
         # :232-239: drop the fp32 gradients, copy fp32 -> bit16 in one foreach op. A dropped
         # group's masters did not change, so its bit16 copy is already their rounding.
         for fp32_param in fp32_params:

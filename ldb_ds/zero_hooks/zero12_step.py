@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .groups import NOT_A_GRADIENT
+from .groups import NOT_A_GRADIENT, step_groups
 from .norms import group_square_sums
 from .patches import Kind, PatchSet, fallback_warning
 from .version import mirrors_verified
@@ -250,12 +250,7 @@ def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
         # :3139 -> _optimizer_step (:2967) once, with every kept group (dropped ones are
         # not even shown); the step filter then steps equal-hyperparameter groups as one.
         z.timers(OPTIMIZER_STEP_TIMER).start()
-        all_groups = z.optimizer.param_groups
-        z.optimizer.param_groups = [all_groups[i] for i in kept]
-        try:
-            z.optimizer.step()
-        finally:
-            z.optimizer.param_groups = all_groups
+        step_groups(z.optimizer, kept)
         z._lazy_init_hp_params_optimizer_state()
         # :3141-3145: drop the fp32 gradients, copy fp32 -> bit16 partitions (one batched copy).
         for master in fp32:
