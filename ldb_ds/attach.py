@@ -27,16 +27,17 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
-from . import zero_hooks
+from . import guards, zero_hooks
 from .config import LDBConfig
 from .controller import LDBState
 from .installation import Installation, install
 from .schedule import Mode, check_epoch
+from .setup import check_engine
 from .units import Unit
 
 STATE_FILE = "ldb_state.pt"
@@ -132,7 +133,11 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
     with (one group per (unit, user group), every unit trainable at ``deepspeed.initialize``);
     ``params_of_group``, the groups' parameters copied before ``deepspeed.initialize``,
     lets :func:`zero_hooks.check_group_order` check that DeepSpeed kept them.
-    Call before the first training forward and before loading a checkpoint.
+    Call before the first training forward and before loading a checkpoint. Build the groups
+    with :func:`ldb_ds.setup.prepare` (``plan_param_groups`` in the Hugging Face integration),
+    which refuses before ``deepspeed.initialize`` what the config and model show; here the
+    same refusals run on the built engine (:func:`ldb_ds.setup.check_engine`), and a later
+    ``engine.compile()`` is refused as ``LDBEngine.compile`` refuses it.
     """
     if getattr(ds_engine, "_ldb_attachment", None) is not None:
         raise RuntimeError("this DeepSpeed engine already has LDB attached")
@@ -141,14 +146,9 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
                         f"got {type(cfg).__name__}")
     if cfg.enabled and any(not 0 <= u < len(units) for u in unit_of_group):
         raise ValueError(f"ldb_ds.attach: unit_of_group names units outside 0..{len(units) - 1}")
-    if cfg.enabled:
-        zero_hooks.check_deepspeed_version()
-        # The same refusals as ldb_ds.initialize (which makes them before deepspeed.initialize;
-        # here the engine exists, but no step has run): offload variants that bypass the filter.
-        ds_config = ds_engine.config if isinstance(getattr(ds_engine, "config", None), Mapping) else {}
-        zero_hooks.refuse_unverified_step_paths(ds_config, zero_hooks.basic_optimizer(ds_engine))
-        if params_of_group is not None:
-            zero_hooks.check_group_order(ds_engine, params_of_group)
+    # The setup's refusals on what this engine really uses (resolved "auto" values, an mpu, a model
+    # Accelerate compiled after deepspeed.initialize) and its param groups (ldb_ds.setup).
+    check_engine(ds_engine, cfg, units, params_of_group)
     installation = install(ds_engine, cfg, units, unit_of_group)
     controller, patches = installation.controller, installation.patches
     att = Attachment(installation, state_file)
@@ -166,6 +166,7 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
     original_save = ds_engine.save_checkpoint
     original_load = ds_engine.load_checkpoint
     original_destroy = ds_engine.destroy
+    original_compile = ds_engine.compile
 
     # functools.wraps keeps DeepSpeed's signatures visible: the Trainer inspects
     # save_checkpoint's parameters (exclude_frozen_parameters) before calling it.
@@ -199,12 +200,19 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
         installation.remove()  # every ldb_ds patch off first (this one too), then DeepSpeed's own
         return original_destroy(*args, **kwargs)
 
+    @functools.wraps(original_compile)
+    def compile(*args: Any, **kwargs: Any) -> Any:
+        if cfg.enabled:  # it compiles the whole model: every new mask would recompile it (guards)
+            guards.refuse_engine_compile()
+        return original_compile(*args, **kwargs)
+
     # Instance attributes shadow the class's methods for this engine only; the loop's calls
     # (accelerate's engine.step(), the Trainer's model_wrapped.save_checkpoint(...)) reach them.
     patches.set("attach: step protocol", kind, ds_engine, "step", step)
     patches.set("attach: checkpoint save with the LDB state", kind, ds_engine, "save_checkpoint", save_checkpoint)
     patches.set("attach: checkpoint load with the LDB state", kind, ds_engine, "load_checkpoint", load_checkpoint)
     patches.set("attach: destroy removes the patches", kind, ds_engine, "destroy", destroy)
+    patches.set("attach: engine.compile() refused", kind, ds_engine, "compile", compile)
     patches.set("attach: the attachment", kind, ds_engine, "_ldb_attachment", att)
     return att
 

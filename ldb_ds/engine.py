@@ -43,13 +43,13 @@ from deepspeed.accelerator import get_accelerator
 from . import guards, zero_hooks
 from .attach import STATE_FILE
 from .installation import install
-from .config import LDBConfig, LDBConfigError, load_ds_config
+from .config import LDBConfig, load_ds_config
 from .controller import LDBState
 from .guards import LDBUnsupportedError
 from .sampler import ScalableBatchSampler, build_dataloader
 from .schedule import Mode, check_epoch
-from .units import (Unit, build_units, check_sampleable, describe_tied_weights, normalise_param_groups,
-                    split_groups_by_unit, tied_weights, trainable_params)
+from .setup import check_engine, prepare
+from .units import Unit
 
 CLIENT_STATE_KEY = "layer_drop_back"
 
@@ -153,11 +153,7 @@ class LDBEngine:
     def compile(self, *args: Any, **kwargs: Any) -> Any:
         """DeepSpeed's ``compile()``: refused with LDB on (it compiles the whole model; see guards)."""
         if self.controller.cfg.enabled:
-            raise LDBUnsupportedError(
-                "ldb_ds: engine.compile() is not supported with 'layer_drop_back' enabled: it compiles the whole "
-                "model, and torch.compile guards on requires_grad, so every new mask recompiles it until "
-                "torch._dynamo.config.recompile_limit, after which it runs uncompiled. Compile submodules that each "
-                "lie within one LDB unit before ldb_ds.initialize instead (docs/usage.md, 'torch.compile').")
+            guards.refuse_engine_compile()
         return self.ds_engine.compile(*args, **kwargs)
 
     def _release_between_windows(self) -> None:
@@ -310,9 +306,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     or the deprecated ``config_params``. Two of them at once is an error (as in
     DeepSpeed). Setups ldb_ds cannot keep exact are refused with
     :class:`ldb_ds.guards.LDBUnsupportedError` (pipeline/tensor/sequence
-    parallelism, MoE, compiled modules spanning units, ...). With LDB enabled,
-    
-    the trainable parameters are cut into units and given one param group per
+    parallelism, MoE, compiled modules spanning units, ...), before
+    ``deepspeed.initialize`` and again on the engine it built (:mod:`ldb_ds.setup`, as at
+    every entry point). With LDB enabled, the trainable parameters are cut into units and given one param group per
     (unit, user param group); every unit is trainable at initialize, because
     DeepSpeed fixes the set of optimized parameters there.
 
@@ -330,43 +326,24 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):
         # model.parameters() is a generator: read it once, hand the same list to DeepSpeed.
         model_parameters = list(model_parameters)
-    user_groups = normalise_param_groups(model, model_parameters if model_parameters is not None
-                                         else _params_of(optimizer))
+    # The refusals visible before DeepSpeed runs, the units and one param group per (unit, user group).
+    setup = prepare(model, ds_config, model_parameters if model_parameters is not None else _params_of(optimizer),
+                    optimizer=optimizer, ds_kwargs=ds_kwargs)
     if cfg.enabled:
-        # Every unit is trainable here (requires_grad=True by construction): DeepSpeed fixes the
-        # set of optimized parameters at initialize, so masks may only be applied afterwards.
-        units = build_units(model, cfg.granularity, trainable_params(user_groups),
-                            block_classes=cfg.block_classes, block_pattern=cfg.block_pattern)
-        # Before DeepSpeed builds anything: offload variants whose step bypasses the filter.
-        zero_hooks.refuse_unverified_step_paths(ds_config, optimizer)
-        check_sampleable(units, cfg, type(model).__name__)
-        guards.check_setup(model, ds_config, cfg, units, ds_kwargs)
-        tied = tied_weights(model, units)
-        if tied:
-            warnings.warn(describe_tied_weights(tied, units, cfg), UserWarning, stacklevel=2)
-        groups, unit_of_group = split_groups_by_unit(units, user_groups)
-        optimizer = _rebuild_optimizer(optimizer, groups)
-        model_parameters = groups
-        # Copied now: DeepSpeed swaps the groups' "params" for flat partitions in place.
-        params_of_group = [list(g["params"]) for g in groups]
-        zero_hooks.check_deepspeed_version()
-    else:
-        # Disabled: hand DeepSpeed exactly what the user gave, for a like-for-like baseline, and
-        # check nothing against the model (README: plain DeepSpeed).
-        units = _units_for_reports(model, cfg, trainable_params(user_groups))
-        unit_of_group = []
+        optimizer = _rebuild_optimizer(optimizer, setup.groups)
+        model_parameters = setup.groups
+    # Disabled: DeepSpeed gets exactly what the user gave, for a like-for-like baseline.
 
     # DeepSpeed gets the config we validated, as a dict; args still carries local_rank & co.
     with _without_config_args(args):
         ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
             lr_scheduler=lr_scheduler, config=ds_config, **ds_kwargs)
-    if cfg.enabled:
-        try:
-            zero_hooks.check_group_order(ds_engine, params_of_group)
-        except Exception:
-            ds_engine.destroy()
-            raise
+    try:  # the same refusals on what DeepSpeed resolved; its groups are ours, in our order
+        check_engine(ds_engine, cfg, setup.units, setup.params_of_group)
+    except Exception:
+        ds_engine.destroy()
+        raise
     loader = None
     if training_data is not None:
         drop_last = bool(ds_engine.dataloader_drop_last())
@@ -375,7 +352,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                                   micro_batch_size=ds_engine.train_micro_batch_size_per_gpu(), drop_last=drop_last,
                                   seed=cfg.seed, collate_fn=collate_fn, num_workers=num_workers,
                                   pin_memory=get_accelerator().device_name() != "cpu")
-    engine = LDBEngine(ds_engine, cfg, units, unit_of_group, loader)
+    engine = LDBEngine(ds_engine, cfg, setup.units, setup.unit_of_group, loader)
     return engine, ds_optimizer, loader, ds_scheduler
 
 
@@ -386,21 +363,6 @@ def _layout(section: Any) -> str:
     classes, pattern = section.get("block_classes"), section.get("block_pattern")
     source = f", block_classes {list(classes)}" if classes else f", block_pattern {pattern!r}" if pattern else ""
     return f"LDB on (one param group per unit at granularity {section.get('granularity')!r}{source})"
-
-
-def _units_for_reports(model: nn.Module, cfg: LDBConfig, trainable: list) -> list[Unit]:
-    """Units of a disabled run, only for engine.ldb's figures (grad bytes, unit count).
-
-    A disabled section is plain DeepSpeed, so a model the section could not cut (no block
-    source, nothing trainable) is not an error here: fall back to one unit per tensor, or none.
-    """
-    for granularity in (cfg.granularity, "param"):
-        try:
-            return build_units(model, granularity, trainable, block_classes=cfg.block_classes,
-                               block_pattern=cfg.block_pattern)
-        except (LDBConfigError, ImportError):
-            continue
-    return []
 
 
 def _check_initialize_args(model: Any, optimizer: Any, model_parameters: Any, collate_fn: Any,

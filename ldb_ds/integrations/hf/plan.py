@@ -1,5 +1,9 @@
 """Units and param groups for a Hugging Face model, shared by LDBTrainer and the Accelerate recipe.
 
+Both go through the core's one set-up (:mod:`ldb_ds.setup`): :func:`plan_param_groups` is
+``prepare`` before ``deepspeed.initialize``, :meth:`LDBPlan.attach` runs ``check_engine`` on the
+engine Accelerate built, then installs LDB.
+
 No transformers import here: a Hugging Face model is an ``nn.Module``, and the core reads its
 ``_no_split_modules`` (``ViTLayer``, ``BertLayer``) for ``granularity: "block"``
 (docs/design.md, section 3, step 2).
@@ -8,17 +12,14 @@ No transformers import here: a Hugging Face model is an ``nn.Module``, and the c
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ... import zero_hooks
 from ...attach import Attachment, attach
 from ...config import LDBConfig, LDBConfigError, load_ds_config
-from ...units import (Unit, build_units, check_sampleable, normalise_param_groups, split_groups_by_unit,
-                      trainable_params)
+from ...setup import LDBSetup, prepare
 
 
 def check_supported(cfg: LDBConfig) -> None:
@@ -38,23 +39,19 @@ def check_supported(cfg: LDBConfig) -> None:
             "layer_drop_back section (the learning-rate factor kappa still applies).")
 
 
-@dataclass
-class LDBPlan:
-    """A model's LDB units and the optimizer param groups built over them.
+class LDBPlan(LDBSetup):
+    """A model's LDB units and the optimizer param groups built over them (:class:`ldb_ds.setup.LDBSetup`).
 
     ``groups`` are what the optimizer (or DeepSpeed's, via ``model_parameters``) must be built
     with: one group per (unit, given group), each keeping the given group's hyperparameters.
     """
 
-    cfg: LDBConfig
-    units: list[Unit]
-    groups: list[dict[str, Any]]
-    unit_of_group: list[int]
-    params_of_group: list[list[nn.Parameter]] = field(repr=False)
-    """The groups' parameters, copied now: DeepSpeed swaps a group's params for flat partitions."""
-
     def attach(self, ds_engine: Any) -> Attachment:
-        """Install LDB on the DeepSpeed engine built over :attr:`groups` (``ldb_ds.attach.attach``)."""
+        """Install LDB on the DeepSpeed engine built over :attr:`groups` (``ldb_ds.attach.attach``).
+
+        The set-up's refusals run again on the engine as built (resolved ``"auto"`` values, a
+        model compiled after ``deepspeed.initialize``): :func:`ldb_ds.setup.check_engine`.
+        """
         return attach(ds_engine, self.cfg, self.units, self.unit_of_group,
                       self.params_of_group if self.cfg.enabled else None)
 
@@ -66,26 +63,13 @@ def plan_param_groups(model: nn.Module, ds_config: str | os.PathLike | Mapping[s
     ``ds_config``: the DeepSpeed JSON (path or dict) with the ``layer_drop_back`` section.
     ``param_groups``: what an optimizer takes (None: every trainable parameter; tensors; or
     group dicts such as the Trainer's weight-decay split). ``optimizer``: the optimizer the
-    groups are for, if it exists already (checked like ``ldb_ds.initialize`` checks it). With
+    groups are for, if it exists already. The refusals are ``ldb_ds.initialize``'s
+    (:func:`ldb_ds.setup.prepare`) plus this integration's own (:func:`check_supported`). With
     LDB disabled the groups are returned as given.
     """
     ds = load_ds_config(ds_config)
-    cfg = LDBConfig.from_ds_config(ds)
-    check_supported(cfg)
-    if cfg.enabled:
-        # Before DeepSpeed builds anything, as ldb_ds.initialize: offload variants whose step
-        # bypasses the step filter are refused (docs/design.md, section 4).
-        zero_hooks.refuse_unverified_step_paths(ds, optimizer)
-    user_groups = normalise_param_groups(model, param_groups)
-    # Every unit is trainable here: DeepSpeed fixes the set of optimized parameters at
-    # initialize (docs/design.md, section 4), masks are applied afterwards.
-    units = build_units(model, cfg.granularity, trainable_params(user_groups),
-                        block_classes=cfg.block_classes, block_pattern=cfg.block_pattern)
-    if not cfg.enabled:
-        return LDBPlan(cfg, units, user_groups, [], [list(g["params"]) for g in user_groups])
-    check_sampleable(units, cfg, type(model).__name__)
-    groups, unit_of_group = split_groups_by_unit(units, user_groups)
-    return LDBPlan(cfg, units, groups, unit_of_group, [list(g["params"]) for g in groups])
+    check_supported(LDBConfig.from_ds_config(ds))
+    return LDBPlan(**vars(prepare(model, ds, param_groups, optimizer=optimizer)))
 
 
 def split_optimizer_in_place(optimizer: torch.optim.Optimizer, plan_for: Any) -> LDBPlan:

@@ -11,8 +11,10 @@ comes in through the Trainer's public override points and callbacks, and as hook
   parameter list (``accelerate.utils.DummyOptim``); it is replaced by one group per unit and
   DeepSpeed builds its optimizer over those, with the JSON's hyperparameters for every group
   (plain transformers applies them to every parameter too).
-* ``on_train_begin``: LDB is attached to the DeepSpeed engine; when resuming, the LDB state
-  is read from the checkpoint.
+* ``on_train_begin``: LDB is attached to the DeepSpeed engine, after the set-up's refusals ran
+  again on what the engine really uses (:func:`ldb_ds.setup.check_engine`: the resolved
+  ``"auto"`` values, a model Accelerate compiled for ``torch_compile=True``); when resuming,
+  the LDB state is read from the checkpoint.
 * ``on_epoch_begin``: the epoch's mode (FULL/DROP).
 * the engine's forward pre-hook opens a window (mask drawn on rank 0, broadcast, applied) at
   the first training forward of each accumulation window; the engine's ``step`` (which

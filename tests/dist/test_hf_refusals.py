@@ -1,0 +1,40 @@
+"""LDBTrainer refuses what ldb_ds.initialize refuses (ldb_ds/setup.py), one real rank.
+
+The Trainer reaches the core's set-up twice: ``create_optimizer`` (``plan_param_groups``, before
+``deepspeed.initialize``, on the config with the Trainer's ``"auto"`` values filled in) and
+``on_train_begin`` (``plan.attach``: the engine as Accelerate built and compiled it).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers: "
+                                           "pip install 'ldb_ds[hf]'")
+pytest.importorskip("accelerate", reason="the Hugging Face integration needs accelerate: pip install 'ldb_ds[hf]'")
+
+from tests.support.dist import run_distributed  # noqa: E402
+from tests.support.hf_refusal_workers import trainer_refusals  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def errors(tmp_path_factory):
+    return run_distributed(trainer_refusals, 1, str(tmp_path_factory.mktemp("hf_refusals")), timeout=600)[0]
+
+
+def test_torch_compile_is_refused_as_a_compiled_model_is_under_initialize(errors):
+    # Accelerate compiles the engine after deepspeed.initialize; attach sees it and refuses.
+    err = errors["torch_compile"]
+    assert err and err.startswith("LDBUnsupportedError") and "engine.compile() is not supported" in err, err
+
+
+def test_lamb_with_bf16_at_zero0_is_refused_with_the_trainers_auto_values(errors):
+    # bf16.enabled "auto" becomes TrainingArguments(bf16=True): refused on what DeepSpeed will use.
+    err = errors["lamb_bf16_zero0"]
+    assert err and err.startswith("LDBUnsupportedError") and "Lamb optimizer with fp16/bf16 at ZeRO stage 0" in err
+
+
+def test_batch_kappa_is_refused_under_the_trainer(errors):
+    assert errors["batch_kappa"] and '"batch_kappa": 1' in errors["batch_kappa"]
