@@ -172,7 +172,7 @@ def _check_parallelism(model: nn.Module, settings: DeepSpeedSettings) -> None:
               "dropped units would be stepped", "Train the model as a plain nn.Module (ZeRO 0-3 data "
               "parallelism), or disable layer_drop_back for pipeline runs.")
     if settings.mpu:
-        _fail("tensor/model parallelism (an mpu given to initialize)",
+        _fail("tensor/model parallelism (an mpu given to initialize, or found on the engine at attach)",
               "a unit's parameters would be sharded over a model-parallel group, whose reductions and norms "
               "ldb_ds's hooks were not verified on", "Use ZeRO-3 to shard parameters instead.")
     autotp = settings.autotp_size or 0
