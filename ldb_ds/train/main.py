@@ -12,7 +12,8 @@ Start it with any launcher (DS_ACCELERATOR=cpu on a machine without a GPU)::
 
 The pieces: options (:mod:`.options`, :mod:`.cli`), the run directory (:mod:`.rundir`),
 checkpoints (:mod:`.checkpoint`), the loop (:mod:`.loop`), TensorBoard figures
-(:mod:`.monitor`), datasets (:mod:`.data`) and models (:mod:`.models`). See docs/training.md.
+(:mod:`.monitor`), the data wrappers (:mod:`.data`); datasets, models and the evaluation come
+from :mod:`ldb_ds.workloads`. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     opts, ds_config_in = parse_args(argv)
 
     from ldb_ds.config import LDBConfig, LDBConfigError
-    from ldb_ds.train.data import DatasetError, build_datasets
-    from ldb_ds.train.models import ModelError, check_model_name
+    from ldb_ds.workloads.data import DatasetError, build_datasets
+    from ldb_ds.workloads.models import ModelError, check_model_name
 
     def make_data(download: bool):
         return build_datasets(opts.dataset, opts.data_dir, img_size=opts.img_size,
@@ -75,13 +76,15 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     from ldb_ds.runtime import init_process, input_dtype, teardown
     from ldb_ds.safety import weights_digest
     from ldb_ds.train import checkpoint, faults
-    from ldb_ds.train.data import SeededDataset, ShardedEval, SkipBadImages, collate_skipping
+    from ldb_ds.train.data import SeededDataset, SkipBadImages, collate_skipping
     from ldb_ds.train.guard import RunGuard, drop_precheck
-    from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit, validate
-    from ldb_ds.train.models import create_model
+    from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit
     from ldb_ds.train.monitor import TrainMonitor
     from ldb_ds.train import rundir as run_files
     from ldb_ds.train.rundir import RunDir
+    from ldb_ds.workloads.data import ShardedEval
+    from ldb_ds.workloads.evaluation import validate
+    from ldb_ds.workloads.models import create_model
 
     proc = init_process(threads=opts.threads, timeout_s=opts.dist_timeout)
     # DeepSpeed 0.19.8's ZeRO calls a torch collective that torch marks deprecated; the warning
@@ -314,8 +317,8 @@ def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], s
     quietly with the peer's code (the peer's line is the one that explains).
     """
     from ldb_ds.train import faults
-    from ldb_ds.train.data import DatasetError, unwrap_error
     from ldb_ds.train.rundir import OUTPUT_ERRNOS, describe_os_error
+    from ldb_ds.workloads.data import DatasetError, unwrap_error
 
     started = time.time()
     try:
