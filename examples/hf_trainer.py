@@ -25,7 +25,7 @@ from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 from deepspeed.accelerator import get_accelerator
 
 from ldb_ds.integrations.hf import LDBTrainer
-from ldb_ds.train.data import build_datasets
+from ldb_ds.workloads.data import build_datasets
 
 
 class DictImages(Dataset):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate ``ldb_ds/train/assets/digits.npz``, the bundled default dataset.
+"""Regenerate ``ldb_ds/workloads/assets/digits.npz``, the bundled default dataset.
 
 Source: scikit-learn's copy of the UCI optical handwritten digits
 (``sklearn.datasets.load_digits``: 1797 greyscale 8x8 images, pixel values 0-16,
@@ -11,13 +11,13 @@ What this script does, deterministically:
 2. resize each 8x8 image to 32x32 with bilinear interpolation (``torch.nn.functional.interpolate``,
    ``align_corners=False``) so CIFAR-size models and stems apply unchanged;
 3. keep one grey channel in the file (a third of the size); the dataset class
-   (``ldb_ds.train.data``) repeats it into RGB when loading, so models see 3 channels;
+   (``ldb_ds.workloads.data``) repeats it into RGB when loading, so models see 3 channels;
 4. split 80/20 into train and test, stratified by class, with a fixed seed (0).
 
 The file stores ``x_train`` (N, 32, 32) uint8, ``y_train`` (N,) int64 and the same for
 test, plus ``classes`` and a ``source`` note. Run from the repository root::
 
-    python launch/make_digits.py            # writes ldb_ds/train/assets/digits.npz
+    python launch/make_digits.py            # writes ldb_ds/workloads/assets/digits.npz
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def build(size: int = SIZE, seed: int = SEED) -> dict[str, np.ndarray]:
 
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
-    default_out = os.path.join(here, os.pardir, "ldb_ds", "train", "assets", "digits.npz")
+    default_out = os.path.join(here, os.pardir, "ldb_ds", "workloads", "assets", "digits.npz")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.normpath(default_out))
     args = ap.parse_args()

@@ -17,8 +17,8 @@ from .runtime import BenchContext, barrier, make_engine, make_model, result
 def run_accuracy(ctx: BenchContext) -> dict[str, Any]:
     from torch.utils.data import DataLoader, Subset
 
-    from ..train.data import ShardedEval, build_datasets
-    from ..train.monitor import evaluate
+    from ..workloads.data import ShardedEval, build_datasets
+    from ..workloads.evaluation import validate
 
     opts, ep = ctx.opts, ctx.opts.epochs
     bundle = build_datasets("digits", img_size=opts.run.img_size)
@@ -48,7 +48,7 @@ def run_accuracy(ctx: BenchContext) -> dict[str, Any]:
             steps[name] += s
             row[f"{name}_s"] = t
         for name, (engine, _) in sides:
-            top1 = evaluate(engine, eval_loader)["top1"]
+            top1 = validate(engine, eval_loader)["top1"]
             row[f"{name}_top1"] = top1
             best[name] = max(best[name], top1)
         per_epoch.append(row)

@@ -18,7 +18,7 @@ from .runtime import BenchContext, barrier, ldb_section, make_engine, make_model
 
 
 def epoch_dataset(ctx: BenchContext, batch_kappa: int):
-    from ..train.data import SyntheticDataset, build_datasets
+    from ..workloads.data import SyntheticDataset, build_datasets
 
     run, ep = ctx.opts.run, ctx.opts.epochs
     if ep.dataset == "digits":

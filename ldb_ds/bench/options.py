@@ -41,7 +41,7 @@ class RunOptions:
     """model and training setup (both sides of every comparison)"""
 
     model: str = "resnet18"
-    """timm name or tv:<torchvision name> (ldb_ds.train.models.create_model)."""
+    """timm name or tv:<torchvision name> (ldb_ds.workloads.models.create_model)."""
     stem: Literal["auto", "cifar", "original"] = "auto"
     """Stem adaptation for small inputs: auto gives inputs <= 64 px the CIFAR stem."""
     img_size: int = 32

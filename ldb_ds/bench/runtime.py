@@ -131,7 +131,7 @@ def make_model(opts: BenchOptions, num_classes: int | None = None):
     """The model both sides start from (same seed: every copy has the same weights)."""
     import torch
 
-    from ..train.models import create_model
+    from ..workloads.models import create_model
 
     run = opts.run
     torch.manual_seed(run.seed)

@@ -1,4 +1,5 @@
-"""The training loop: :func:`train_one_epoch`, :func:`validate`, and :func:`fit` over the epochs.
+"""The training loop: :func:`train_one_epoch`, and :func:`fit` over the epochs (evaluating with
+:func:`ldb_ds.workloads.evaluation.validate`, shared with ldb-bench).
 
 Extending the loop
 ------------------
@@ -37,6 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from ldb_ds.workloads.batches import agreed_batches
+from ldb_ds.workloads.evaluation import validate  # shared with ldb-bench; importable from here too
 
 from . import checkpoint
 from .console import log
@@ -100,7 +104,7 @@ class TrainContext:
     control_group: Any = None
     """A gloo group for host-side agreement (checkpoint manifests, stop flags, hashes)."""
     data_group: Any = None
-    """A gloo group that carries only the per-batch load agreement (:func:`ldb_ds.train.faults.agreed_batches`)."""
+    """A gloo group that carries only the per-batch load agreement (:func:`ldb_ds.workloads.batches.agreed_batches`)."""
     precheck: Callable[["TrainContext"], None] | None = None
     """Run before the first epoch (the DROP-batch memory check)."""
     exit_code: int = 0
@@ -172,12 +176,10 @@ def train_one_epoch(engine: Any, loader: Any, epoch: int, *, monitor: TrainMonit
     ``ScalableBatchSampler.start_batch``). ``seed``: seed torch's RNG per micro step
     (:func:`seed_step`). Batches are ``(x, y)`` or ``(x, y, n_skipped_images)``. ``data_group``:
     a gloo group over which the ranks agree that each batch loaded before any of them trains it
-    (:func:`ldb_ds.train.faults.agreed_batches`: a file unreadable on one rank stops every rank
+    (:func:`ldb_ds.workloads.batches.agreed_batches`: a file unreadable on one rank stops every rank
     with the same error, instead of leaving the others to fail in the step's collective).
     """
     from tqdm import tqdm
-
-    from .faults import agreed_batches
 
     engine.train()
     gas = engine.gradient_accumulation_steps()
@@ -232,53 +234,6 @@ def _train_batches(engine: Any, batches: Any, epoch: int, *, monitor: TrainMonit
             break
         beat("data loading")
     return done, stopped, bad
-
-
-def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None,
-             heartbeat: Any = None, data_group: Any = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent, timm's ``accuracy``) and mean loss over all ranks' shards.
-
-    Every rank evaluates its own disjoint shard (:class:`ldb_ds.train.data.ShardedEval`, equal
-    lengths: at ZeRO-3 every forward is a collective); samples labelled
-    :data:`~ldb_ds.train.data.IGNORE_LABEL` (the shards' padding) are not counted. The counts
-    are summed with one all-reduce, so the result is exact (not an average of averages) and the
-    same on every rank. ``data_group``: as in :func:`train_one_epoch`.
-    """
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
-    from timm.utils import accuracy
-
-    from ldb_ds.runtime import input_dtype as dtype_of
-
-    from .data import IGNORE_LABEL
-    from .faults import agreed_batches
-
-    dtype = input_dtype or dtype_of(engine)
-    criterion = torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORE_LABEL)
-    was_training = engine.module.training
-    engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, images
-    with torch.no_grad(), contextlib.closing(agreed_batches(loader, len(loader), data_group)) as batches:
-        for i, batch in enumerate(batches):
-            if heartbeat is not None:
-                heartbeat.beat(f"evaluation batch {i}")
-            x, y = batch[0].to(engine.device, dtype=dtype), batch[1].to(engine.device)
-            out = engine(x).float()  # also for a batch of padding only: at ZeRO-3 a collective
-            counted = y != IGNORE_LABEL
-            n = int(counted.sum())
-            if n == 0:
-                continue
-            top1, top5 = accuracy(out[counted], y[counted], topk=(1, min(5, out.size(1))))  # percent
-            sums += torch.tensor([float(criterion(out, y)), round(float(top1) * n / 100.0),
-                                  round(float(top5) * n / 100.0), n], dtype=torch.float64)
-    if was_training:
-        engine.train()
-    t = sums.to(get_accelerator().current_device_name())
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    loss, top1, top5, n = t.tolist()
-    n = max(n, 1.0)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
 
 
 def distribute_bn(module: torch.nn.Module, how: str) -> None:

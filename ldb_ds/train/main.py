@@ -12,7 +12,8 @@ Start it with any launcher (DS_ACCELERATOR=cpu on a machine without a GPU)::
 
 The pieces: options (:mod:`.options`, :mod:`.cli`), the run directory (:mod:`.rundir`),
 checkpoints (:mod:`.checkpoint`), the loop (:mod:`.loop`), TensorBoard figures
-(:mod:`.monitor`), datasets (:mod:`.data`) and models (:mod:`.models`). See docs/training.md.
+(:mod:`.monitor`), the data wrappers (:mod:`.data`); datasets, models and the evaluation come
+from :mod:`ldb_ds.workloads`. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     opts, ds_config_in = parse_args(argv)
 
     from ldb_ds.config import LDBConfig, LDBConfigError
-    from ldb_ds.train.data import DatasetError, build_datasets
-    from ldb_ds.train.models import ModelError, check_model_name
+    from ldb_ds.workloads.data import DatasetError, build_datasets
+    from ldb_ds.workloads.models import ModelError, check_model_name
 
     def make_data(download: bool):
         return build_datasets(opts.dataset, opts.data_dir, img_size=opts.img_size,
@@ -72,18 +73,21 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     import ldb_ds
     from ldb_ds import checkpointing
     from ldb_ds.config import LDBConfig
-    from ldb_ds.runtime import init_process, input_dtype, teardown
+    from ldb_ds.runtime import init_process, input_dtype
     from ldb_ds.safety import weights_digest
     from ldb_ds.train import checkpoint, faults
-    from ldb_ds.train.data import SeededDataset, ShardedEval, SkipBadImages, collate_skipping
+    from ldb_ds.train.data import SeededDataset, SkipBadImages, collate_skipping
     from ldb_ds.train.guard import RunGuard, drop_precheck
-    from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit, validate
-    from ldb_ds.train.models import create_model
+    from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit
     from ldb_ds.train.monitor import TrainMonitor
     from ldb_ds.train import rundir as run_files
     from ldb_ds.train.rundir import RunDir
+    from ldb_ds.workloads.data import ShardedEval
+    from ldb_ds.workloads.evaluation import validate
+    from ldb_ds.workloads.models import create_model
 
     proc = init_process(threads=opts.threads, timeout_s=opts.dist_timeout)
+    end = _RunEnd(proc.rank, proc.is_main)
     # DeepSpeed 0.19.8's ZeRO calls a torch collective that torch marks deprecated; the warning
     # is about DeepSpeed's code, not ours, and would repeat on every rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
@@ -100,8 +104,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     run = RunDir(opts.output, opts.experiment)
     if not run.prepare(overwrite=opts.overwrite, continuing=bool(opts.resume or opts.eval),
                        is_main=proc.is_main, device=proc.device):
-        teardown()
-        return faults.EXIT_USAGE
+        return end(faults.EXIT_USAGE)  # prepare() printed why
+    end.run = run
     ds_config = resolve_ds_config(ds_config_in, opts)
     if "gradient_clipping" not in ds_config:
         # DeepSpeed 0.19.8 clips at 1.0 unless told otherwise; say so instead of hiding it.
@@ -116,9 +120,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         # Instead of a barrier: rank 0 tells the others whether the download worked, so a
         # failed download ends every rank with rank 0's one line (no rank left waiting on a peer).
         if not _agree_ok(not failure, None, device=proc.device):
-            error(failure or "the dataset download failed on rank 0")
-            teardown()
-            return faults.EXIT_USAGE
+            return end(faults.EXIT_USAGE, failure or "the dataset download failed on rank 0")
         data = data or make_data(False)
     # Host-side agreement (manifests, stop flags, hashes) on gloo groups of their own: no device
     # sync, and the watchdog's group is used by its thread only.
@@ -146,12 +148,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         optimizer=(ds_config.get("optimizer") or {}).get("type"), ldb=LDBConfig.from_ds_config(ds_config).to_dict())
     try:
         plan = checkpoint.plan_resume(opts, run.checkpoints, current, group=control, warn=log)
-    except checkpoint.CheckpointError as err:
-        faults.print_rank(proc.rank, str(err))  # every rank: the same line, in bounded time
-        if proc.is_main:
-            run.write_status("failed", faults.EXIT_USAGE, str(err))
-        teardown()
-        return faults.EXIT_USAGE
+    except checkpoint.CheckpointError as err:  # every rank: the same line, in bounded time
+        return end(faults.EXIT_USAGE, str(err), every_rank=True, record_status=True)
     if plan is not None and plan.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -166,11 +164,9 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         # The same config and model on every rank: every rank fails here alike, before any
         # collective of the engine, so each leaves on its own and only rank 0 prints.
         message = _first_line(err)
-        error(f"the DeepSpeed config {opts.deepspeed_config} was refused for this model: {message}")
-        if proc.is_main:
-            run.write_status("failed", faults.EXIT_USAGE, message)
-        teardown()
-        return faults.EXIT_USAGE
+        return end(faults.EXIT_USAGE, f"the DeepSpeed config {opts.deepspeed_config} was refused for this model: "
+                   f"{message}", record_status=True, status_message=message)
+    end.engine = engine
     # The app's non-finite policy (--on-nonfinite) is the same at every stage and with LDB on or
     # off: ldb_ds installs the stage-0 fp32 skip only with LDB on (off, the library costs what
     # DeepSpeed costs), so the app installs it itself (a no-op where it is installed or not needed).
@@ -194,11 +190,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
             state, ldb_state = checkpoint.load(engine, plan, rank=proc.rank, world_size=proc.world_size,
                                                 group=control, timeout_s=0.8 * opts.dist_timeout)
         except checkpoint.CheckpointError as err:  # every rank: to_universal's outcome is gathered
-            faults.print_rank(proc.rank, str(err))
-            if proc.is_main:
-                run.write_status("failed", faults.EXIT_USAGE, str(err))
-            teardown(engine)
-            return faults.EXIT_USAGE
+            return end(faults.EXIT_USAGE, str(err), every_rank=True, record_status=True)
         for note in plan.notes:
             log(f"note: {note}")
         at = f"epoch {state.next_epoch}" + (f", micro step {state.step_in_epoch}" if state.step_in_epoch else "")
@@ -221,12 +213,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     except OSError as err:
         write_error = run_files.describe_os_error(err)
     if not _agree_ok(not write_error, control, device=proc.device):
-        error(write_error or "rank 0 could not write the run directory")
-        if proc.is_main:
-            with contextlib.suppress(OSError):
-                run.write_status("failed", faults.EXIT_USAGE, write_error)
-        teardown(engine)
-        return faults.EXIT_USAGE
+        return end(faults.EXIT_USAGE, write_error or "rank 0 could not write the run directory",
+                   record_status=True, status_message=write_error)
 
     dtype = input_dtype(engine)
 
@@ -234,8 +222,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         res = _guarded(lambda: validate(engine, eval_loader, dtype, data_group=data_group), proc.rank,
                        run, lambda: "evaluation", is_main=proc.is_main)
         log(f"eval: top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
-        teardown(engine)
-        return faults.EXIT_OK
+        return end(faults.EXIT_OK)
 
     monitor = TrainMonitor(engine, log_every=opts.log_interval, samples_seen=state.samples_seen,
                            sync=not opts.no_sync_timing,
@@ -264,25 +251,13 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     stop_signal.restore()
 
     if ctx.exit_code:
-        if ctx.exit_code == faults.EXIT_PREEMPTED:
-            log(ctx.exit_message)
-        else:
-            error(ctx.exit_message)
-        if proc.is_main:
-            status = "preempted" if ctx.exit_code == faults.EXIT_PREEMPTED else "failed"
-            run.write_status(status, ctx.exit_code, ctx.exit_message, checkpoint=state.last_tag)
-        teardown(engine)
-        return ctx.exit_code
+        return end(ctx.exit_code, ctx.exit_message, record_status=True, checkpoint=state.last_tag)
 
     # The gradient guard cannot see weights that an update itself made non-finite (a huge weight
     # decay or LR with a finite gradient): check the weights of the last step before `completed`.
     if not checkpoint.weights_finite(engine, control):
         message = checkpoint.nonfinite_weights_message(engine, state.last_tag)
-        error(message)
-        if proc.is_main:
-            run.write_status("failed", faults.EXIT_NONFINITE, message, checkpoint=state.last_tag)
-        teardown(engine)
-        return faults.EXIT_NONFINITE
+        return end(faults.EXIT_NONFINITE, message, record_status=True, checkpoint=state.last_tag)
     digest = weights_digest(engine)  # a collective at ZeRO-3 (parameters gathered)
     if proc.is_main:
         history = state.history
@@ -299,8 +274,48 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         log(f"done: {run_s:.1f} s in this process; final top1 "
             f"{final.get('eval_top1', float('nan')):.2f}%; weights SHA-256 {digest['params'][:16]}... "
             f"TensorBoard: tensorboard --logdir {opts.output}")
-    teardown(engine)
-    return faults.EXIT_OK
+    return end(faults.EXIT_OK)
+
+
+class _RunEnd:
+    """How :func:`_train` ends once the process group exists, early or not: written once.
+
+    ``end(code, line, ...)`` prints ``line`` (rank 0 only, to stderr; to stdout for a preemption,
+    which is not an error; from every rank with ``every_rank``, for a verdict each rank reached
+    itself), records the outcome in ``status.json`` on rank 0 (``record_status``: ``preempted``
+    for exit 75, else ``failed``; ``status_message`` when the record should differ from the line;
+    extra keys such as ``checkpoint``), tears down the engine (once :attr:`engine` is set) and the
+    process group, and returns ``code``. A status that cannot be written (the disk that just
+    failed) does not change the exit code: the line is already printed. Failures that may have
+    lost a peer do not come here: they leave at once (:func:`_die`), since a teardown could wait.
+    """
+
+    def __init__(self, rank: int, is_main: bool) -> None:
+        self.rank, self.is_main = rank, is_main
+        self.run: Any = None
+        """The run directory, once prepared (``status.json`` needs it)."""
+        self.engine: Any = None
+        """The engine, once built (destroyed before the process group)."""
+
+    def __call__(self, code: int, line: str = "", *, every_rank: bool = False, record_status: bool = False,
+                 status_message: str | None = None, **status_extra: Any) -> int:
+        from ldb_ds.runtime import teardown
+        from ldb_ds.train import faults
+
+        preempted = code == faults.EXIT_PREEMPTED
+        if line:
+            if every_rank:
+                faults.print_rank(self.rank, line)
+            elif preempted:
+                log(line)
+            else:
+                error(line)
+        if record_status and self.is_main:
+            with contextlib.suppress(OSError):
+                self.run.write_status("preempted" if preempted else "failed", code,
+                                      line if status_message is None else status_message, **status_extra)
+        teardown(self.engine)
+        return code
 
 
 def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], str], *, is_main: bool) -> Any:
@@ -314,8 +329,8 @@ def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], s
     quietly with the peer's code (the peer's line is the one that explains).
     """
     from ldb_ds.train import faults
-    from ldb_ds.train.data import DatasetError, unwrap_error
     from ldb_ds.train.rundir import OUTPUT_ERRNOS, describe_os_error
+    from ldb_ds.workloads.data import DatasetError, unwrap_error
 
     started = time.time()
     try:

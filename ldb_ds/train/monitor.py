@@ -330,11 +330,4 @@ class TrainMonitor:
         }
 
 
-def evaluate(engine: Any, loader: Any) -> dict[str, float]:
-    """Kept for ``ldb_ds.bench``: the evaluation is :func:`ldb_ds.train.loop.validate`."""
-    from .loop import validate
-
-    return validate(engine, loader)
-
-
-__all__ = ["TrainMonitor", "evaluate", "PHASES"]
+__all__ = ["TrainMonitor", "PHASES"]

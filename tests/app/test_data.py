@@ -9,8 +9,8 @@ import torch
 
 from tests.support import train_utils  # noqa: E402
 
-from ldb_ds.train.data import (IGNORE_LABEL, DatasetError, ShardedEval, SyntheticDataset,  # noqa: E402
-                               build_datasets, digits_path)
+from ldb_ds.workloads.data import (IGNORE_LABEL, DatasetError, ShardedEval, SyntheticDataset,  # noqa: E402
+                                   build_datasets, digits_path)
 
 
 def test_digits_bundled_real_data():
@@ -116,7 +116,8 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
     """A truncated PNG and a text file named .jpg: an error naming the file, or skipped and counted."""
     from torch.utils.data import DataLoader
 
-    from ldb_ds.train.data import BadImageError, SeededDataset, SkipBadImages, collate_skipping, unwrap_error
+    from ldb_ds.train.data import SeededDataset, SkipBadImages, collate_skipping
+    from ldb_ds.workloads.data import BadImageError, unwrap_error
 
     train_utils.write_image_folder(str(tmp_path), classes=("a", "b"), per_class=3, size=16)
     truncated = tmp_path / "train" / "a" / "1.png"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldb_ds.train.models import PAPER_MODELS, ModelError, check_model_name, create_model
+from ldb_ds.workloads.models import PAPER_MODELS, ModelError, check_model_name, create_model
 
 
 @pytest.mark.parametrize("label", sorted(PAPER_MODELS))

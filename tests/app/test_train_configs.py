@@ -187,8 +187,8 @@ def test_option_errors(tmp_path, capsys):
 
 
 def test_option_types_match_the_application():
-    from ldb_ds.train.data import DATASETS
-    from ldb_ds.train.models import STEMS
+    from ldb_ds.workloads.data import DATASETS
+    from ldb_ds.workloads.models import STEMS
 
     assert get_args(O.Dataset) == DATASETS and get_args(O.Stem) == STEMS
 

@@ -31,8 +31,9 @@ def _worker(rank: int) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     import ldb_ds
-    from ldb_ds.train.data import ShardedEval
-    from ldb_ds.train.loop import create_lr_scheduler, distribute_bn, validate
+    from ldb_ds.train.loop import create_lr_scheduler, distribute_bn
+    from ldb_ds.workloads.data import ShardedEval
+    from ldb_ds.workloads.evaluation import validate
     from ldb_ds.train.options import TrainOptions
 
     torch.manual_seed(0)
@@ -157,7 +158,7 @@ def _run_agreed(loader, count: int, group, stop_after: int | None = None) -> dic
     """Train-step stand-in: one all-reduce on the default group per batch, as a step's gradients."""
     import torch.distributed as dist
 
-    from ldb_ds.train.faults import agreed_batches
+    from ldb_ds.workloads.batches import agreed_batches
 
     stepped = 0
     try:
@@ -177,9 +178,9 @@ def _data_worker(rank: int) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     import ldb_ds
-    from ldb_ds.train.data import BadImageError, ShardedEval
     from ldb_ds.train.faults import gloo_group
-    from ldb_ds.train.loop import validate
+    from ldb_ds.workloads.data import BadImageError, ShardedEval
+    from ldb_ds.workloads.evaluation import validate
 
     group = gloo_group(60.0)
     out = {}

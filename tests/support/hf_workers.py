@@ -39,7 +39,7 @@ class Digits(Dataset):
     """The first ``n`` bundled digits as the Trainer's dict samples."""
 
     def __init__(self, n: int = SAMPLES):
-        from ldb_ds.train.data import build_datasets
+        from ldb_ds.workloads.data import build_datasets
 
         self.base = build_datasets("digits", augment=False).train
         self.n = n

@@ -1,7 +1,8 @@
 """The core stays a library: what ``import ldb_ds`` and ``ldb_ds.initialize`` load, and the import rules.
 
 docs/design.md, section 2: the core needs torch and DeepSpeed only; its modules import one way
-(pure -> torch -> DeepSpeed) and never import the applications.
+(pure -> torch -> DeepSpeed) and never import the applications; the applications import the core
+and the shared ``ldb_ds.workloads``, never each other; nothing in ``ldb_ds`` imports in a circle.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ CORE_LAYERS = {
 # Core packages (a directory with __init__.py): every file in them is held to the package's layer.
 CORE_PACKAGES = {"zero_hooks"}
 APPLICATIONS = {"train", "bench", "integrations"}
+# What ldb-train and ldb-bench share (datasets, models, evaluation): beside the core, not in it.
+SHARED = "workloads"
+# Which of the non-core packages each one may import (besides the core): the two applications
+# share ``workloads`` and never import each other; ``workloads`` and the integrations import the
+# core only.
+MAY_IMPORT = {"train": {SHARED}, "bench": {SHARED}, "integrations": set(), SHARED: set()}
 # ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
 ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "norms", "patches", "zero0_step", "zero12_step",
                       "zero3_step", "step_loops"}
@@ -123,7 +130,7 @@ def test_core_imports_flow_one_way(module):
         assert not roots & {"torch", "deepspeed", "numpy"}, f"ldb_ds.{module} must stay pure Python"
     if layer in ("pure", "torch"):
         assert "deepspeed" not in roots, f"ldb_ds.{module} must not import DeepSpeed"
-    apps = [n for n in imported if n.startswith(("ldb_ds.train", "ldb_ds.bench", "ldb_ds.integrations"))]
+    apps = [n for n in imported if n.split(".")[:2] in (["ldb_ds", p] for p in MAY_IMPORT)]
     assert not apps, f"the core module ldb_ds.{module} imports an application: {apps}"
     rank = {"pure": 0, "torch": 1, "deepspeed": 2}
     for name in imported:
@@ -134,12 +141,108 @@ def test_core_imports_flow_one_way(module):
 
 def test_every_core_module_is_classified():
     on_disk = {p.stem for p in CORE.glob("*.py")}
-    packages = {p.parent.name for p in CORE.glob("*/__init__.py")} - APPLICATIONS
+    packages = {p.parent.name for p in CORE.glob("*/__init__.py")} - APPLICATIONS - {SHARED}
     assert packages == CORE_PACKAGES, "classify new core packages in CORE_PACKAGES (and docs/design.md, section 2)"
     assert on_disk | packages == set(CORE_LAYERS), \
         "add new core modules to CORE_LAYERS (and to docs/design.md, section 2)"
     in_zero_hooks = {p.stem for p in (CORE / "zero_hooks").glob("*.py")}
     assert in_zero_hooks == ZERO_HOOKS_MODULES, "list new zero_hooks modules (and in docs/design.md, section 2)"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+_MODULES = {_module_name(p): p for p in CORE.rglob("*.py")}
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    """The ldb_ds modules a file imports, at module level or inside functions.
+
+    ``from pkg import name`` counts as importing ``pkg.name`` when that is a module (``from . import
+    checkpoint``), else ``pkg``; relative imports are resolved; names outside ldb_ds are left out.
+    """
+    this = _module_name(path)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in _MODULES)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                if f"{source}.{alias.name}" in _MODULES:
+                    found.add(f"{source}.{alias.name}")
+                elif source in _MODULES:
+                    found.add(source)
+    return found - {this}
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_applications_do_not_import_each_other(package):
+    # ldb-bench used to import ldb-train's data, models and monitor: a change inside the training
+    # app could break the benchmark. What both need lives in ldb_ds.workloads.
+    others = set(MAY_IMPORT) - MAY_IMPORT[package] - {package}
+    wrong = sorted(f"{f.relative_to(ROOT)} imports {name}" for f in (CORE / package).rglob("*.py")
+                   for name in _imported_modules(f) if name.split(".")[1:2] and name.split(".")[1] in others)
+    assert not wrong, f"ldb_ds.{package} may import the core and {sorted(MAY_IMPORT[package])} only: {wrong}"
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in sorted(graph[module]):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycles_in_the_package():
+    # A cycle (train.loop <-> train.monitor once) means neither module can be read, tested or
+    # moved alone; a function-level import only hides it from Python, so it counts too.
+    graph = {name: _imported_modules(path) for name, path in _MODULES.items()}
+    assert _import_cycles(graph) == []
+    assert _import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # it finds one
+
+
+def test_moved_names_keep_a_deprecated_alias():
+    # ldb_ds.train.data's datasets and ldb_ds.train.models moved to ldb_ds.workloads (issue 17):
+    # the old names still work for one release, with a warning that names the new home.
+    from ldb_ds.train import data as old_data, models as old_models
+    from ldb_ds.workloads import data, models
+
+    with pytest.warns(DeprecationWarning, match="ldb_ds.workloads.data.build_datasets"):
+        assert old_data.build_datasets is data.build_datasets
+    with pytest.warns(DeprecationWarning, match="ldb_ds.workloads.models.create_model"):
+        from ldb_ds.train.models import create_model
+    assert create_model is models.create_model
+    with pytest.raises(AttributeError):
+        old_models.no_such_name  # noqa: B018
 
 
 def test_zero_hooks_keeps_its_public_names():
