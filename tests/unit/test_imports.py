@@ -96,6 +96,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
+    "state_file": "torch",
     "guards": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed", "attach": "deepspeed",
     "engine": "deepspeed",
     "runtime": "deepspeed", "safety": "deepspeed", "__init__": "pure",
