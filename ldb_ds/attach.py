@@ -11,10 +11,10 @@ instead of the DeepSpeed engine. The Hugging Face Trainer and Accelerate call
 * the instance's ``step`` runs ``Installation.run_step`` (section 3, step 5): at the accumulation
   boundary the dropped groups are hidden inside the basic optimizer's step and left out of
   ZeRO-1/2's all-gather;
-* the instance's ``save_checkpoint``/``load_checkpoint`` run with every unit trainable
-  (DeepSpeed reads the live ``requires_grad``, section 4) and carry the LDB state in its own
-  file inside the checkpoint's tag folder, because the Hugging Face Trainer's loader discards
-  DeepSpeed's ``client_state``.
+* the instance's ``save_checkpoint``/``load_checkpoint`` are LDBEngine's (:mod:`ldb_ds.state_file`):
+  every unit trainable around DeepSpeed's call (it reads the live ``requires_grad``, section 4),
+  and the LDB state in its own file inside the checkpoint's tag folder, because the Hugging Face
+  Trainer's loader discards DeepSpeed's ``client_state``.
 
 :func:`ldb_ds.installation.install` (and its ``run_step``) is what :class:`~ldb_ds.engine.LDBEngine`
 is built on as well, so both paths share one step protocol; attach's own methods and hook are
@@ -26,22 +26,20 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as torch_dist
 
-from . import guards, zero_hooks
+from . import guards
+from . import state_file as ldb_state_file
+from . import zero_hooks
 from .config import LDBConfig
 from .controller import LDBState
 from .installation import Installation, install
 from .schedule import Mode, check_epoch
 from .setup import check_engine
+from .state_file import STATE_FILE  # re-exported: ldb_ds.attach.STATE_FILE is public
 from .units import Unit
-
-STATE_FILE = "ldb_state.pt"
-"""Name of the LDB state file written into a checkpoint's tag folder by an attached engine."""
 
 
 class Attachment:
@@ -66,24 +64,16 @@ class Attachment:
         """Enter the mode of ``epoch`` (between windows, before its first forward)."""
         return self.controller.set_epoch(check_epoch(epoch, "set_epoch(epoch)"))
 
-    # -- the LDB state file ---------------------------------------------------
+    # -- the LDB state file (ldb_ds.state_file) ----------------------------
 
     def state_path(self, directory: str, tag: Any = None) -> str | None:
         """Where the state of checkpoint ``tag`` (None: the latest one) in ``directory`` lives."""
-        tag = _latest_tag(self.ds_engine, directory) if tag is None else tag
+        tag = ldb_state_file.latest_tag(self.ds_engine, directory) if tag is None else tag
         return None if tag is None else os.path.join(directory, str(tag), self.state_file)
 
     def save_state(self, directory: str, tag: Any) -> str:
         """Write the LDB state next to DeepSpeed's files of checkpoint ``tag`` (rank 0 writes)."""
-        path = os.path.join(directory, str(tag), self.state_file)
-        # Every rank holds the same epoch, mode and counters; only rank 0's generator draws the
-        # masks (broadcast), so rank 0's state is the run's state.
-        if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".tmp"
-            torch.save(self.controller.state_dict(), tmp)
-            os.replace(tmp, path)  # a crash mid-write never leaves a torn state file
-        return path
+        return ldb_state_file.write(self.controller, directory, tag, self.state_file)
 
     def load_state(self, directory: str, tag: Any = None) -> bool:
         """Restore the LDB state of checkpoint ``tag`` (None: ``latest``); False if it has none.
@@ -91,37 +81,11 @@ class Attachment:
         Rank 0 reads the file and broadcasts it, so every rank resumes rank 0's mask stream
         even where only rank 0 sees the checkpoint folder.
         """
-        state = None
-        if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
-            path = self.state_path(directory, tag)
-            if path is not None and os.path.isfile(path):
-                state = torch.load(path, map_location="cpu", weights_only=False)
-        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            box = [state]
-            torch_dist.broadcast_object_list(box, src=0, device=torch.device(self.controller.device))
-            state = box[0]
-        if state is None:
-            warnings.warn(f"ldb_ds: checkpoint {directory} (tag {tag or 'latest'}) has no LDB state "
-                          f"({self.state_file}); LDB continues from its current state (epoch "
-                          f"{self.controller.epoch}, {self.controller.counters.steps} steps)", RuntimeWarning,
-                          stacklevel=2)
-            return False
-        self.controller.load_state_dict(state)
-        return True
+        where = f"{directory} (tag {tag or 'latest'})"
+        return ldb_state_file.restore(self.controller, self.state_path(directory, tag), where=where) is not None
 
     def __repr__(self) -> str:
         return f"Attachment({self.ldb!r})"
-
-
-def _latest_tag(ds_engine: Any, directory: str) -> str | None:
-    # DeepSpeed's own rule for load_checkpoint(tag=None) (engine.py:4427 in 0.19.8): the tag
-    # named in <dir>/latest (latest_universal for universal checkpoints); None if absent.
-    universal = getattr(ds_engine, "load_universal_checkpoint", lambda: False)()
-    latest = os.path.join(directory, "latest_universal" if universal else "latest")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest) as f:
-        return f.read().strip()
 
 
 def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group: Sequence[int],
@@ -176,24 +140,16 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
 
     @functools.wraps(original_save)
     def save_checkpoint(save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
-        # DeepSpeed's own default tag (engine.py:4902 in 0.19.8), fixed here so the LDB file
-        # lands in the same tag folder as DeepSpeed's files.
-        tag = f"global_step{ds_engine.global_steps}" if tag is None else tag
-        with controller.all_trainable():  # DeepSpeed saves what requires grad (section 4)
-            result = original_save(save_dir, tag, *args, **kwargs)
-        att.save_state(save_dir, tag)
-        return result
+        # The same save as LDBEngine's: the state file in DeepSpeed's tag folder, every unit trainable.
+        return ldb_state_file.save_checkpoint(ds_engine, controller, original_save, save_dir, tag, *args,
+                                              state_file=att.state_file, **kwargs)
 
     @functools.wraps(original_load)
     def load_checkpoint(load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
-        tag = _latest_tag(ds_engine, load_dir) if tag is None else tag
-        if tag is None:  # no 'latest' file: DeepSpeed warns and returns (None, None) itself
-            return original_load(load_dir, None, *args, **kwargs)
-        with controller.all_trainable():  # DeepSpeed loads what requires grad (section 4)
-            result = original_load(load_dir, tag, *args, **kwargs)
-        if result[0] is not None:  # DeepSpeed found and loaded the checkpoint
-            att.load_state(load_dir, tag)
-        return result
+        # The same load as LDBEngine's (a module-only load leaves the LDB state fresh); DeepSpeed's
+        # result is returned as it is.
+        return ldb_state_file.load_checkpoint(ds_engine, controller, original_load, load_dir, tag, *args,
+                                              state_file=att.state_file, **kwargs)[0]
 
     @functools.wraps(original_destroy)
     def destroy(*args: Any, **kwargs: Any) -> Any:

@@ -7,7 +7,8 @@ therefore:
 
 1. removes an old tag of the same name (a resumed run saving again must not leave a stale
    manifest over new files);
-2. calls ``engine.save_checkpoint(..., save_latest=False)`` (which ends with a barrier);
+2. calls ``engine.save_checkpoint(..., save_latest=False)`` (which ends with a barrier; an LDB
+   engine's, attached or not, also writes the tag's LDB state file, ``ldb_ds.state_file``);
 3. writes each rank's own small file (``ldb_rank<r>.pt``), for what DeepSpeed keeps on data
    parallel rank 0 only (its ``client_state``) but differs per rank;
 4. hashes every file of the tag, split over the ranks, and fsyncs them;
@@ -43,6 +44,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as torch_dist
+
+from .state_file import STATE_FILE, atomic_torch_save
 
 MANIFEST = "ldb_manifest.json"
 LATEST = "latest"
@@ -121,7 +124,7 @@ def save(engine: Any, save_dir: str, tag: str, *, client_state: dict | None = No
     _barrier(group)
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
     if rank_state is not None:
-        _atomic_torch_save(rank_state, os.path.join(tag_dir, rank_state_file(rank)))
+        atomic_torch_save(rank_state, os.path.join(tag_dir, rank_state_file(rank)))
     _barrier(group)  # every rank's files are written
     names = _files_of(tag_dir)
     mine = {n: _hash_file(os.path.join(tag_dir, n)) for i, n in enumerate(names) if i % world == rank}
@@ -355,7 +358,8 @@ def check_compatible(manifest: Mapping[str, Any], current: Mapping[str, Any], *,
 def to_universal(save_dir: str, tag: str, *, group: Any = None, timeout_s: float | None = None) -> str:
     """Convert ``tag`` with DeepSpeed's ``ds_to_universal`` into ``<tag>_universal`` (rank 0; collective).
 
-    Reuses an earlier conversion that verifies. Load the result with the DeepSpeed config
+    The LDB state file goes along (``ds_to_universal`` copies model states only). Reuses an earlier
+    conversion that verifies. Load the result with the DeepSpeed config
     ``"checkpoint": {"load_universal": true}`` and ``tag=<tag>_universal``. Returns that tag.
     """
     out_tag = tag + UNIVERSAL_SUFFIX
@@ -405,6 +409,8 @@ def _convert(save_dir: str, tag: str, out_tag: str, timeout_s: float | None) -> 
             why = ("; some param groups have no Adam state yet (LDB units never updated so far, or a non-Adam "
                    "optimizer): resume at the checkpoint's world size")
         return f"ds_to_universal failed on {src} (exit code {proc.returncode}): {last[0]}{why}"
+    if os.path.isfile(ldb_state := os.path.join(src, STATE_FILE)):  # ds_to_universal copies model states only
+        shutil.copy2(ldb_state, tmp)
     os.replace(tmp, dst)
     # ds_to_universal points latest_universal at the temporary name; the tag is passed explicitly.
     _atomic_write_text(os.path.join(save_dir, "latest_universal"), out_tag)
@@ -470,12 +476,6 @@ def _atomic_write_text(path: str, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: str) -> None:

@@ -40,8 +40,7 @@ import deepspeed
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
-from . import guards, zero_hooks
-from .attach import STATE_FILE
+from . import guards, state_file, zero_hooks
 from .installation import install
 from .config import LDBConfig, load_ds_config
 from .controller import LDBState
@@ -49,9 +48,8 @@ from .guards import LDBUnsupportedError
 from .sampler import ScalableBatchSampler, build_dataloader
 from .schedule import Mode, check_epoch
 from .setup import check_engine, prepare
+from .state_file import CLIENT_STATE_KEY  # re-exported: ldb_ds.engine.CLIENT_STATE_KEY is public
 from .units import Unit
-
-CLIENT_STATE_KEY = "layer_drop_back"
 
 
 class LDBEngine:
@@ -225,20 +223,19 @@ class LDBEngine:
 
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None,
                         save_latest: bool = True, **kwargs: Any) -> Any:
-        """DeepSpeed's save_checkpoint with the LDB state in the client state.
+        """DeepSpeed's save_checkpoint with the LDB state in the tag folder's ``ldb_state.pt``.
 
-        DeepSpeed decides what to save from the live ``requires_grad`` flags, so
-        all units are made trainable for the save and the mask is put back after.
+        The same save as an attached engine's (:func:`ldb_ds.state_file.save_checkpoint`): every unit
+        trainable for DeepSpeed's call (it saves what requires grad), the mask put back after.
         """
-        state = dict(client_state or {})
-        state[CLIENT_STATE_KEY] = self.ldb_state_dict()
-        with self.controller.all_trainable():
-            return self.ds_engine.save_checkpoint(save_dir, tag=tag, client_state=state,
-                                                  save_latest=save_latest, **kwargs)
+        return state_file.save_checkpoint(self.ds_engine, self.controller, self.ds_engine.save_checkpoint, save_dir,
+                                          tag, client_state=client_state or {}, save_latest=save_latest, **kwargs)
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Any, dict | None]:
-        """DeepSpeed's load_checkpoint; restores the LDB state saved by save_checkpoint.
+        """DeepSpeed's load_checkpoint; restores the LDB state saved with the checkpoint.
 
+        The state comes from ``ldb_state.pt`` (or the client state of a checkpoint written before
+        it) and is also returned in the client state, under ``CLIENT_STATE_KEY``.
         Warm start from a checkpoint with another param-group layout (plain DeepSpeed, LDB off,
         or another granularity): ``load_checkpoint(dir, load_module_only=True)`` loads the module
         weights only; optimizer, scheduler and LDB state stay fresh. A full load of such a
@@ -249,11 +246,10 @@ class LDBEngine:
         if not module_only and kwargs.get("load_optimizer_states", True) \
                 and not self.ds_engine.load_universal_checkpoint():  # universal: remapped per parameter
             self._refuse_other_layout(load_dir, tag)
-        with self.controller.all_trainable():
-            path, client_state = self.ds_engine.load_checkpoint(load_dir, tag=tag, **kwargs)
-        # Module only is a warm start: the mask stream, epoch and counters start fresh too.
-        if not module_only and client_state and CLIENT_STATE_KEY in client_state:
-            self.load_ldb_state_dict(client_state[CLIENT_STATE_KEY])
+        (path, client_state), restored = state_file.load_checkpoint(
+            self.ds_engine, self.controller, self.ds_engine.load_checkpoint, load_dir, tag, **kwargs)
+        if restored is not None:  # callers that read it from the client state (ldb-train's resume) keep working
+            client_state = {**(client_state or {}), CLIENT_STATE_KEY: restored}
         return path, client_state
 
     def _refuse_other_layout(self, load_dir: str, tag: Any) -> None:
@@ -275,10 +271,9 @@ class LDBEngine:
             saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
         except Exception:
             return  # unreadable: DeepSpeed's own load reports it
-        ldb = saved.get(CLIENT_STATE_KEY) if isinstance(saved, dict) else None
-        attached = os.path.join(load_dir, str(tag), STATE_FILE)  # saved by an attached engine (Trainer)
-        if ldb is None and os.path.isfile(attached):
-            ldb = torch.load(attached, map_location="cpu", weights_only=False)
+        ldb = state_file.read(os.path.join(load_dir, str(tag), state_file.STATE_FILE))
+        if ldb is None and isinstance(saved, dict):  # a checkpoint from before the state file
+            ldb = saved.get(CLIENT_STATE_KEY)
         # The saved section as a plain dict: an older checkpoint's section need not pass today's validation.
         theirs = _layout(ldb.get("config") if isinstance(ldb, dict) else None)
         ours = _layout(self.controller.cfg.to_dict())

@@ -322,8 +322,6 @@ def update_docs(path: str) -> None:
 
 
 if __name__ == "__main__":  # python -m ldb_ds.train.cli [--update-docs [docs/training.md]]
-    import sys
-
     if sys.argv[1:2] == ["--update-docs"]:
         update_docs(sys.argv[2] if len(sys.argv) > 2 else os.path.join("docs", "training.md"))
     else:

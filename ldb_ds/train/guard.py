@@ -20,7 +20,6 @@ taken), in this order:
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 

@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     import deepspeed  # slow to import: only once the options are known to be good
-    import deepspeed.comm as dist
     import torch
     from torch.utils.data import DataLoader
 

@@ -53,7 +53,6 @@ import logging
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)

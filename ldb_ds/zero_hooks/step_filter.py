@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 

@@ -97,7 +97,9 @@ def _imports(path: pathlib.Path) -> set[str]:
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
-    "guards": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed", "attach": "deepspeed",
+    "state_file": "torch",
+    "guards": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
+    "attach": "deepspeed",
     "engine": "deepspeed",
     "runtime": "deepspeed", "safety": "deepspeed", "__init__": "pure",
 }

@@ -1,0 +1,159 @@
+"""The LDB state in a checkpoint: one file, ``ldb_state.pt``, in the checkpoint's tag folder.
+
+The run's LDB state (``LDBController.state_dict``: epoch, mode, mask generator state, the
+epoch's mask, counters) is saved and loaded here for every entry point:
+``LDBEngine.save_checkpoint``/``load_checkpoint``, an engine given LDB by ``ldb_ds.attach``
+(the Hugging Face Trainer, Accelerate) and ``ldb_ds.checkpointing`` (which hashes the file with
+the tag's other files and copies it into a universal conversion). It is a file of its own, not
+an entry of DeepSpeed's ``client_state``, because the Hugging Face Trainer's loader discards the
+client state.
+
+* **Write:** rank 0 writes (every rank holds the same epoch, mode and counters; only rank 0's
+  generator draws the masks, which are broadcast, so rank 0's state is the run's state), through
+  a temporary file and a rename, so a crash mid-write never leaves a torn file.
+* **Read:** rank 0 reads and broadcasts, so every rank resumes rank 0's mask stream even where
+  only rank 0 sees the checkpoint folder.
+* **Older checkpoints:** ``LDBEngine`` checkpoints written before this format kept the state in
+  DeepSpeed's client state under :data:`CLIENT_STATE_KEY`; :func:`load_checkpoint` falls back to it.
+* **Module-only loads** (``load_module_only=True``) are a warm start: the LDB state stays fresh.
+
+This module needs torch only (the engines are passed in), so ``ldb_ds.checkpointing`` uses it too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.distributed as torch_dist
+
+STATE_FILE = "ldb_state.pt"
+"""Name of the LDB state file inside a checkpoint's tag folder."""
+
+CLIENT_STATE_KEY = "layer_drop_back"
+"""Where ``LDBEngine`` checkpoints written before :data:`STATE_FILE` kept the LDB state (DeepSpeed's
+client state), and where ``LDBEngine.load_checkpoint`` returns the state it restored."""
+
+
+def default_tag(ds_engine: Any) -> str:
+    """DeepSpeed's own tag for ``save_checkpoint(tag=None)`` (engine.py:4902 in 0.19.8)."""
+    return f"global_step{ds_engine.global_steps}"
+
+
+def latest_tag(ds_engine: Any, directory: str) -> str | None:
+    """DeepSpeed's own rule for ``load_checkpoint(tag=None)`` (engine.py:4427 in 0.19.8): the tag
+    named in ``<directory>/latest`` (``latest_universal`` for universal checkpoints); None if absent."""
+    universal = getattr(ds_engine, "load_universal_checkpoint", lambda: False)()
+    latest = os.path.join(directory, "latest_universal" if universal else "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        return f.read().strip()
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through a temporary file and a rename: ``path`` is whole or absent."""
+    # The ".tmp<pid>" suffix is what ldb_ds.checkpointing leaves out of a tag's manifest.
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write(controller: Any, directory: str, tag: Any, name: str = STATE_FILE) -> str:
+    """Write ``controller``'s state into checkpoint ``tag`` of ``directory`` (rank 0); returns its path."""
+    path = os.path.join(directory, str(tag), name)
+    if _rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_torch_save(controller.state_dict(), path)
+    return path
+
+
+def read(path: str) -> dict[str, Any] | None:
+    """The state saved at ``path``, in this process only (no collective); None if there is no file."""
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore(controller: Any, path: str | None, legacy: Any = None, *, where: str = "") -> dict[str, Any] | None:
+    """Load the state at ``path`` (else ``legacy``, an older checkpoint's client-state entry) into
+    ``controller``; every rank calls it. Rank 0 decides and broadcasts. Returns the state, or None
+    (with a warning when LDB is enabled) when the checkpoint has none."""
+    state = None
+    if _rank() == 0:
+        state = read(path) if path is not None else None
+        if state is None:
+            state = legacy
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        box = [state]
+        torch_dist.broadcast_object_list(box, src=0, device=torch.device(controller.device))
+        state = box[0]
+    if state is None:
+        if controller.cfg.enabled:
+            name = os.path.basename(path or STATE_FILE)
+            warnings.warn(f"ldb_ds: checkpoint {where or path} has no LDB state ({name}); LDB continues from its "
+                          f"current state (epoch {controller.epoch}, {controller.counters.steps} steps)",
+                          RuntimeWarning, stacklevel=3)
+        return None
+    controller.load_state_dict(state)
+    return state
+
+
+# --------------------------------------------------------------------------- the engines' calls
+
+
+def save_checkpoint(ds_engine: Any, controller: Any, save: Callable[..., Any], save_dir: str, tag: Any = None,
+                    *args: Any, state_file: str = STATE_FILE, **kwargs: Any) -> Any:
+    """DeepSpeed's ``save`` (``ds_engine.save_checkpoint``) with the LDB state file: what every entry runs.
+
+    The tag is fixed here (DeepSpeed's default) so the file lands in DeepSpeed's tag folder. The
+    file is written first, so it is on disk before DeepSpeed's ``latest`` names the tag.
+    DeepSpeed saves what requires grad, so every unit is trainable for its call and the mask is
+    put back after (docs/design.md, section 4).
+    """
+    tag = default_tag(ds_engine) if tag is None else tag
+    write(controller, save_dir, tag, state_file)
+    with controller.all_trainable():
+        return save(save_dir, tag, *args, **kwargs)
+
+
+def load_checkpoint(ds_engine: Any, controller: Any, load: Callable[..., Any], load_dir: str, tag: Any = None,
+                    *args: Any, state_file: str = STATE_FILE, **kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
+    """DeepSpeed's ``load`` (``ds_engine.load_checkpoint``) with the LDB state restored: what every entry runs.
+
+    Returns DeepSpeed's result and the LDB state restored (None: none restored). The state comes
+    from the tag's :data:`STATE_FILE`, else from an older checkpoint's client state. A
+    module-only load is a warm start: the mask stream, epoch and counters stay fresh.
+    """
+    tag = latest_tag(ds_engine, load_dir) if tag is None else tag
+    if tag is None:  # no 'latest' file: DeepSpeed warns and returns (None, None) itself
+        return load(load_dir, None, *args, **kwargs), None
+    with controller.all_trainable():  # DeepSpeed loads what requires grad (docs/design.md, section 4)
+        result = load(load_dir, tag, *args, **kwargs)
+    if result[0] is None or _argument(load, "load_module_only", (load_dir, tag, *args), kwargs):
+        return result, None
+    client = result[1] if isinstance(result[1], dict) else {}
+    where = os.path.join(load_dir, str(tag))
+    return result, restore(controller, os.path.join(where, state_file), client.get(CLIENT_STATE_KEY),
+                           where=where)
+
+
+def _argument(fn: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
+    # DeepSpeed's load_checkpoint takes load_module_only by position too.
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return kwargs.get(name, False)
+    bound.apply_defaults()
+    return bound.arguments.get(name, False)
+
+
+def _rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+__all__ = ["STATE_FILE", "CLIENT_STATE_KEY", "default_tag", "latest_tag", "atomic_torch_save", "write", "read",
+           "restore", "save_checkpoint", "load_checkpoint"]
