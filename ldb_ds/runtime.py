@@ -20,6 +20,24 @@ DEFAULT_DIST_TIMEOUT_S = 600.0
 (a dataset download, the first ~90 s build of DeepSpeed's fused ops, rank 0's checkpoint writes)."""
 
 
+def unusable_output_dir(path: str) -> tuple[str, str]:
+    """Whether a folder can be created (or written) at ``path``: ``("", "")``, or a reason and the place.
+
+    The nearest existing ancestor decides: ``("file", path)`` where ``path`` itself is a file,
+    ``("under_file", ancestor)`` where it lies under one, ``("not_writable", ancestor)`` where the
+    ancestor cannot be written. The applications word the message for their own option.
+    """
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return ("file" if probe == path else "under_file"), probe
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return "not_writable", probe
+    return "", ""
+
+
 def free_port() -> int:
     """A free TCP port on this host (two runs on one machine must not both take 29500)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -109,14 +109,13 @@ def check_out_dir(out: str) -> str:
     """``""`` if ``--out`` is, or can be created as, a writable directory; else the one-line reason."""
     if not out or "\0" in out:
         return f"--out {out!r} is not a usable directory name"
-    path = os.path.abspath(out)
-    probe = path
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)  # the nearest existing ancestor decides
-    if not os.path.isdir(probe):
-        where = "is an existing file" if probe == path else f"lies under {probe}, which is a file"
+    from ..runtime import unusable_output_dir
+
+    why, probe = unusable_output_dir(out)
+    if why in ("file", "under_file"):
+        where = "is an existing file" if why == "file" else f"lies under {probe}, which is a file"
         return f"--out {out} {where}, not a directory; ldb-bench never replaces files: choose a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if why == "not_writable":
         return f"--out {out}: {probe} is not writable; choose a writable directory"
     return ""
 

@@ -59,17 +59,13 @@ def check_output(output: str) -> str:
     Every rank checks alike (the same path), so a file where the folder should be, or a folder
     that cannot be written, stops every rank before DeepSpeed starts, with one line.
     """
-    path = os.path.abspath(output)
-    probe = path
-    while not os.path.exists(probe):  # the nearest existing ancestor decides whether it can be created
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        what = "is a file" if probe == path else f"lies under {probe}, which is a file"
+    from ldb_ds.runtime import unusable_output_dir
+
+    why, probe = unusable_output_dir(output)
+    if why in ("file", "under_file"):
+        what = "is a file" if why == "file" else f"lies under {probe}, which is a file"
         return f"--output {output} {what}, not a folder; choose a folder for the runs"
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if why == "not_writable":
         return f"--output {output}: {probe} is not writable (permission denied or read-only); choose a writable folder"
     return ""
 
