@@ -11,8 +11,8 @@ Lifecycle of one optimizer step (= one gradient-accumulation window)::
 
     controller.open_window()      # first training forward of the window: mask drawn, applied
     ... forward / backward (x gradient_accumulation_steps) ...
-    controller.begin_step()       # at the boundary, right before the optimizer step: controller.step
-    ... optimizer step, dropped groups hidden (controller.step.hidden_groups) ...
+    controller.begin_step()       # at the boundary, right before the optimizer step: controller.step_state
+    ... optimizer step, dropped groups hidden (controller.step_state.hidden_groups) ...
     controller.end_step()         # closes the window, counts the step
 
 Masks change only between windows: a unit dropped for part of a window would
@@ -124,6 +124,9 @@ class LDBController:
         self.cfg = cfg
         self.units = list(units)
         self.unit_of_group = list(unit_of_group)
+        self.groups_of_unit: list[list[int]] = [[] for _ in self.units]
+        for gi, ui in enumerate(self.unit_of_group):
+            self.groups_of_unit[ui].append(gi)
         self.group_dicts = list(group_dicts)
         self.unit_grad_bytes = list(unit_grad_bytes)
         self.device = device
@@ -134,13 +137,13 @@ class LDBController:
         self.epoch_mask: list[bool] | None = None
         self.counters = StepCounters()
         self.rng = random.Random(cfg.seed)
-        self.step = StepState()
+        self.step_state = StepState()
         self.state = LDBState(self)
 
     @property
     def window_open(self) -> bool:
         """Whether a window is open (forward/backward since the last step, or its step running)."""
-        return self.step.window is not Window.CLOSED
+        return self.step_state.window is not Window.CLOSED
 
     # -- mode -----------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class LDBController:
         """Start an accumulation window: in DROP mode, draw (rank 0), broadcast and apply a mask."""
         if self.window_open:
             return
-        self.step.window = Window.OPEN
+        self.step_state.window = Window.OPEN
         if self.mode is not Mode.DROP:
             return
         if self.cfg.resample == "epoch" and self.epoch_mask is not None:
@@ -185,13 +188,16 @@ class LDBController:
 
     def begin_step(self) -> StepState:
         """At the accumulation boundary, before the optimizer step: fill :attr:`step` for the patches."""
-        step = self.step
+        step = self.step_state
         step.window = Window.STEPPING
         step.lr_factor = self.lr_factor
         if not any(self.dropped):  # a FULL step: nothing to hide, no per-group work
             step.skipped_groups, step.hidden_groups = frozenset(), ()
             return step
-        skipped = frozenset(gi for gi, ui in enumerate(self.unit_of_group) if self.dropped[ui])
+        # The dropped units' groups, from the unit -> groups map made at set-up: work in the
+        # number of dropped groups, not a scan of every group.
+        skipped = frozenset(gi for ui, dropped in enumerate(self.dropped) if dropped
+                            for gi in self.groups_of_unit[ui])
         step.skipped_groups = skipped
         step.hidden_groups = tuple(self.group_dicts[gi] for gi in sorted(skipped))
         return step
@@ -205,7 +211,7 @@ class LDBController:
         stream stays in step. The mask stays applied until the next window opens, so
         everything between two steps (eval, logging) sees a stable state.
         """
-        self.step.clear(Window.CLOSED)
+        self.step_state.clear(Window.CLOSED)
         if not applied:
             self.counters.skipped_steps += 1
             return
@@ -263,7 +269,7 @@ class LDBController:
         if self.window_open and not force:
             raise RuntimeError("release_mask() called in the middle of a gradient-accumulation window "
                                "(forward/backward since the last step()); call step() first")
-        self.step.clear(Window.CLOSED)
+        self.step_state.clear(Window.CLOSED)
         self._set_dropped([False] * len(self.units))
 
     def refresh_group_dicts(self, current: Sequence[Mapping[str, Any]]) -> None:

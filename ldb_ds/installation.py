@@ -46,8 +46,8 @@ def unit_grad_bytes(ds_engine: Any, unit: Unit) -> int:
 
 
 class Installation:
-    """LDB on one DeepSpeed engine: ``controller`` (the run's state), ``step`` (what the patches
-    read during a step) and ``patches`` (every change to DeepSpeed's objects, removable)."""
+    """LDB on one DeepSpeed engine: ``controller`` (the run's state), ``step_state`` (what the
+    patches read during a step) and ``patches`` (every change to DeepSpeed's objects, removable)."""
 
     def __init__(self, ds_engine: Any, controller: LDBController, patches: zero_hooks.PatchSet):
         self.ds_engine = ds_engine
@@ -55,8 +55,9 @@ class Installation:
         self.patches = patches
 
     @property
-    def step(self) -> StepState:
-        return self.controller.step
+    def step_state(self) -> StepState:
+        """What every patch reads during a step (the controller fills it at the boundary)."""
+        return self.controller.step_state
 
     def describe(self) -> list[str]:
         """One line per patch: what it is, its kind, where."""
@@ -136,7 +137,7 @@ def install(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         mask_group()  # made now, at set-up, on every rank (a collective), not in a step
     try:
-        step = controller.step
+        step = controller.step_state
         zero_hooks.install_group_step_filter(optimizer, step, patches)
         # With a group per unit, ZeRO-1/2 would all-reduce one norm scalar per group per step...
         zero_hooks.install_batched_grad_norm(ds_engine, step, patches)

@@ -19,9 +19,6 @@ from .version import mirrored_object, mirrors_verified
 
 INSTALLED_ATTR = "_ldb_step_hooks"
 
-# name -> the optimizer attribute the replacement sets
-_ATTRS = {"zero0_step": "step", "zero12_step": "step", "zero3_grad_norm": "_get_norm_groups",
-          "zero3_optimizer_step": "_optimizer_step", "zero3_step": "step"}
 
 
 def installed(ds_engine: Any) -> tuple[str, ...]:

@@ -164,8 +164,7 @@ def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
         key = (like.dtype, like.device)
         buf = zeros.get(key)
         if buf is None or buf.numel() < numel:
-            buf = zeros[key] = torch.zeros(max(numel, 0 if buf is None else buf.numel()), dtype=like.dtype,
-                                           device=like.device)
+            buf = zeros[key] = torch.zeros(numel, dtype=like.dtype, device=like.device)
         return buf.narrow(0, 0, numel)
 
     def step(closure: Any = None) -> None:
