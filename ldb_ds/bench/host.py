@@ -108,10 +108,11 @@ def build_engines(ctx: BenchContext, units: int, stage: int, precision: str, opt
 
 
 def step_runner(engines: dict[str, Any], drop_epoch: int, x: Any, y: Any, cuda: bool,
-                dropped: list[int], timer: list[float] | None = None) -> Callable[..., None]:
+                dropped: list[int], timer: list[tuple[float, float]] | None = None) -> Callable[..., None]:
     """``run(variant, sink=None)``: one training step of ``variant``; with a ``sink`` its phases are
     profiled ranges (:func:`.host_count.phase`), without one they run bare (warm-up, timing: with a
-    ``timer``, the start and end of the step, device synchronised, are appended to it). Each DROP
+    ``timer``, the start and end of the step, device synchronised, are appended to it as
+    ``(perf_counter, thread_time)`` pairs). Each DROP
     step appends its number of dropped units to ``dropped``."""
     import contextlib
 
@@ -123,7 +124,7 @@ def step_runner(engines: dict[str, Any], drop_epoch: int, x: Any, y: Any, cuda: 
             engine.set_epoch(drop_epoch if variant == "drop" else 0)  # profiled regions
         if sink is None and timer is not None:
             synchronize()
-            timer.append(time.perf_counter())
+            timer.append((time.perf_counter(), time.thread_time()))
 
         def ph(name: str) -> Any:
             return contextlib.nullcontext() if sink is None else phase(f"{variant}|{name}", cuda, sink)
@@ -138,7 +139,7 @@ def step_runner(engines: dict[str, Any], drop_epoch: int, x: Any, y: Any, cuda: 
             engine.step()
         if sink is None and timer is not None:
             synchronize()
-            timer.append(time.perf_counter())
+            timer.append((time.perf_counter(), time.thread_time()))
 
     return run
 
@@ -158,7 +159,7 @@ def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, opti
     x = torch.randn(h.host_batch, h.host_width, generator=g).to(ctx.device, input_dtype(ldb))
     y = torch.randn(h.host_batch, h.host_width, generator=g).to(ctx.device)
     dropped: list[int] = []
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     run = step_runner(engines, drop_epoch, x, y, cuda, dropped, stamps)
     try:
         # Warm-up: the first steps create optimizer state and buffers; ZeRO-3 records its parameter
@@ -169,6 +170,7 @@ def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, opti
         barrier(ctx)
         counts = profiled_steps({v: run for v in VARIANTS}, cuda)
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for r in range(h.host_rounds):
             barrier(ctx)
             order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]  # nobody always first
@@ -176,7 +178,8 @@ def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, opti
                 for _ in range(h.host_steps_per_round):
                     stamps.clear()
                     run(v)
-                    times[v].append(stamps[1] - stamps[0])
+                    times[v].append(stamps[1][0] - stamps[0][0])
+                    cpu_times[v].append(stamps[1][1] - stamps[0][1])
         dropped_profiled = dropped[h.host_warmup]  # the profiled DROP step's (after the warm-up ones)
         groups = len(basic_optimizer(ldb.ds_engine).param_groups)
     finally:
@@ -185,7 +188,8 @@ def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, opti
     return {"units": units, "zero_stage": stage, "precision": precision, "optimizer": optimizer,
             "cell": f"ZeRO-{stage} {precision} {optimizer}", "drop_epoch": drop_epoch,
             "dropped_units_profiled": dropped_profiled, "ldb_param_groups": groups, "variants": counts,
-            "times": {v: _stats(t) for v, t in times.items()}}
+            "times": {v: _stats(t) for v, t in times.items()},
+            "cpu_times": {v: _stats(t) for v, t in cpu_times.items()}}
 
 
 def _is_cuda(ctx: BenchContext) -> bool:
@@ -219,9 +223,23 @@ def step_ops(row: dict[str, Any]) -> int:
     return phase["ops"] - phase.get("host_scalar_reads", 0)
 
 
+def per_unit_us(times: dict[str, Any], variant: str, units: int) -> float:
+    """(variant - off) / N in microseconds, from the medians of ``times``; NaN if either is missing."""
+    t, off = times[variant], times["off"]
+    return (t["median"] - off["median"]) / units * 1e6 if t["n"] and off["n"] else float("nan")
+
+
 def targets(cell: dict[str, Any], cuda: bool) -> dict[str, Any]:
     """Issue 16, item 2, for one cell: step-phase ops and waits of FULL and DROP against plain DeepSpeed
-    (asserted by the test suite), and (FULL - off) / N in microseconds (reported)."""
+    (asserted by the test suite), and (FULL - off) / N in microseconds (reported).
+
+    The time verdict reads the rank thread's CPU time (``time.thread_time``), the wall-clock figure
+    is reported beside it. On a shared machine wall clock also counts other jobs' turns on the
+    cores (quartile ranges of several ms per step at N = 200, more than the 5 us x N target), while
+    the thread's CPU time is the host work itself: on the CPU backend that includes the compute
+    (one thread per rank), on a GPU the launches and, with CUDA's default spin-wait, the waits at
+    the synchronised ends of the timed region, so there the two agree. Older results without
+    ``cpu_times`` are judged on wall clock."""
     v, t = cell["variants"], cell["times"]
     ds_ops = step_ops(v["deepspeed"])
     ds_waits = waits(v["deepspeed"], cuda)
@@ -232,10 +250,11 @@ def targets(cell: dict[str, Any], cuda: bool) -> dict[str, Any]:
         out[name] = {"step_ops": ops, "step_ops_over_deepspeed": ops - ds_ops,
                      "step_ops_ok": ops <= ds_ops + STEP_OPS_SLACK,
                      "waits": w, "waits_over_deepspeed": w - ds_waits, "waits_ok": w <= ds_waits + WAITS_SLACK}
-    full_ms, off_ms = t["full"]["median"], t["off"]["median"]
-    us = (full_ms - off_ms) / cell["units"] * 1e6 if t["full"]["n"] and t["off"]["n"] else float("nan")
-    out["us_per_unit"] = us
-    out["us_per_unit_ok"] = us <= US_PER_UNIT_TARGET if us == us else None
+    out["us_per_unit"] = per_unit_us(t, "full", cell["units"])
+    cpu = cell.get("cpu_times")
+    out["cpu_us_per_unit"] = per_unit_us(cpu, "full", cell["units"]) if cpu else None
+    judged = out["us_per_unit"] if cpu is None else out["cpu_us_per_unit"]
+    out["us_per_unit_ok"] = judged <= US_PER_UNIT_TARGET if judged == judged else None
     out["counts_ok"] = all(out[n]["step_ops_ok"] and out[n]["waits_ok"] for n in ("full", "drop"))
     return out
 
@@ -284,7 +303,8 @@ def host_result(ctx: BenchContext, cells: list[dict[str, Any]], fill: bool) -> d
         f"Targets (issue 16, item 2): step-phase ops of LDB FULL and DROP <= plain DeepSpeed's + {STEP_OPS_SLACK} "
         "(both less torch Adam's per-tensor reads of its CPU step counts, host_scalar_reads: see step_ops); "
         f"syncs + blocking copies per step (all phases) <= DeepSpeed's + {WAITS_SLACK}; (FULL - off) / N <= "
-        f"{US_PER_UNIT_TARGET:g} us per unit (times reported, not asserted).",
+        f"{US_PER_UNIT_TARGET:g} us per unit of the rank thread's CPU time (time.thread_time; wall clock "
+        "shown beside it; times reported, not asserted).",
         "Ops: aten ops that do work, outermost only (ldb_ds/bench/host_count.py METADATA_OPS lists the view and "
         "allocation ops left out). Syncs: _local_scalar_dense/item/is_nonzero by name"
         + ("; on CUDA also torch.cuda.set_sync_debug_mode('warn') warnings. Copies: Memcpy HtoD activities."
@@ -327,16 +347,19 @@ def markdown(res: dict[str, Any]) -> str:
     cuda = r.get("cuda", False)
     s = ("Per step and rank. ops: aten ops that do work (fwd / bwd / step); waits: syncs + blocking "
          "host-to-device copies over all phases (syncs, copies); collectives: calls / bytes; us/unit: "
-         "(variant - off) / N. Targets per cell: step ops and waits of FULL and DROP against DeepSpeed's.\n\n")
+         "(variant - off) / N, wall clock; cpu us/unit: the same from the rank thread's CPU time "
+         "(time.thread_time), which the time target reads. Targets per cell: step ops and waits of FULL "
+         "and DROP against DeepSpeed's.\n\n")
     for units in sorted({c["units"] for c in r["cells"]}):
         rows = []
         for c in (c for c in r["cells"] if c["units"] == units):
-            off_ms = c["times"]["off"]["median"]
             for v in r["variants"]:
                 row = c["variants"][v]
                 ph = row["phases"]
                 t = c["times"][v]
-                us = (t["median"] - off_ms) / units * 1e6 if v in ("full", "drop") else None
+                us = per_unit_us(c["times"], v, units) if v in ("full", "drop") else None
+                cpu_us = (per_unit_us(c["cpu_times"], v, units) if v in ("full", "drop") and "cpu_times" in c
+                          else None)
                 target = c["targets"].get(v) if v in ("full", "drop") else None
                 rows.append([c["cell"], v, " / ".join(str(ph[p]["ops"]) for p in PHASES),
                              f"{waits(row, cuda)} ({row['syncs']}, {row['copies']})"
@@ -344,11 +367,12 @@ def markdown(res: dict[str, Any]) -> str:
                              " / ".join(str(ph[p]["kernels"]) for p in PHASES) if cuda else "-",
                              f"{row['collectives']['calls']} / {row['collectives']['bytes']:,}",
                              rep.spread(t, 1e3, 2), "-" if us is None else f"{us:.1f}",
+                             "-" if cpu_us is None else f"{cpu_us:.1f}",
                              _verdict(target, "step_ops"), _verdict(target, "waits"),
                              "-" if target is None or v != "full" else _ok(c["targets"]["us_per_unit_ok"])])
         s += f"#### N = {units} units\n\n"
         s += rep.table(["cell", "variant", "ops fwd / bwd / step", "waits (syncs, copies)",
-                        "kernels fwd / bwd / step", "collectives", "ms/step [IQR]", "us/unit",
+                        "kernels fwd / bwd / step", "collectives", "ms/step [IQR]", "us/unit", "cpu us/unit",
                         f"step ops <= DS+{STEP_OPS_SLACK}", f"waits <= DS+{WAITS_SLACK}",
                         f"<= {US_PER_UNIT_TARGET:g} us/unit"], rows)
         s += "\n"
@@ -389,8 +413,10 @@ def scalars(res: dict[str, Any]) -> list[tuple[str, float, int]]:
                     (f"{tag}/{v}/waits", row["syncs"] + row["copies"], c["units"]),
                     (f"{tag}/{v}/ms_per_step", c["times"][v]["median"] * 1e3, c["units"])]
         out.append((f"{tag}/us_per_unit", c["targets"]["us_per_unit"], c["units"]))
+        if c["targets"].get("cpu_us_per_unit") is not None:
+            out.append((f"{tag}/cpu_us_per_unit", c["targets"]["cpu_us_per_unit"], c["units"]))
     return out
 
 
 __all__ = ["VARIANTS", "STEP_OPS_SLACK", "WAITS_SLACK", "US_PER_UNIT_TARGET", "LDB_SECTION", "run_host",
-           "measure_cell", "targets", "waits", "markdown", "plot", "scalars"]
+           "measure_cell", "per_unit_us", "targets", "waits", "markdown", "plot", "scalars"]
