@@ -75,7 +75,7 @@ def check_group_order(ds_engine: Any, expected_param_groups: Sequence[Sequence[t
             actual[wrapper.sub_group_to_group_id[sub_group]].extend(params)
     elif hasattr(wrapper, "bit16_groups"):  # ZeRO-1/2 (DeepSpeedZeroOptimizer)
         actual = wrapper.bit16_groups
-    elif hasattr(wrapper, "bf16_groups"):  # BF16_Optimizer (bf16 at stage 0/1 with fp32 grad accumulation)
+    elif hasattr(wrapper, "bf16_groups"):  # BF16_Optimizer: bf16 at stage 1, fp32 grad accumulation (stage 0: pipelines only, refused)
         actual = wrapper.bf16_groups
     elif hasattr(wrapper, "fp16_groups"):  # FP16_(Unfused)Optimizer (fp16, or bf16 at stage 0)
         actual = wrapper.fp16_groups

@@ -4,7 +4,7 @@ Two checks (docs/design.md, section 4):
 
 * the release range :data:`VERIFIED_DEEPSPEED`, checked at ``initialize``: older releases are
   refused, newer ones warned about (:func:`check_deepspeed_version`);
-* for ldb_ds's own versions of DeepSpeed's step loops (:mod:`.zero12_step`, :mod:`.zero3_step`),
+* for ldb_ds's own versions of DeepSpeed's step loops (:mod:`.zero0_step`, :mod:`.zero12_step`, :mod:`.zero3_step`),
   the *source* of every DeepSpeed function a replacement mirrors must hash to what was verified
   (:data:`MIRRORED_SOURCES`, :func:`mirrors_verified`); otherwise DeepSpeed's own code runs.
   A version number alone would not catch a patched or vendored DeepSpeed.

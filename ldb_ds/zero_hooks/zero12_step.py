@@ -20,7 +20,7 @@ Installed by :func:`ldb_ds.zero_hooks.install_step_loops` where the plain path a
   DeepSpeed's zero fill, and they are released unread.
 
 :func:`install_batched_grad_norm` (one all-reduce for all group norms) is installed by
-``attach.install`` itself; :func:`step` calls it through ``scaled_global_norm``.
+``installation.install`` itself; :func:`step` calls it through ``scaled_global_norm``.
 Memory: the batched step holds the kept groups' fp32 gradients at once, as DeepSpeed does for
 a model with one param group (it frees each group's after stepping it).
 """
