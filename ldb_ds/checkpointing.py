@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints on top of DeepSpeed's (docs/design.md, section 9).
+"""Atomic, verified checkpoints on top of DeepSpeed's (docs/design.md, section 8).
 
 DeepSpeed 0.19.8 writes the ``latest`` file on rank 0 *before* its final barrier, so a crash
 while another rank is still writing leaves ``latest`` pointing at a half-written tag, and a

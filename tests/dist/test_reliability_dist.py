@@ -1,4 +1,4 @@
-"""Reliability pieces of the core on real 2-rank engines (gloo): docs/design.md, section 9.
+"""Reliability pieces of the core on real 2-rank engines (gloo): docs/design.md, section 8.
 
 Non-finite steps are skipped and counted alike at every ZeRO stage (stage 0 in fp32 through
 ``zero_hooks.install_nonfinite_skip``); the DROP-batch pre-check leaves no trace and reports an

@@ -103,3 +103,117 @@ def test_the_checker_finds_a_dead_link(tmp_path):
 def test_relative_links_resolve(path):
     assert links_of(path) or path.name != "README.md", "the README links to its documentation"
     assert broken_links(path) == []
+
+
+# --------------------------------------------------------------------------- docs/design.md's names
+
+DESIGN = ROOT / "docs" / "design.md"
+PACKAGE = ROOT / "ldb_ds"
+# `ldb_ds/...py` in backticks, and dotted names in backticks: `ldb_ds.x.y`, or `zero_hooks.x`,
+# `setup.prepare`, ... (a core module or package of ldb_ds, or a module of ldb_ds.zero_hooks).
+_PATH = re.compile(r"`(ldb_ds/[\w/]+\.py)`")
+_DOTTED = re.compile(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\([^`]*\))?`")
+# Code comments cite this file as "docs/design.md, section N" (also "sections N and M", and
+# "docs/design.md (section N)"), possibly across a line break.
+_CITATION = re.compile(r"design\.md,?\s*(?:#\s*)?\(?sections?\s+(\d+)(?:\s+and\s+(\d+))?")
+
+
+def _first_parts() -> dict[str, str]:
+    """The first component of a dotted name the doc may use for ldb_ds code, and its module prefix.
+
+    ``engine`` is left out: in the doc ``engine.x`` is a user's engine object (``engine.set_epoch``)
+    or DeepSpeed's ``engine.py``, not the module ``ldb_ds.engine``.
+    """
+    parts = {p.stem: f"ldb_ds.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    parts.update({p.name: f"ldb_ds.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()})
+    parts.update({p.stem: f"ldb_ds.zero_hooks.{p.stem}" for p in (PACKAGE / "zero_hooks").glob("*.py")
+                  if p.stem != "__init__"})
+    parts.pop("engine", None)
+    parts["ldb_ds"] = "ldb_ds"
+    return parts
+
+
+def cited_paths(text: str) -> list[str]:
+    return sorted(set(_PATH.findall(_FENCE.sub("", text))))
+
+
+def cited_names(text: str, first_parts: dict[str, str]) -> list[str]:
+    """Dotted names of ldb_ds code in backticks, written out from ``ldb_ds`` (``setup.prepare`` ->
+    ``ldb_ds.setup.prepare``); names that start with anything else (DeepSpeed's, config keys) are not
+    ldb_ds's and are left out."""
+    names = set()
+    for name in _DOTTED.findall(_FENCE.sub("", text)):
+        head, _, rest = name.partition(".")
+        if head in first_parts:
+            names.add(f"{first_parts[head]}.{rest}" if head != "ldb_ds" else name)
+    return sorted(names)
+
+
+def resolve(name: str) -> bool:
+    """Whether ``ldb_ds.a.b.c`` is a module, or an attribute reached from the longest importable module."""
+    import importlib
+
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def section_numbers(path: pathlib.Path) -> set[int]:
+    """The numbers of ``## N. ...`` headings."""
+    return {int(n) for n in re.findall(r"^## (\d+)\. ", path.read_text(encoding="utf-8"), re.M)}
+
+
+def design_citations(root: pathlib.Path) -> list[tuple[str, int]]:
+    """(file:line, section) of every "design.md, section N" citation in the ``.py`` files under ``root``."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for m in _CITATION.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            found += [(f"{_shown(path)}:{line}", int(n)) for n in m.groups() if n]
+    return found
+
+
+def test_the_name_checks_can_fail(tmp_path):
+    """A missing file, a missing attribute, a section that does not exist: each is found."""
+    parts = _first_parts()
+    text = ("`ldb_ds/no_such_module.py` `ldb_ds/setup.py` `zero_hooks.no_such_name` `setup.prepare` "
+            "`engine.set_epoch(e)` `deepspeed.initialize` `controller.StepState`\n```\n`ldb_ds/in_code.py`\n```\n")
+    assert cited_paths(text) == ["ldb_ds/no_such_module.py", "ldb_ds/setup.py"]
+    assert cited_names(text, parts) == ["ldb_ds.controller.StepState", "ldb_ds.setup.prepare",
+                                        "ldb_ds.zero_hooks.no_such_name"]
+    assert [resolve(n) for n in cited_names(text, parts)] == [True, True, False]
+    (tmp_path / "m.py").write_text('"""See docs/design.md, section 4; also docs/design.md,\nsection 12 and\n'
+                                   'docs/design.md, sections 2 and 3."""\n', encoding="utf-8")
+    assert [s for _, s in design_citations(tmp_path)] == [4, 12, 2, 3]
+
+
+def test_design_cites_files_that_exist():
+    missing = [p for p in cited_paths(DESIGN.read_text(encoding="utf-8")) if not (ROOT / p).is_file()]
+    assert cited_paths(DESIGN.read_text(encoding="utf-8")), "design.md names ldb_ds's files"
+    assert missing == [], f"docs/design.md cites files that do not exist: {missing}"
+
+
+def test_design_cites_names_that_resolve():
+    names = cited_names(DESIGN.read_text(encoding="utf-8"), _first_parts())
+    assert len(names) > 20, "design.md names ldb_ds's functions"
+    unresolved = [n for n in names if not resolve(n)]
+    assert unresolved == [], f"docs/design.md cites names that do not resolve: {unresolved}"
+
+
+def test_code_cites_design_sections_that_exist():
+    sections = section_numbers(DESIGN)
+    assert sections == set(range(1, max(sections) + 1)), f"design.md's sections are numbered 1..N: {sections}"
+    citations = [c for folder in ("ldb_ds", "tests", "scripts") for c in design_citations(ROOT / folder)
+                 if "test_docs_links.py" not in c[0]]
+    assert citations, "the code cites design.md by section"
+    assert [c for c in citations if c[1] not in sections] == []

@@ -1,5 +1,5 @@
 """Reliability pieces that need one process: sampler position, LDB state, compatibility rules,
-signals, the watchdog's exit, the run directory's status and mask files (docs/design.md, section 9)."""
+signals, the watchdog's exit, the run directory's status and mask files (docs/design.md, section 8)."""
 
 from __future__ import annotations
 
