@@ -25,7 +25,7 @@ import copy
 from collections import Counter
 from typing import Any, Iterator
 
-from ..runtime import input_dtype
+from ..process import input_dtype
 from . import report as rep
 from .alphabeta import GATHERS, REDUCTIONS
 from .comm_count import ONE_LAUNCH, CollectiveCounter, ReductionCounter

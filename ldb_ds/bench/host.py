@@ -27,7 +27,7 @@ import copy
 import time
 from typing import Any, Callable
 
-from ..runtime import input_dtype, synchronize
+from ..process import input_dtype, synchronize
 from .epochs import first_drop_epoch
 from .host_count import PHASES, phase, profiled_steps
 from .runtime import BenchContext, barrier, result

@@ -77,7 +77,7 @@ def calibrate_comm(ctx: BenchContext, reps: int = 5) -> dict[str, Any]:
     import deepspeed.comm as dist
     import torch
 
-    from ..runtime import synchronize
+    from ..process import synchronize
 
     sizes = [1 << 10, 1 << 16, 1 << 20, 1 << 24]
     seconds = []

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from ..runtime import free_port
+from ..process import free_port
 from . import report as rep
 from .options import BenchOptions, ScalingOptions, flags_of
 from .runtime import SHARED_NOTE, command_line

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..runtime import input_dtype
+from ..process import input_dtype
 from . import report as rep
 from .costs import profile_table, weight_grad_costs
 from .runtime import BenchContext, barrier, make_engine, make_model, result, timed_step

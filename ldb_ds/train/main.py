@@ -72,8 +72,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     import ldb_ds
     from ldb_ds import checkpointing
     from ldb_ds.config import LDBConfig
-    from ldb_ds.runtime import init_process, input_dtype
-    from ldb_ds.safety import weights_digest
+    from ldb_ds.process import init_process, input_dtype
+    from ldb_ds.runtime_checks import weights_digest
     from ldb_ds.train import checkpoint, faults
     from ldb_ds.train.data import SeededDataset, SkipBadImages, collate_skipping
     from ldb_ds.train.guard import RunGuard, drop_precheck
@@ -298,7 +298,7 @@ class _RunEnd:
 
     def __call__(self, code: int, line: str = "", *, every_rank: bool = False, record_status: bool = False,
                  status_message: str | None = None, **status_extra: Any) -> int:
-        from ldb_ds.runtime import teardown
+        from ldb_ds.process import teardown
         from ldb_ds.train import faults
 
         preempted = code == faults.EXIT_PREEMPTED
@@ -442,8 +442,8 @@ def _download_failure(err: BaseException) -> str:
 
 
 def run() -> None:
-    """The ``ldb-train`` entry point: :func:`main`, then :func:`ldb_ds.runtime.exit_process` with its code."""
-    from ldb_ds.runtime import exit_process
+    """The ``ldb-train`` entry point: :func:`main`, then :func:`ldb_ds.process.exit_process` with its code."""
+    from ldb_ds.process import exit_process
 
     exit_process(main())
 

@@ -231,7 +231,7 @@ def test_alpha_beta_model_structure():
 
 
 def test_project_at_world_size_2_through_deepspeed_launcher(ws1_results, tmp_path):
-    from ldb_ds.runtime import free_port
+    from ldb_ds.process import free_port
 
     out = str(tmp_path / "project")
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")

@@ -30,7 +30,7 @@ import json, sys
 import torch
 from torch import nn
 import ldb_ds
-from ldb_ds.runtime import init_process, teardown
+from ldb_ds.process import init_process, teardown
 
 after_import = sorted(m for m in sys.modules if m.split(".")[0] in APPS)
 init_process(threads=1, backend="gloo")
@@ -98,10 +98,10 @@ CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
     "state_file": "torch",
-    "guards": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
+    "refusals": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
     "attach": "deepspeed",
     "engine": "deepspeed",
-    "runtime": "deepspeed", "safety": "deepspeed", "__init__": "pure",
+    "process": "deepspeed", "runtime_checks": "deepspeed", "__init__": "pure",
 }
 # Core packages (a directory with __init__.py): every file in them is held to the package's layer.
 CORE_PACKAGES = {"zero_hooks"}
@@ -113,8 +113,8 @@ SHARED = "workloads"
 # core only.
 MAY_IMPORT = {"train": {SHARED}, "bench": {SHARED}, "integrations": set(), SHARED: set()}
 # ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
-ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "norms", "patches", "zero0_step", "zero12_step",
-                      "zero3_step", "step_loops"}
+ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "step_paths", "norms", "patches", "zero0_step",
+                      "zero12_step", "zero3_step", "step_loops"}
 
 
 def _files_of(module: str) -> list[pathlib.Path]:
@@ -259,7 +259,7 @@ def test_zero_hooks_keeps_its_public_names():
 
 
 def test_deepspeed_internals_stay_in_zero_hooks():
-    # Private DeepSpeed modules (deepspeed.runtime.*) are imported by zero_hooks only; guards and
+    # Private DeepSpeed modules (deepspeed.runtime.*) are imported by zero_hooks only; refusals and
     # the engine use DeepSpeed's public API and config keys.
     for module in sorted(CORE_LAYERS):
         if module == "zero_hooks":

@@ -13,7 +13,7 @@
   gradient hook fires and no gradient buffer changes), BatchNorm buffers and the RNG states are
   restored, nothing is stepped and DeepSpeed's counters do not move.
 
-docs/design.md, section 9.
+docs/design.md, section 9. What is refused before training starts is :mod:`ldb_ds.refusals`.
 """
 
 from __future__ import annotations

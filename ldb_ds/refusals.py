@@ -1,4 +1,4 @@
-"""Setups ldb_ds refuses, each with what is unsupported and why.
+"""Setups ldb_ds refuses at set-up, each with what is unsupported and why: the one home of these refusals.
 
 ldb_ds is exact where its hooks were verified and tested (docs/design.md, section 4): data
 parallelism at ZeRO 0-3, every optimizer step going through ldb_ds's step protocol, one param
@@ -10,10 +10,15 @@ The refusals read a :class:`DeepSpeedSettings`: before ``deepspeed.initialize`` 
 from the config dict, where a value DeepSpeed has not resolved yet (the Hugging Face
 Trainer's ``"auto"``) is unknown and refuses nothing; after it, from the engine's resolved
 values (``fp16_enabled()``, ``zero_optimization_stage()``, ``optimizer_name()``, ...), which
-is what DeepSpeed really uses. :mod:`ldb_ds.setup` runs both, at every entry point.
+is what DeepSpeed really uses. :mod:`ldb_ds.setup` runs both (:func:`check_setup`,
+:func:`check_engine`), at every entry point.
 
-Only DeepSpeed's public API and documented config keys are read here; the check of
-DeepSpeed's optimizer wrappers after initialize is ``zero_hooks.check_group_order``.
+Every set-up refusal lives here, plus one rule these two call that reads DeepSpeed's
+internals and so lives with them: ``zero_hooks.refuse_unverified_step_paths``
+(:mod:`ldb_ds.zero_hooks.step_paths`, the step paths ldb_ds verified). Only DeepSpeed's
+public API and documented config keys are read in this module; the check of DeepSpeed's
+optimizer wrappers after initialize is ``zero_hooks.check_group_order``. Checks made while
+training runs (replica hashes, the DROP-batch pre-check) are :mod:`ldb_ds.runtime_checks`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .config import SECTION, LDBConfig
+from . import zero_hooks
+from .config import SECTION, LDBConfig, LDBConfigError
 from .schedule import sampleable_range
 from .units import Unit
 
@@ -124,19 +130,41 @@ def _flag(value: Any) -> bool | None:
 
 
 def check_setup(model: nn.Module, ds_config: Mapping[str, Any], cfg: LDBConfig, units: Sequence[Unit],
-                ds_kwargs: Mapping[str, Any]) -> None:
-    """Raise :class:`LDBUnsupportedError` for the first unsupported part of a setup, before DeepSpeed runs."""
+                ds_kwargs: Mapping[str, Any], optimizer: Any = None) -> None:
+    """Raise for the first unsupported part of a setup, before DeepSpeed runs.
+
+    In order: DeepSpeed settings whose step bypasses the step filter (``ValueError``,
+    ``zero_hooks.refuse_unverified_step_paths``; ``optimizer`` is the one given to
+    ``deepspeed.initialize``), a model with nothing left to drop (:func:`check_sampleable`,
+    ``LDBConfigError``), then :func:`check_settings` (:class:`LDBUnsupportedError`).
+    """
+    if not cfg.enabled:
+        return
+    zero_hooks.refuse_unverified_step_paths(ds_config, optimizer)
+    check_sampleable(units, cfg, type(model).__name__)
     check_settings(model, DeepSpeedSettings.from_config(ds_config, ds_kwargs), cfg, units)
 
 
+def check_sampleable(units: Sequence[Unit], cfg: LDBConfig, model_name: str = "model") -> None:
+    """A model with nothing left to drop after keep_first/keep_last is a config error."""
+    if cfg.enabled and len(sampleable_range(len(units), cfg)) == 0:
+        raise LDBConfigError(
+            f"{model_name} has {len(units)} LDB unit(s) at granularity {cfg.granularity!r}; with "
+            f"keep_first = {cfg.keep_first} and keep_last = {cfg.keep_last} none is left to drop. "
+            f"Lower keep_first/keep_last (keep_first + keep_last must be at most {max(len(units) - 1, 0)}) "
+            f"or use a finer granularity (e.g. 'param').")
+
+
 def check_engine(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit]) -> None:
-    """The same refusals on a built engine: its resolved settings and its module as it is now.
+    """The same refusals on a built engine: its resolved config and settings and its module as it is now.
 
     Some setups appear only in or after ``deepspeed.initialize``: an ``mpu``, the resolved
     ``"auto"`` values, and a model Accelerate compiles after it (``engine.compile()``).
     """
     if not cfg.enabled:
         return
+    ds_config = ds_engine.config if isinstance(getattr(ds_engine, "config", None), Mapping) else {}
+    zero_hooks.refuse_unverified_step_paths(ds_config, zero_hooks.basic_optimizer(ds_engine))
     if getattr(ds_engine, "is_compiled", False):
         refuse_engine_compile()
     check_settings(ds_engine.module, DeepSpeedSettings.from_engine(ds_engine), cfg, units)
@@ -260,4 +288,4 @@ def check_compiled(model: nn.Module, units: Sequence[Unit], cfg: LDBConfig) -> N
 
 
 __all__ = ["LDBUnsupportedError", "DeepSpeedSettings", "check_setup", "check_engine", "check_settings",
-           "check_compiled", "refuse_engine_compile"]
+           "check_sampleable", "check_compiled", "refuse_engine_compile"]
