@@ -14,7 +14,9 @@ Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``,
 ``functional``, ``controller``, ``sampler``, ``checkpointing`` (torch) -> ``refusals`` (set-up),
 ``zero_hooks``, ``attach``, ``engine``, ``runtime_checks`` (while training), ``process`` (DeepSpeed).
 The applications ``ldb_ds.train`` and ``ldb_ds.bench`` (and ``ldb_ds.integrations``) import the
-core and are never imported by it.
+core and are never imported by it. ``guards``, ``safety`` and ``runtime`` are the deprecated
+names of ``refusals``, ``runtime_checks`` and ``process`` (importing them warns; they go in the
+next release).
 Everything that needs torch or DeepSpeed is imported on first use, so
 ``import ldb_ds`` stays cheap.
 """
@@ -40,7 +42,8 @@ _LAZY = {
     "build_dataloader": "sampler",
 }
 _SUBMODULES = ("functional", "units", "controller", "sampler", "refusals", "zero_hooks", "attach", "engine", "process",
-               "checkpointing", "runtime_checks")
+               "checkpointing", "runtime_checks",
+               "guards", "runtime", "safety")  # deprecated names of refusals, process, runtime_checks
 
 
 def __getattr__(name: str) -> Any:

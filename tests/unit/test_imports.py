@@ -102,6 +102,8 @@ CORE_LAYERS = {
     "attach": "deepspeed",
     "engine": "deepspeed",
     "process": "deepspeed", "runtime_checks": "deepspeed", "__init__": "pure",
+    # Deprecated names (one release): each re-exports its new module, so it sits in that module's layer.
+    "guards": "deepspeed", "safety": "deepspeed", "runtime": "deepspeed",
 }
 # Core packages (a directory with __init__.py): every file in them is held to the package's layer.
 CORE_PACKAGES = {"zero_hooks"}
