@@ -30,7 +30,7 @@ from . import report as rep
 from .alphabeta import GATHERS, REDUCTIONS
 from .comm_count import ONE_LAUNCH, CollectiveCounter, ReductionCounter
 from .epochs import first_drop_epoch
-from .runtime import BenchContext, barrier, ds_config, make_model, result
+from .harness import BenchContext, barrier, ds_config, make_model, result
 
 PHASES = ("forward", "backward", "optimizer")
 

@@ -14,7 +14,7 @@ from typing import Any
 from ..process import input_dtype, synchronize
 from ..schedule import Mode, epoch_mode
 from . import report as rep
-from .runtime import BenchContext, barrier, ldb_section, make_engine, make_model, result
+from .harness import BenchContext, barrier, ldb_section, make_engine, make_model, result
 
 
 def epoch_dataset(ctx: BenchContext, batch_kappa: int):

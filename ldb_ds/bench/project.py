@@ -8,7 +8,7 @@ Built from (docs/benchmark.md, "Projection to large clusters", lists every assum
   call, per param group and per element (:mod:`.costs`);
 * **counted** (:mod:`.counts`): every collective of a baseline, LDB FULL and LDB DROP step, by kind and
   message size, and the optimizer calls and groups, at the current world size or from ``--counts``;
-* **assumed** (:class:`.options.ProjectOptions`): the link figures, the collective algorithm, the
+* **assumed** (:class:`.bench_options.ProjectOptions`): the link figures, the collective algorithm, the
   overlap of reductions with backward, weak scaling (fixed per-rank batch) and a per-step plan that
   does not change with the world size. At world size > 1 ``--calibrate-comm`` replaces the
   intra-node figures by a fit to timed all-reduces of this run's backend.
@@ -26,7 +26,7 @@ from typing import Any
 
 from . import alphabeta as ab
 from . import report as rep
-from .runtime import BenchContext, barrier, conditions, ldb_section, make_model, result
+from .harness import BenchContext, barrier, conditions, ldb_section, make_model, result
 
 PAPER_NOTE = ("Paper, Table 3 (MobileNetV2 on CIFAR-100, 1/2/4/8 GPUs: 7, 18.1, 21, 24.5%) is context only: "
               "it used torch DataParallel and time.process_time(), not DeepSpeed and wall clock.")

@@ -10,7 +10,7 @@ Start it with any launcher (DS_ACCELERATOR=cpu on a machine without a GPU)::
     ldb-train --deepspeed_config ds_configs/zero2_ldb.json                 # one process
     ldb-train -c runs/<experiment>/args.yaml --experiment again            # replay a run
 
-The pieces: options (:mod:`.options`, :mod:`.cli`), the run directory (:mod:`.rundir`),
+The pieces: options (:mod:`.options`, :mod:`.arguments`), the run directory (:mod:`.rundir`),
 checkpoints (:mod:`.checkpoint`), the loop (:mod:`.loop`), TensorBoard figures
 (:mod:`.monitor`), the data wrappers (:mod:`.data`); datasets, models and the evaluation come
 from :mod:`ldb_ds.workloads`. See docs/training.md.
@@ -26,7 +26,7 @@ import time
 import warnings
 from typing import Any, Callable, NoReturn
 
-from .cli import default_experiment, parse_args, resolve_ds_config
+from .arguments import default_experiment, parse_args, resolve_ds_config
 from .console import error, log
 from .options import TrainOptions
 
@@ -76,11 +76,11 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     from ldb_ds.runtime_checks import weights_digest
     from ldb_ds.train import checkpoint, faults
     from ldb_ds.train.data import SeededDataset, SkipBadImages, collate_skipping
-    from ldb_ds.train.guard import RunGuard, drop_precheck
     from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit
     from ldb_ds.train.monitor import TrainMonitor
     from ldb_ds.train import rundir as run_files
     from ldb_ds.train.rundir import RunDir
+    from ldb_ds.train.step_checks import StepChecks, drop_precheck
     from ldb_ds.workloads.data import ShardedEval
     from ldb_ds.workloads.evaluation import validate
     from ldb_ds.workloads.models import create_model
@@ -234,7 +234,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
                        precheck=lambda c: drop_precheck(c, (data.in_chans, data.img_size, data.img_size),
                                                         num_classes))
     agreement = faults.StopAgreement(stop_signal, control, opts.stop_check_every) if signals else None
-    ctx.step_hooks.append(RunGuard(ctx, agreement))
+    ctx.step_hooks.append(StepChecks(ctx, agreement))
     watchdog = None
     if proc.world_size > 1:
         def report(msg: str) -> None:
@@ -252,8 +252,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     if ctx.exit_code:
         return end(ctx.exit_code, ctx.exit_message, record_status=True, checkpoint=state.last_tag)
 
-    # The gradient guard cannot see weights that an update itself made non-finite (a huge weight
-    # decay or LR with a finite gradient): check the weights of the last step before `completed`.
+    # The gradient check (StepChecks) cannot see weights that an update itself made non-finite (a huge
+    # weight decay or LR with a finite gradient): check the weights of the last step before `completed`.
     if not checkpoint.weights_finite(engine, control):
         message = checkpoint.nonfinite_weights_message(engine, state.last_tag)
         return end(faults.EXIT_NONFINITE, message, record_status=True, checkpoint=state.last_tag)

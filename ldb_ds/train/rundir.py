@@ -26,7 +26,7 @@ import os
 import shutil
 from typing import Any
 
-from .cli import RECORD_KEY
+from .arguments import RECORD_KEY
 from .console import error
 from .options import TrainOptions
 

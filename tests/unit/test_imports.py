@@ -281,6 +281,21 @@ def test_no_file_in_the_package_is_over_500_lines():
     assert not long, f"split these modules: {long}"
 
 
+def test_console_scripts_and_module_entry_points_resolve():
+    # pyproject's [project.scripts] name a module and a function: a renamed module must take them along.
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"ldb-train", "ldb-bench"}
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), f"{name} = {target!r}"
+    for app in ("train", "bench"):  # python -m ldb_ds.train / ldb_ds.bench run the same function
+        main = _imported_modules(CORE / app / "__main__.py")
+        assert main & {scripts[f"ldb-{app}"].partition(":")[0]}, f"ldb_ds/{app}/__main__.py imports {main}"
+
+
 def test_declared_core_dependencies_are_torch_and_deepspeed_only():
     import tomllib
 

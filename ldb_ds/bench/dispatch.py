@@ -26,8 +26,8 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import report as rep
-from .options import BenchOptions, parse
-from .runtime import BenchContext
+from .bench_options import BenchOptions, parse
+from .harness import BenchContext
 
 
 def _runners() -> dict[str, Callable[[BenchContext], dict[str, Any]]]:
@@ -65,7 +65,7 @@ def run_report(opts: BenchOptions) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..process import teardown
-    from .runtime import setup
+    from .harness import setup
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse(argv)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from ..process import Process, init_process, synchronize
 from . import report as rep
-from .options import BenchOptions
+from .bench_options import BenchOptions
 
 SHARED_NOTE = ("Wall-clock timings on a machine that may have been shared with other jobs; "
                "compare the ratios measured in the same run, not absolute times.")

@@ -1,4 +1,4 @@
-"""The application's per-step checks, as one step hook (:class:`RunGuard`), and the DROP-batch pre-check.
+"""The application's per-step checks, as one step hook (:class:`StepChecks`), and the DROP-batch pre-check.
 
 At every optimizer step (the end of an accumulation window, the only moment a checkpoint may be
 taken), in this order:
@@ -29,7 +29,7 @@ from .faults import EXIT_DIVERGED, EXIT_MEMORY, EXIT_NONFINITE, EXIT_PREEMPTED, 
 from .loop import StepEvent, TrainContext, paused
 
 
-class RunGuard:
+class StepChecks:
     """Step hook for the checks above; counts go to ``ctx.state.counters`` and TensorBoard."""
 
     def __init__(self, ctx: TrainContext, agreement: StopAgreement | None = None):
@@ -172,4 +172,4 @@ def drop_precheck(ctx: TrainContext, input_shape: tuple[int, ...], num_classes: 
     log(f"DROP-batch memory check: a micro batch of {n} per rank fits ({time.perf_counter() - t0:.1f} s)")
 
 
-__all__ = ["RunGuard", "drop_precheck"]
+__all__ = ["StepChecks", "drop_precheck"]
