@@ -146,10 +146,10 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         model, world_size=proc.world_size, zero_stage=(ds_config.get("zero_optimization") or {}).get("stage", 0),
         optimizer=(ds_config.get("optimizer") or {}).get("type"), ldb=LDBConfig.from_ds_config(ds_config).to_dict())
     try:
-        plan = checkpoint.plan_resume(opts, run.checkpoints, current, group=control, warn=log)
+        resume = checkpoint.choose_resume(opts, run.checkpoints, current, group=control, warn=log)
     except checkpoint.CheckpointError as err:  # every rank: the same line, in bounded time
         return end(faults.EXIT_USAGE, str(err), every_rank=True, record_status=True)
-    if plan is not None and plan.universal:
+    if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     train_set = SeededDataset(SkipBadImages(data.train) if opts.skip_bad_images else data.train, opts.seed)
@@ -184,16 +184,16 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     scheduler = create_lr_scheduler(opts, engine.optimizer)
 
     state, ldb_state = checkpoint.TrainState(), None
-    if plan is not None:
+    if resume is not None:
         try:
-            state, ldb_state = checkpoint.load(engine, plan, rank=proc.rank, world_size=proc.world_size,
+            state, ldb_state = checkpoint.load(engine, resume, rank=proc.rank, world_size=proc.world_size,
                                                 group=control, timeout_s=0.8 * opts.dist_timeout)
         except checkpoint.CheckpointError as err:  # every rank: to_universal's outcome is gathered
             return end(faults.EXIT_USAGE, str(err), every_rank=True, record_status=True)
-        for note in plan.notes:
+        for note in resume.notes:
             log(f"note: {note}")
         at = f"epoch {state.next_epoch}" + (f", micro step {state.step_in_epoch}" if state.step_in_epoch else "")
-        log(f"resumed from {plan.where} (verified against its manifest): continuing at {at}")
+        log(f"resumed from {resume.where} (verified against its manifest): continuing at {at}")
     elif opts.resume == "auto":
         log(f"--resume auto: no checkpoint in {run.checkpoints} yet, starting afresh")
 

@@ -214,9 +214,9 @@ def test_alpha_beta_model_structure():
     assert ab.collective_time("all_reduce", 8, 1024, links, "tree") < small[-1] / 10
     # A step at one rank is exactly its compute and optimizer inputs.
     opt = ab.OptimizerCost(call=1e-5, group=2e-5, element=1e-9)
-    plan = [ab.Message("all_reduce", 4e7), ab.Message("all_gather_into_tensor", 4e7, 0.5)]
+    messages = [ab.Message("all_reduce", 4e7), ab.Message("all_gather_into_tensor", 4e7, 0.5)]
     v = ab.Variant(forward=0.01, backward=0.02, optimizer_calls=3, optimizer_groups=3, optimizer_elements=1e7,
-                   plan=plan)
+                   messages=messages)
     t1 = ab.step_time(v, 1, 2, opt, links)
     assert t1.comm == t1.comm_exposed == 0.0 and t1.total == pytest.approx(0.03 + opt.time(3, 3, 1e7))
     t64 = [ab.step_time(v, 64, 2, opt, links, overlap=o) for o in (0.0, 0.5, 1.0)]
