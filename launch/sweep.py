@@ -37,7 +37,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # a checkout that was not pip-installed
     sys.path.insert(0, REPO)
 
-from ldb_ds.runtime import free_port  # noqa: E402
+from ldb_ds.process import free_port  # noqa: E402
 from ldb_ds.schedule import Mode  # noqa: E402
 
 

@@ -11,9 +11,12 @@
 
 The core is this package's top level; it needs torch and DeepSpeed only.
 Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``,
-``functional``, ``controller``, ``sampler``, ``checkpointing`` (torch) -> ``guards``,
-``zero_hooks``, ``attach``, ``engine``, ``safety`` (DeepSpeed). The applications ``ldb_ds.train`` and ``ldb_ds.bench``
-(and ``ldb_ds.integrations``) import the core and are never imported by it.
+``functional``, ``controller``, ``sampler``, ``checkpointing`` (torch) -> ``refusals`` (set-up),
+``zero_hooks``, ``attach``, ``engine``, ``runtime_checks`` (while training), ``process`` (DeepSpeed).
+The applications ``ldb_ds.train`` and ``ldb_ds.bench`` (and ``ldb_ds.integrations``) import the
+core and are never imported by it. ``guards``, ``safety`` and ``runtime`` are the deprecated
+names of ``refusals``, ``runtime_checks`` and ``process`` (importing them warns; they go in the
+next release).
 Everything that needs torch or DeepSpeed is imported on first use, so
 ``import ldb_ds`` stays cheap.
 """
@@ -32,14 +35,15 @@ __version__ = "0.2.0"
 _LAZY = {
     "initialize": "engine",
     "LDBEngine": "engine",
-    "LDBUnsupportedError": "guards",
+    "LDBUnsupportedError": "refusals",
     "LDBState": "controller",
     "LDBController": "controller",
     "ScalableBatchSampler": "sampler",
     "build_dataloader": "sampler",
 }
-_SUBMODULES = ("functional", "units", "controller", "sampler", "guards", "zero_hooks", "attach", "engine", "runtime",
-               "checkpointing", "safety")
+_SUBMODULES = ("functional", "units", "controller", "sampler", "refusals", "zero_hooks", "attach", "engine", "process",
+               "checkpointing", "runtime_checks",
+               "guards", "runtime", "safety")  # deprecated names of refusals, process, runtime_checks
 
 
 def __getattr__(name: str) -> Any:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import guards
+from . import refusals
 from . import state_file as ldb_state_file
 from . import zero_hooks
 from .config import LDBConfig
@@ -158,8 +158,8 @@ def attach(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group:
 
     @functools.wraps(original_compile)
     def compile(*args: Any, **kwargs: Any) -> Any:
-        if cfg.enabled:  # it compiles the whole model: every new mask would recompile it (guards)
-            guards.refuse_engine_compile()
+        if cfg.enabled:  # it compiles the whole model: every new mask would recompile it (refusals)
+            refusals.refuse_engine_compile()
         return original_compile(*args, **kwargs)
 
     # Instance attributes shadow the class's methods for this engine only; the loop's calls

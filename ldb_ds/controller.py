@@ -187,7 +187,7 @@ class LDBController:
         self._set_dropped(mask)
 
     def begin_step(self) -> StepState:
-        """At the accumulation boundary, before the optimizer step: fill :attr:`step` for the patches."""
+        """At the accumulation boundary, before the optimizer step: fill :attr:`step_state` for the patches."""
         step = self.step_state
         step.window = Window.STEPPING
         step.lr_factor = self.lr_factor

@@ -40,11 +40,11 @@ import deepspeed
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
-from . import guards, state_file, zero_hooks
+from . import refusals, state_file, zero_hooks
 from .installation import install
 from .config import LDBConfig, load_ds_config
 from .controller import LDBState
-from .guards import LDBUnsupportedError
+from .refusals import LDBUnsupportedError
 from .sampler import ScalableBatchSampler, build_dataloader
 from .schedule import Mode, check_epoch
 from .setup import check_engine, prepare
@@ -149,9 +149,9 @@ class LDBEngine:
         return self.ds_engine.destroy()
 
     def compile(self, *args: Any, **kwargs: Any) -> Any:
-        """DeepSpeed's ``compile()``: refused with LDB on (it compiles the whole model; see guards)."""
+        """DeepSpeed's ``compile()``: refused with LDB on (it compiles the whole model; see refusals)."""
         if self.controller.cfg.enabled:
-            guards.refuse_engine_compile()
+            refusals.refuse_engine_compile()
         return self.ds_engine.compile(*args, **kwargs)
 
     def _release_between_windows(self) -> None:
@@ -300,7 +300,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     ``args`` from a parser that ``deepspeed.add_config_arguments`` extended),
     or the deprecated ``config_params``. Two of them at once is an error (as in
     DeepSpeed). Setups ldb_ds cannot keep exact are refused with
-    :class:`ldb_ds.guards.LDBUnsupportedError` (pipeline/tensor/sequence
+    :class:`ldb_ds.refusals.LDBUnsupportedError` (pipeline/tensor/sequence
     parallelism, MoE, compiled modules spanning units, ...), before
     ``deepspeed.initialize`` and again on the engine it built (:mod:`ldb_ds.setup`, as at
     every entry point). With LDB enabled, the trainable parameters are cut into units and given one param group per

@@ -6,8 +6,9 @@ up in the same two calls, on each side of ``deepspeed.initialize`` (which the en
 the loop that owns the engine, makes):
 
 1. :func:`prepare`, before it: every refusal the config and the model show
-   (:mod:`ldb_ds.guards`, ``zero_hooks.refuse_unverified_step_paths``, a model with too few
-   units), the model cut into units, one param group per (unit, given group). DeepSpeed must
+   (:func:`ldb_ds.refusals.check_setup`: the step paths ldb_ds did not verify, a model with too
+   few units, the unsupported DeepSpeed settings), the model cut into units, one param group per
+   (unit, given group). DeepSpeed must
    build its optimizer over :attr:`LDBSetup.groups`.
 2. :func:`check_engine`, after it: the same refusals again on what the engine really uses
    (``"auto"`` values resolved, an ``mpu``, a model compiled by ``engine.compile()`` as
@@ -26,10 +27,10 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from . import guards, zero_hooks
+from . import refusals, zero_hooks
 from .config import LDBConfig, LDBConfigError
-from .units import (Unit, build_units, check_sampleable, describe_tied_weights, normalise_param_groups,
-                    split_groups_by_unit, tied_weights, trainable_params)
+from .units import (Unit, build_units, describe_tied_weights, normalise_param_groups, split_groups_by_unit,
+                    tied_weights, trainable_params)
 
 
 @dataclass
@@ -58,7 +59,7 @@ def prepare(model: nn.Module, ds_config: Mapping[str, Any], param_groups: Any = 
     group dicts such as a weight-decay split). ``optimizer``: the optimizer given to
     ``deepspeed.initialize`` (an instance, a callable or None), for the refusals that depend on
     it. ``ds_kwargs``: the other keyword arguments of ``deepspeed.initialize`` (``mpu``,
-    ``mesh_param``). Raises :class:`ldb_ds.guards.LDBUnsupportedError` (or ``ValueError``,
+    ``mesh_param``). Raises :class:`ldb_ds.refusals.LDBUnsupportedError` (or ``ValueError``,
     ``LDBConfigError``) naming the setting.
     """
     cfg = LDBConfig.from_ds_config(ds_config)
@@ -71,10 +72,8 @@ def prepare(model: nn.Module, ds_config: Mapping[str, Any], param_groups: Any = 
     # set of optimized parameters at initialize, so masks may only be applied afterwards.
     units = build_units(model, cfg.granularity, trainable_params(user_groups),
                         block_classes=cfg.block_classes, block_pattern=cfg.block_pattern)
-    # Before DeepSpeed builds anything: offload variants whose step bypasses the filter.
-    zero_hooks.refuse_unverified_step_paths(ds_config, optimizer)
-    check_sampleable(units, cfg, type(model).__name__)
-    guards.check_setup(model, ds_config, cfg, units, ds_kwargs or {})
+    # Before DeepSpeed builds anything (offload variants whose step bypasses the filter first).
+    refusals.check_setup(model, ds_config, cfg, units, ds_kwargs or {}, optimizer)
     tied = tied_weights(model, units)
     if tied:
         warnings.warn(describe_tied_weights(tied, units, cfg), UserWarning, stacklevel=3)
@@ -93,9 +92,7 @@ def check_engine(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit],
     if not cfg.enabled:
         return
     zero_hooks.check_deepspeed_version()
-    ds_config = ds_engine.config if isinstance(getattr(ds_engine, "config", None), Mapping) else {}
-    zero_hooks.refuse_unverified_step_paths(ds_config, zero_hooks.basic_optimizer(ds_engine))
-    guards.check_engine(ds_engine, cfg, units)
+    refusals.check_engine(ds_engine, cfg, units)
     if params_of_group is not None:
         zero_hooks.check_group_order(ds_engine, params_of_group)
 

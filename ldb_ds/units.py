@@ -207,16 +207,6 @@ def _common_prefix(names: Sequence[str]) -> str:
     return ".".join(prefix) or names[0].rpartition(".")[0] or names[0]
 
 
-def check_sampleable(units: Sequence[Unit], cfg: LDBConfig, model_name: str = "model") -> None:
-    """A model with nothing left to drop after keep_first/keep_last is a config error."""
-    if cfg.enabled and len(sampleable_range(len(units), cfg)) == 0:
-        raise LDBConfigError(
-            f"{model_name} has {len(units)} LDB unit(s) at granularity {cfg.granularity!r}; with "
-            f"keep_first = {cfg.keep_first} and keep_last = {cfg.keep_last} none is left to drop. "
-            f"Lower keep_first/keep_last (keep_first + keep_last must be at most {max(len(units) - 1, 0)}) "
-            f"or use a finer granularity (e.g. 'param').")
-
-
 @dataclass(frozen=True)
 class TiedWeight:
     """One tensor that the model holds under several names (e.g. ``embed.weight`` and ``head.weight``)."""
@@ -317,5 +307,5 @@ def trainable_params(user_groups: Sequence[Mapping[str, Any]]) -> list[nn.Parame
     return [p for g in user_groups for p in g["params"] if p.requires_grad and param_numel(p) > 0]
 
 
-__all__ = ["param_numel", "Unit", "UnitInfo", "TiedWeight", "build_units", "check_sampleable", "tied_weights",
+__all__ = ["param_numel", "Unit", "UnitInfo", "TiedWeight", "build_units", "tied_weights",
            "describe_tied_weights", "normalise_param_groups", "split_groups_by_unit", "trainable_params"]

@@ -1,6 +1,6 @@
 """``python -m ldb_ds.bench`` (and ``deepspeed --module ldb_ds.bench``)."""
 
-from .cli import run
+from .dispatch import run
 
 if __name__ == "__main__":
     run()

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..schedule import epoch_mode
 from .epochs import run_epoch
-from .runtime import BenchContext, barrier, make_engine, make_model, result
+from .harness import BenchContext, barrier, make_engine, make_model, result
 
 
 def run_accuracy(ctx: BenchContext) -> dict[str, Any]:

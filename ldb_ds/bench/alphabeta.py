@@ -107,18 +107,18 @@ def collective_time(kind: str, nbytes: float, world_size: int, links: Links, alg
 
 @dataclass(frozen=True)
 class Message:
-    """One collective of a step's plan; ``weight`` < 1 for DROP steps averaged over several masks."""
+    """One collective a step makes; ``weight`` < 1 for DROP steps averaged over several masks."""
 
     kind: str
     nbytes: float
     weight: float = 1.0
 
 
-def plan_time(plan: Iterable[Message], world_size: int, links: Links, algorithm: Algorithm = "auto",
+def comm_time(messages: Iterable[Message], world_size: int, links: Links, algorithm: Algorithm = "auto",
               kinds: Sequence[str] | None = None) -> float:
-    """Seconds of all messages of ``plan`` (of the given kinds), one after the other."""
+    """Predicted seconds of ``messages`` (those of the given kinds), one after the other."""
     return sum(m.weight * collective_time(m.kind, m.nbytes, world_size, links, algorithm)
-               for m in plan if kinds is None or m.kind in kinds)
+               for m in messages if kinds is None or m.kind in kinds)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,8 @@ class Variant:
     optimizer_groups: float
     optimizer_elements: float
     """Parameter elements stepped (all ranks' worth: divided by W where ZeRO partitions them)."""
-    plan: list[Message] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    """The collectives one optimizer step makes (as counted at one world size)."""
     micro_steps: int = 1
     """Forward/backward passes per optimizer step (gradient accumulation)."""
     samples: int = 1
@@ -176,11 +177,11 @@ def step_time(v: Variant, world_size: int, zero_stage: int, opt: OptimizerCost, 
     compute = v.micro_steps * (v.forward + v.backward)
     shards = world_size if zero_stage >= 1 else 1  # ZeRO 1-3 partition the optimizer state
     optimizer = opt.time(v.optimizer_calls, v.optimizer_groups, v.optimizer_elements / shards)
-    comm = plan_time(v.plan, world_size, links, algorithm)
-    overlappable = plan_time(v.plan, world_size, links, algorithm, REDUCTIONS)
+    comm = comm_time(v.messages, world_size, links, algorithm)
+    overlappable = comm_time(v.messages, world_size, links, algorithm, REDUCTIONS)
     window = v.micro_steps * v.backward
     if zero_stage == 3:
-        overlappable += plan_time(v.plan, world_size, links, algorithm, GATHERS)
+        overlappable += comm_time(v.messages, world_size, links, algorithm, GATHERS)
         window = compute
     hidden = min(overlap * overlappable, window)
     return StepTime(compute, optimizer, comm, comm - hidden)
@@ -211,5 +212,5 @@ def fit_alpha_beta(sizes: Sequence[float], seconds: Sequence[float], world_size:
     return latency, bandwidth
 
 
-__all__ = ["Links", "Message", "OptimizerCost", "Variant", "StepTime", "collective_time", "plan_time",
+__all__ = ["Links", "Message", "OptimizerCost", "Variant", "StepTime", "collective_time", "comm_time",
            "step_time", "schedule_speedup", "fit_alpha_beta", "REDUCTIONS", "GATHERS"]

@@ -7,7 +7,7 @@ import copy
 import time
 from typing import Any, Callable
 
-from ..runtime import synchronize
+from ..process import synchronize
 from . import report as rep
 
 

@@ -25,12 +25,12 @@ import copy
 from collections import Counter
 from typing import Any, Iterator
 
-from ..runtime import input_dtype
+from ..process import input_dtype
 from . import report as rep
 from .alphabeta import GATHERS, REDUCTIONS
 from .comm_count import ONE_LAUNCH, CollectiveCounter, ReductionCounter
 from .epochs import first_drop_epoch
-from .runtime import BenchContext, barrier, ds_config, make_model, result
+from .harness import BenchContext, barrier, ds_config, make_model, result
 
 PHASES = ("forward", "backward", "optimizer")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..runtime import input_dtype, synchronize
+from ..process import input_dtype, synchronize
 from ..schedule import Mode, epoch_mode
 from . import report as rep
-from .runtime import BenchContext, barrier, ldb_section, make_engine, make_model, result
+from .harness import BenchContext, barrier, ldb_section, make_engine, make_model, result
 
 
 def epoch_dataset(ctx: BenchContext, batch_kappa: int):

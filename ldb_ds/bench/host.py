@@ -27,10 +27,10 @@ import copy
 import time
 from typing import Any, Callable
 
-from ..runtime import input_dtype, synchronize
+from ..process import input_dtype, synchronize
 from .epochs import first_drop_epoch
 from .host_count import PHASES, phase, profiled_steps
-from .runtime import BenchContext, barrier, result
+from .harness import BenchContext, barrier, result
 
 VARIANTS = ("deepspeed", "off", "full", "drop")
 STEP_OPS_SLACK = 40

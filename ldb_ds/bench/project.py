@@ -8,9 +8,9 @@ Built from (docs/benchmark.md, "Projection to large clusters", lists every assum
   call, per param group and per element (:mod:`.costs`);
 * **counted** (:mod:`.counts`): every collective of a baseline, LDB FULL and LDB DROP step, by kind and
   message size, and the optimizer calls and groups, at the current world size or from ``--counts``;
-* **assumed** (:class:`.options.ProjectOptions`): the link figures, the collective algorithm, the
-  overlap of reductions with backward, weak scaling (fixed per-rank batch) and a per-step plan that
-  does not change with the world size. At world size > 1 ``--calibrate-comm`` replaces the
+* **assumed** (:class:`.bench_options.ProjectOptions`): the link figures, the collective algorithm, the
+  overlap of reductions with backward, weak scaling (fixed per-rank batch) and collectives per step
+  that do not change with the world size. At world size > 1 ``--calibrate-comm`` replaces the
   intra-node figures by a fit to timed all-reduces of this run's backend.
 
 A DROP step's compute is the FULL step's minus the expected weight-gradient cost of the dropped units
@@ -26,7 +26,7 @@ from typing import Any
 
 from . import alphabeta as ab
 from . import report as rep
-from .runtime import BenchContext, barrier, conditions, ldb_section, make_model, result
+from .harness import BenchContext, barrier, conditions, ldb_section, make_model, result
 
 PAPER_NOTE = ("Paper, Table 3 (MobileNetV2 on CIFAR-100, 1/2/4/8 GPUs: 7, 18.1, 21, 24.5%) is context only: "
               "it used torch DataParallel and time.process_time(), not DeepSpeed and wall clock.")
@@ -77,7 +77,7 @@ def calibrate_comm(ctx: BenchContext, reps: int = 5) -> dict[str, Any]:
     import deepspeed.comm as dist
     import torch
 
-    from ..runtime import synchronize
+    from ..process import synchronize
 
     sizes = [1 << 10, 1 << 16, 1 << 20, 1 << 24]
     seconds = []
@@ -97,7 +97,7 @@ def calibrate_comm(ctx: BenchContext, reps: int = 5) -> dict[str, Any]:
     return {"sizes": sizes, "seconds": seconds, "latency_us": lat * 1e6, "bandwidth_gbs": bw / 1e9}
 
 
-def collective_plans(ctx: BenchContext) -> dict[str, Any]:
+def counted_steps(ctx: BenchContext) -> dict[str, Any]:
     """The counted steps of this model and stage: from ``--counts`` or counted now."""
     from .counts import count_model
 
@@ -114,7 +114,8 @@ def collective_plans(ctx: BenchContext) -> dict[str, Any]:
     return {**count_model(ctx, run.model, run.zero_stage), "source": f"counted here at world size {ctx.world_size}"}
 
 
-def _plan(row: dict[str, Any]) -> list[ab.Message]:
+def _messages(row: dict[str, Any]) -> list[ab.Message]:
+    """The collectives of one counted step (a DROP step's averaged over the masks counted)."""
     steps = row.get("messages_all") or [row["messages"]]
     return [ab.Message(kind, nbytes, 1.0 / len(steps)) for msgs in steps for kind, nbytes in msgs]
 
@@ -141,16 +142,16 @@ def variants(inputs: dict[str, Any], p: float, sampleable: list[bool], numels: l
     for name, key in (("baseline", "baseline_full"), ("ldb_full", "ldb_full")):
         calls, groups = optimizer(counts[key], drop=False)
         out[name] = ab.Variant(full["model"]["forward_s"], full["model"]["backward_s"], calls, groups, elements,
-                               _plan(counts[key]), 1, full["batch"])
+                               _messages(counts[key]), 1, full["batch"])
     calls, groups = optimizer(counts["ldb_drop"], drop=True)
-    drop_plan = _plan(counts["ldb_drop"])
+    drop_messages = _messages(counts["ldb_drop"])
     out["ldb_drop"] = ab.Variant(full["model"]["forward_s"], full["model"]["backward_s"] - dw_saved(full), calls,
-                                 groups, kept, drop_plan, 1, full["batch"])
+                                 groups, kept, drop_messages, 1, full["batch"])
     if accumulation:  # batch_kappa micro steps of B, one optimizer step
         out["ldb_drop_kb"] = dataclasses.replace(out["ldb_drop"], micro_steps=batch_kappa, samples=batch_kappa * full["batch"])
     else:
         out["ldb_drop_kb"] = ab.Variant(big["model"]["forward_s"], big["model"]["backward_s"] - dw_saved(big), calls,
-                                        groups, kept, drop_plan, 1, big["batch"])
+                                        groups, kept, drop_messages, 1, big["batch"])
     return out
 
 
@@ -242,7 +243,7 @@ def run_project(ctx: BenchContext) -> dict[str, Any]:
         optimizer = optimizer_inputs(ctx, units)
         source = "measured here"
     ctx.log("project: counting the collectives of a baseline, LDB FULL and LDB DROP step")
-    counts = collective_plans(ctx)
+    counts = counted_steps(ctx)
     if counts["units"] != len(units):
         raise SystemExit(f"the counted steps have {counts['units']} units, this model has {len(units)} at "
                          f"granularity {cfg.granularity!r}: count with the same model and LDB settings")

@@ -13,10 +13,10 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from ..runtime import free_port
+from ..process import free_port
 from . import report as rep
-from .options import BenchOptions, ScalingOptions, flags_of
-from .runtime import SHARED_NOTE, command_line
+from .bench_options import BenchOptions, ScalingOptions, flags_of
+from .harness import SHARED_NOTE, command_line
 
 SCALING_ONLY = (*flags_of(ScalingOptions), "--out")
 """The driver's own options (each takes a value), not passed on to the launched runs."""

@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..runtime import input_dtype
+from ..process import input_dtype
 from . import report as rep
 from .costs import profile_table, weight_grad_costs
-from .runtime import BenchContext, barrier, make_engine, make_model, result, timed_step
+from .harness import BenchContext, barrier, make_engine, make_model, result, timed_step
 
 VARIANTS = ("baseline", "ldb_full", "ldb_drop", "oracle_drop", "oracle_full", "ldb_drop_kb")
 LDB_VARIANTS = ("ldb_full", "ldb_drop", "ldb_drop_kb")

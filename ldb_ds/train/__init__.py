@@ -1,7 +1,7 @@
 """The training application: ``ldb-train``, ``python -m ldb_ds.train``, ``launch/train.py``.
 
 One module per job: the options (:mod:`.options`, one typed field each) and their sources
-(:mod:`.cli`: command line > ``-c`` YAML > the JSON's ``train`` section > defaults), the run
+(:mod:`.arguments`: command line > ``-c`` YAML > the JSON's ``train`` section > defaults), the run
 directory (:mod:`.rundir`), checkpoints (:mod:`.checkpoint`), the loop (:mod:`.loop`:
 ``train_one_epoch``, ``fit`` with step and epoch hooks), the TensorBoard monitor
 (:mod:`.monitor`), the data wrappers (:mod:`.data`: seeded augmentation, skipped bad images)

@@ -10,7 +10,7 @@ a function of the epoch (see ``loop.create_lr_scheduler``).
 
 Saving goes through :func:`ldb_ds.checkpointing.save`: ``latest`` moves only once every rank's
 files are written and a manifest with their sizes and SHA-256 is on disk. Resuming
-(:func:`plan_resume`) verifies the tag against its manifest on all ranks before anything is
+(:func:`choose_resume`) verifies the tag against its manifest on all ranks before anything is
 loaded and compares it with this run (model, ZeRO stage, world size, ``layer_drop_back``); a
 ZeRO 1-3 checkpoint with Adam-family state at another world size goes through DeepSpeed's
 universal checkpoint.
@@ -163,7 +163,7 @@ def nonfinite_weights_message(engine: Any, last_tag: str | None, tag: str | None
 
 
 @dataclass
-class ResumePlan:
+class ResumePoint:
     """Where to resume from, decided before the engine exists (the universal checkpoint needs a config key)."""
 
     load_dir: str
@@ -190,8 +190,8 @@ def _locate(spec: str, run_checkpoints: str) -> tuple[str, str | None]:
     raise ResumeError(f"--resume {spec}: no such directory")
 
 
-def plan_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, Any], *, group: Any = None,
-                warn: Callable[[str], None] | None = None) -> ResumePlan | None:
+def choose_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, Any], *, group: Any = None,
+                  warn: Callable[[str], None] | None = None) -> ResumePoint | None:
     """Resolve ``--resume``; ``None`` means start afresh. Every rank calls it and gets the same answer.
 
     ``current`` is :func:`ldb_ds.checkpointing.describe_run` of the run about to start. Raises
@@ -218,12 +218,12 @@ def plan_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, Any
     mid_epoch = int(manifest.get("meta", {}).get("step_in_epoch", 0)) > 0
     verdict = checkpointing.check_compatible(manifest, current, where=f"checkpoint {os.path.join(load_dir, tag)}",
                                              allow_ldb_change=not mid_epoch)
-    return ResumePlan(load_dir, tag, manifest, verdict["universal"], verdict["notes"])
+    return ResumePoint(load_dir, tag, manifest, verdict["universal"], verdict["notes"])
 
 
-def load(engine: Any, plan: ResumePlan, *, rank: int, world_size: int, group: Any = None,
+def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group: Any = None,
          timeout_s: float | None = None) -> tuple[TrainState, dict | None]:
-    """Load ``plan``'s checkpoint into ``engine``; returns the loop's state and the LDB state saved.
+    """Load ``resume``'s checkpoint into ``engine``; returns the loop's state and the LDB state saved.
 
     Each rank's BatchNorm buffers come back from its own file when the world size is the same.
     A checkpoint taken in the middle of an epoch at another world size resumes at the same
@@ -236,16 +236,16 @@ def load(engine: Any, plan: ResumePlan, *, rank: int, world_size: int, group: An
 
     from ldb_ds.engine import CLIENT_STATE_KEY
 
-    tag = checkpointing.to_universal(plan.load_dir, plan.tag, group=group, timeout_s=timeout_s) \
-        if plan.universal else plan.tag
-    path, client = engine.load_checkpoint(plan.load_dir, tag=tag)
+    tag = checkpointing.to_universal(resume.load_dir, resume.tag, group=group, timeout_s=timeout_s) \
+        if resume.universal else resume.tag
+    path, client = engine.load_checkpoint(resume.load_dir, tag=tag)
     if path is None:
-        raise ResumeError(f"DeepSpeed could not load {os.path.join(plan.load_dir, tag)}")
+        raise ResumeError(f"DeepSpeed could not load {os.path.join(resume.load_dir, tag)}")
     state = TrainState.from_client_state(client)
-    state.last_tag = plan.tag
-    saved_world = int(plan.manifest.get("run", {}).get("world_size", world_size))
+    state.last_tag = resume.tag
+    saved_world = int(resume.manifest.get("run", {}).get("world_size", world_size))
     if saved_world == world_size:
-        own = checkpointing.load_rank_state(plan.load_dir, plan.tag, rank)
+        own = checkpointing.load_rank_state(resume.load_dir, resume.tag, rank)
         if own is not None:
             named = dict(engine.module.named_buffers())
             with torch.no_grad():
@@ -254,12 +254,12 @@ def load(engine: Any, plan: ResumePlan, *, rank: int, world_size: int, group: An
                         named[name].copy_(value)
     elif state.step_in_epoch:
         state.step_in_epoch = state.step_in_epoch * saved_world // world_size
-        plan.notes.append(f"the checkpoint was taken in the middle of epoch {state.next_epoch} at world size "
-                          f"{saved_world}: resuming {state.step_in_epoch} micro steps into it; the order of the "
-                          "rest of the epoch differs from the interrupted run's")
+        resume.notes.append(f"the checkpoint was taken in the middle of epoch {state.next_epoch} at world size "
+                            f"{saved_world}: resuming {state.step_in_epoch} micro steps into it; the order of the "
+                            "rest of the epoch differs from the interrupted run's")
     return state, (client or {}).get(CLIENT_STATE_KEY)
 
 
 __all__ = ["TrainState", "ResumeError", "CheckpointError", "NonFiniteWeightsError", "weights_finite",
-           "nonfinite_weights_message", "ResumePlan", "epoch_tag", "step_tag", "save",
-           "plan_resume", "load"]
+           "nonfinite_weights_message", "ResumePoint", "epoch_tag", "step_tag", "save",
+           "choose_resume", "load"]

@@ -17,7 +17,7 @@ Two kinds of hooks, both run on every rank (``TrainContext.step_hooks``/``epoch_
 Every rank must return the same answer (the next step is a collective): a hook that looks at
 rank-local state (a signal, a non-finite local loss) has to agree with the others through a
 collective first. The application's own checks (numerical faults, replica hashes, preemption,
-``--ckpt-every-steps``) are one such hook, :class:`ldb_ds.train.guard.RunGuard`; a hook that
+``--ckpt-every-steps``) are one such hook, :class:`ldb_ds.train.step_checks.StepChecks`; a hook that
 ends the run sets ``ctx.exit_code``/``ctx.exit_message`` with :meth:`TrainContext.stop`.
 
 Reproducibility: before every micro step torch's RNG (dropout, drop-path) is seeded from

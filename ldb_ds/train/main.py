@@ -10,7 +10,7 @@ Start it with any launcher (DS_ACCELERATOR=cpu on a machine without a GPU)::
     ldb-train --deepspeed_config ds_configs/zero2_ldb.json                 # one process
     ldb-train -c runs/<experiment>/args.yaml --experiment again            # replay a run
 
-The pieces: options (:mod:`.options`, :mod:`.cli`), the run directory (:mod:`.rundir`),
+The pieces: options (:mod:`.options`, :mod:`.arguments`), the run directory (:mod:`.rundir`),
 checkpoints (:mod:`.checkpoint`), the loop (:mod:`.loop`), TensorBoard figures
 (:mod:`.monitor`), the data wrappers (:mod:`.data`); datasets, models and the evaluation come
 from :mod:`ldb_ds.workloads`. See docs/training.md.
@@ -26,7 +26,7 @@ import time
 import warnings
 from typing import Any, Callable, NoReturn
 
-from .cli import default_experiment, parse_args, resolve_ds_config
+from .arguments import default_experiment, parse_args, resolve_ds_config
 from .console import error, log
 from .options import TrainOptions
 
@@ -72,15 +72,15 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     import ldb_ds
     from ldb_ds import checkpointing
     from ldb_ds.config import LDBConfig
-    from ldb_ds.runtime import init_process, input_dtype
-    from ldb_ds.safety import weights_digest
+    from ldb_ds.process import init_process, input_dtype
+    from ldb_ds.runtime_checks import weights_digest
     from ldb_ds.train import checkpoint, faults
     from ldb_ds.train.data import SeededDataset, SkipBadImages, collate_skipping
-    from ldb_ds.train.guard import RunGuard, drop_precheck
     from ldb_ds.train.loop import TrainContext, create_lr_scheduler, fit
     from ldb_ds.train.monitor import TrainMonitor
     from ldb_ds.train import rundir as run_files
     from ldb_ds.train.rundir import RunDir
+    from ldb_ds.train.step_checks import StepChecks, drop_precheck
     from ldb_ds.workloads.data import ShardedEval
     from ldb_ds.workloads.evaluation import validate
     from ldb_ds.workloads.models import create_model
@@ -146,10 +146,10 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         model, world_size=proc.world_size, zero_stage=(ds_config.get("zero_optimization") or {}).get("stage", 0),
         optimizer=(ds_config.get("optimizer") or {}).get("type"), ldb=LDBConfig.from_ds_config(ds_config).to_dict())
     try:
-        plan = checkpoint.plan_resume(opts, run.checkpoints, current, group=control, warn=log)
+        resume = checkpoint.choose_resume(opts, run.checkpoints, current, group=control, warn=log)
     except checkpoint.CheckpointError as err:  # every rank: the same line, in bounded time
         return end(faults.EXIT_USAGE, str(err), every_rank=True, record_status=True)
-    if plan is not None and plan.universal:
+    if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     train_set = SeededDataset(SkipBadImages(data.train) if opts.skip_bad_images else data.train, opts.seed)
@@ -184,16 +184,16 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     scheduler = create_lr_scheduler(opts, engine.optimizer)
 
     state, ldb_state = checkpoint.TrainState(), None
-    if plan is not None:
+    if resume is not None:
         try:
-            state, ldb_state = checkpoint.load(engine, plan, rank=proc.rank, world_size=proc.world_size,
+            state, ldb_state = checkpoint.load(engine, resume, rank=proc.rank, world_size=proc.world_size,
                                                 group=control, timeout_s=0.8 * opts.dist_timeout)
         except checkpoint.CheckpointError as err:  # every rank: to_universal's outcome is gathered
             return end(faults.EXIT_USAGE, str(err), every_rank=True, record_status=True)
-        for note in plan.notes:
+        for note in resume.notes:
             log(f"note: {note}")
         at = f"epoch {state.next_epoch}" + (f", micro step {state.step_in_epoch}" if state.step_in_epoch else "")
-        log(f"resumed from {plan.where} (verified against its manifest): continuing at {at}")
+        log(f"resumed from {resume.where} (verified against its manifest): continuing at {at}")
     elif opts.resume == "auto":
         log(f"--resume auto: no checkpoint in {run.checkpoints} yet, starting afresh")
 
@@ -234,7 +234,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
                        precheck=lambda c: drop_precheck(c, (data.in_chans, data.img_size, data.img_size),
                                                         num_classes))
     agreement = faults.StopAgreement(stop_signal, control, opts.stop_check_every) if signals else None
-    ctx.step_hooks.append(RunGuard(ctx, agreement))
+    ctx.step_hooks.append(StepChecks(ctx, agreement))
     watchdog = None
     if proc.world_size > 1:
         def report(msg: str) -> None:
@@ -252,8 +252,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     if ctx.exit_code:
         return end(ctx.exit_code, ctx.exit_message, record_status=True, checkpoint=state.last_tag)
 
-    # The gradient guard cannot see weights that an update itself made non-finite (a huge weight
-    # decay or LR with a finite gradient): check the weights of the last step before `completed`.
+    # The gradient check (StepChecks) cannot see weights that an update itself made non-finite (a huge
+    # weight decay or LR with a finite gradient): check the weights of the last step before `completed`.
     if not checkpoint.weights_finite(engine, control):
         message = checkpoint.nonfinite_weights_message(engine, state.last_tag)
         return end(faults.EXIT_NONFINITE, message, record_status=True, checkpoint=state.last_tag)
@@ -298,7 +298,7 @@ class _RunEnd:
 
     def __call__(self, code: int, line: str = "", *, every_rank: bool = False, record_status: bool = False,
                  status_message: str | None = None, **status_extra: Any) -> int:
-        from ldb_ds.runtime import teardown
+        from ldb_ds.process import teardown
         from ldb_ds.train import faults
 
         preempted = code == faults.EXIT_PREEMPTED
@@ -442,8 +442,8 @@ def _download_failure(err: BaseException) -> str:
 
 
 def run() -> None:
-    """The ``ldb-train`` entry point: :func:`main`, then :func:`ldb_ds.runtime.exit_process` with its code."""
-    from ldb_ds.runtime import exit_process
+    """The ``ldb-train`` entry point: :func:`main`, then :func:`ldb_ds.process.exit_process` with its code."""
+    from ldb_ds.process import exit_process
 
     exit_process(main())
 

@@ -1,7 +1,7 @@
 """The training application's options: one typed field each, defined once.
 
 :class:`TrainOptions` is the single source of every option's name, type, default, help text and
-allowed values. The command-line parser (:mod:`ldb_ds.train.cli`), the DeepSpeed JSON's ``train``
+allowed values. The command-line parser (:mod:`ldb_ds.train.arguments`), the DeepSpeed JSON's ``train``
 section, ``-c`` YAML files, ``args.yaml`` and the option table in ``docs/training.md`` are all
 generated from these fields, so a new option is one new field here.
 

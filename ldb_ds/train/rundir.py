@@ -26,7 +26,7 @@ import os
 import shutil
 from typing import Any
 
-from .cli import RECORD_KEY
+from .arguments import RECORD_KEY
 from .console import error
 from .options import TrainOptions
 
@@ -59,7 +59,7 @@ def check_output(output: str) -> str:
     Every rank checks alike (the same path), so a file where the folder should be, or a folder
     that cannot be written, stops every rank before DeepSpeed starts, with one line.
     """
-    from ldb_ds.runtime import unusable_output_dir
+    from ldb_ds.process import unusable_output_dir
 
     why, probe = unusable_output_dir(output)
     if why in ("file", "under_file"):

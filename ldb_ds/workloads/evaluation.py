@@ -28,7 +28,7 @@ def validate(engine: Any, loader: Any, input_dtype: torch.dtype | None = None,
     from deepspeed.accelerator import get_accelerator
     from timm.utils import accuracy
 
-    from ldb_ds.runtime import input_dtype as dtype_of
+    from ldb_ds.process import input_dtype as dtype_of
 
     dtype = input_dtype or dtype_of(engine)
     criterion = torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORE_LABEL)

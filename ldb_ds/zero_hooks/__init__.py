@@ -68,7 +68,7 @@ paths that step groups some other way are refused before ``deepspeed.initialize`
 from __future__ import annotations
 
 from .groups import NOT_A_GRADIENT, basic_optimizer, check_group_order, zero_stage
-from .refusals import refuse_unverified_step_paths
+from .step_paths import refuse_unverified_step_paths
 from .patches import Kind, Patch, PatchSet, fallback_warning, require_verified
 from .step_filter import (FILTER_CALLERS, filter_callers, install_allgather_skip, install_group_step_filter,
                           install_nonfinite_skip, skipping)

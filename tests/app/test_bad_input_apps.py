@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from ldb_ds.bench import cli as bench_cli
+from ldb_ds.bench import dispatch as bench_dispatch
 from ldb_ds.train import main as train_main
 from tests.support import train_utils as tu
 
@@ -217,7 +217,7 @@ BENCH_ARGS = [  # (id, argv, words the error line must hold)
 def test_bench_bad_option(ws, capsys, argv, needles):
     before = _hashes(ws)
     try:
-        code = bench_cli.main([a.replace("{ws}", str(ws)) for a in argv])
+        code = bench_dispatch.main([a.replace("{ws}", str(ws)) for a in argv])
     except SystemExit as exc:
         code = exc.code
     captured = capsys.readouterr()

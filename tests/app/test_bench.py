@@ -20,7 +20,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldb_ds.bench import alphabeta as ab, cli, options, report as bench_report, scaling, step  # noqa: E402
+from ldb_ds.bench import alphabeta as ab, bench_options, dispatch, report as bench_report, scaling, step  # noqa: E402
 from ldb_ds.bench.epochs import steady_epochs  # noqa: E402
 
 TINY = ["--model", "test_efficientnet", "--img-size", "16", "--batch-size", "4", "--zero-stage", "2",
@@ -139,7 +139,7 @@ def test_report_rerenders_from_json(ws1_results, tmp_path):
     import shutil
 
     shutil.copy(os.path.join(ws1_results, "step.json"), tmp_path / "step.json")
-    assert cli.main(["report", str(tmp_path), "--no-tensorboard"]) == 0
+    assert dispatch.main(["report", str(tmp_path), "--no-tensorboard"]) == 0
     assert (tmp_path / "step.md").read_text() == open(os.path.join(ws1_results, "step.md")).read()
     assert (tmp_path / "step.png").exists()
 
@@ -163,9 +163,9 @@ def test_helpers():
     argv = ["scaling", "--world-sizes", "1,2", "--model", "m", "--out=x", "--launcher", "torchrun", "--profile"]
     assert scaling.strip_options(argv, scaling.SCALING_ONLY) == ["--model", "m", "--profile"]
     assert steady_epochs(2, 2) == [1, 2, 3, 4]
-    assert options.parse_modes("step,epochs") == ["step", "epochs"]
+    assert bench_options.parse_modes("step,epochs") == ["step", "epochs"]
     with pytest.raises(SystemExit):
-        options.parse_modes("step,bogus")
+        bench_options.parse_modes("step,bogus")
 
 
 def test_flags_are_generated_from_the_typed_options():
@@ -173,24 +173,24 @@ def test_flags_are_generated_from_the_typed_options():
 
     from ldb_ds.config import LDBConfig
 
-    opts = options.parse(["step", "--drop-rates", "0.1,0.5", "--zero-stage", "3", "--drop-rate", "0.4",
+    opts = bench_options.parse(["step", "--drop-rates", "0.1,0.5", "--zero-stage", "3", "--drop-rate", "0.4",
                           "--ldb-seed", "7", "--note", "a", "--note", "b", "--profile", "--acc-limit", "10"])
     assert opts.modes == ["step"] and opts.epochs.drop_rates == (0.1, 0.5) and opts.run.zero_stage == 3
     assert opts.ldb == {"drop_rate": 0.4, "seed": 7}  # only what was given: the rest keeps LDBConfig's defaults
     assert opts.output.note == ["a", "b"] and opts.step.profile and opts.epochs.acc_limit == 10
-    assert options.parse(["step"]).run == options.RunOptions()  # one source of defaults
-    parser = options.build_parser()
+    assert bench_options.parse(["step"]).run == bench_options.RunOptions()  # one source of defaults
+    parser = bench_options.build_parser()
     helps = {s: a.help for a in parser._actions for s in a.option_strings}
-    for cls in options.GROUPS.values():
-        docs = options.field_docs(cls)
+    for cls in bench_options.GROUPS.values():
+        docs = bench_options.field_docs(cls)
         for f in dataclasses.fields(cls):  # every field is a flag, documented by its docstring
-            assert docs.get(f.name) and helps[options.flag_of(f.name)].startswith(docs[f.name].replace("%", "%%"))
-    ldb_keys = [f.name for f in dataclasses.fields(LDBConfig) if f.name not in options.LDB_EXCLUDED]
-    assert all(options.LDB_FLAGS.get(k, options.flag_of(k)) in helps for k in ldb_keys)
+            assert docs.get(f.name) and helps[bench_options.flag_of(f.name)].startswith(docs[f.name].replace("%", "%%"))
+    ldb_keys = [f.name for f in dataclasses.fields(LDBConfig) if f.name not in bench_options.LDB_EXCLUDED]
+    assert all(bench_options.LDB_FLAGS.get(k, bench_options.flag_of(k)) in helps for k in ldb_keys)
     for bad in (["step", "--zero-stage", "5"], ["step", "--drop-rates", "x,y"], ["step", "--rounds", "0"],
                 ["step", "--granularity", "layer"], ["bogus"]):
         with pytest.raises(SystemExit):
-            options.parse(bad)
+            bench_options.parse(bad)
 
 
 def test_alpha_beta_model_structure():
@@ -214,9 +214,9 @@ def test_alpha_beta_model_structure():
     assert ab.collective_time("all_reduce", 8, 1024, links, "tree") < small[-1] / 10
     # A step at one rank is exactly its compute and optimizer inputs.
     opt = ab.OptimizerCost(call=1e-5, group=2e-5, element=1e-9)
-    plan = [ab.Message("all_reduce", 4e7), ab.Message("all_gather_into_tensor", 4e7, 0.5)]
+    messages = [ab.Message("all_reduce", 4e7), ab.Message("all_gather_into_tensor", 4e7, 0.5)]
     v = ab.Variant(forward=0.01, backward=0.02, optimizer_calls=3, optimizer_groups=3, optimizer_elements=1e7,
-                   plan=plan)
+                   messages=messages)
     t1 = ab.step_time(v, 1, 2, opt, links)
     assert t1.comm == t1.comm_exposed == 0.0 and t1.total == pytest.approx(0.03 + opt.time(3, 3, 1e7))
     t64 = [ab.step_time(v, 64, 2, opt, links, overlap=o) for o in (0.0, 0.5, 1.0)]
@@ -231,7 +231,7 @@ def test_alpha_beta_model_structure():
 
 
 def test_project_at_world_size_2_through_deepspeed_launcher(ws1_results, tmp_path):
-    from ldb_ds.runtime import free_port
+    from ldb_ds.process import free_port
 
     out = str(tmp_path / "project")
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")

@@ -61,7 +61,7 @@ def ws1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ws2(tmp_path_factory):
-    from ldb_ds.runtime import free_port
+    from ldb_ds.process import free_port
 
     out = str(tmp_path_factory.mktemp("host_ws2"))
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ldb_ds.runtime import free_port
+from ldb_ds.process import free_port
 from tests.support import train_utils as tu
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 
-from ldb_ds.bench.options import MODES
+from ldb_ds.bench.bench_options import MODES
 from tests.support.train_utils import REPO, cpu_env
 
 SCRIPT = os.path.join(REPO, "scripts", "gpu_check.sh")

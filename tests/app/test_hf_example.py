@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("transformers", reason="the example needs the hf extra: pip install 'ldb_ds[hf]'")
 pytest.importorskip("accelerate", reason="the example needs the hf extra: pip install 'ldb_ds[hf]'")
 
-from ldb_ds.runtime import free_port  # noqa: E402
+from ldb_ds.process import free_port  # noqa: E402
 from tests.support.train_utils import REPO, explain, read_scalars, run, tool  # noqa: E402
 
 pytestmark = pytest.mark.slow

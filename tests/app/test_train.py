@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from ldb_ds.train import cli
+from ldb_ds.train import arguments
 from tests.support import train_utils as tu  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     assert args["experiment"] == "e2e" and args["sched"] == "cosine" and "resume" not in args
     assert args["run"]["world_size"] == 2 and args["run"]["ldb"]["enabled"] is True
     # -c replays exactly the options of the run (the run: record is skipped).
-    replayed, _ = cli.parse_args(["-c", str(run_dir / "args.yaml")])
+    replayed, _ = arguments.parse_args(["-c", str(run_dir / "args.yaml")])
     assert replayed.to_dict(scope=("run",)) == {k: v for k, v in args.items() if k != "run"}
 
     with open(run_dir / "summary.csv", newline="") as f:

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ldb_ds.config import LDBConfig
-from ldb_ds.train import cli
+from ldb_ds.train import arguments
 from ldb_ds.train import options as O
 from ldb_ds.train.loop import create_lr_scheduler
 from ldb_ds.train.options import OptionsError, TrainOptions
@@ -53,7 +53,7 @@ def test_each_config(path):
     # The train section holds only options the application knows, with allowed values, under
     # their current names (aliases are for users' old files, not for ours).
     section = cfg.get("train", {})
-    assert set(cli.check_keys(section, path)) == set(section)
+    assert set(arguments.check_keys(section, path)) == set(section)
 
 
 def test_paper_config_matches_the_paper():
@@ -68,7 +68,7 @@ def test_paper_config_matches_the_paper():
 
 
 def test_parser_is_generated_from_every_field():
-    actions = {a.dest: a for a in cli.build_parser()._actions if a.dest != "help"}
+    actions = {a.dest: a for a in arguments.build_parser()._actions if a.dest != "help"}
     fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
     assert set(actions) == set(fields), "every option is a field and every field a flag"
     hints = O.type_hints()
@@ -95,17 +95,17 @@ def test_parser_is_generated_from_every_field():
 
 def test_aliases_on_the_command_line_and_in_files(tmp_path):
     cfg = tu.write_config(str(tmp_path / "c.json"), train={"log_every": 4, "eval_batch_size": 7})
-    opts, _ = cli.parse_args(["--deepspeed_config", cfg, "-b", "8", "-j", "2", "--download"])
+    opts, _ = arguments.parse_args(["--deepspeed_config", cfg, "-b", "8", "-j", "2", "--download"])
     assert (opts.batch_size, opts.workers, opts.dataset_download) == (8, 2, True)
     assert (opts.log_interval, opts.validation_batch_size) == (4, 7)
-    opts, _ = cli.parse_args(["--deepspeed-config", cfg, "--log-every", "3", "-vb", "5"])
+    opts, _ = arguments.parse_args(["--deepspeed-config", cfg, "--log-every", "3", "-vb", "5"])
     assert (opts.log_interval, opts.validation_batch_size) == (3, 5)
-    opts, _ = cli.parse_args(["--deepspeed_config", cfg, "--log-interval", "2",
+    opts, _ = arguments.parse_args(["--deepspeed_config", cfg, "--log-interval", "2",
                               "--eval-batch-size", "6", "--local_rank=1", "--deepspeed"])
     assert (opts.log_interval, opts.validation_batch_size, opts.local_rank) == (2, 6, 1)
     both = tu.write_config(str(tmp_path / "d.json"), train={"log_every": 4, "log_interval": 5})
     with pytest.raises(OptionsError, match="sets log_interval twice"):
-        cli.check_keys(json.load(open(both))["train"], "x")
+        arguments.check_keys(json.load(open(both))["train"], "x")
 
 
 def test_precedence_cli_over_yaml_over_json_over_defaults(tmp_path):
@@ -114,7 +114,7 @@ def test_precedence_cli_over_yaml_over_json_over_defaults(tmp_path):
     conf = tmp_path / "opts.yaml"
     conf.write_text(yaml.safe_dump({"deepspeed_config": cfg, "epochs": 5, "model": "resnet10t",
                                     "min_lr": "1e-3"}))  # YAML 1.1 reads 1e-3 as a string
-    opts, ds = cli.parse_args(["-c", str(conf), "--epochs", "3"])
+    opts, ds = arguments.parse_args(["-c", str(conf), "--epochs", "3"])
     defaults = TrainOptions()
     assert opts.epochs == 3                       # command line
     assert opts.model == "resnet10t"              # -c YAML over the JSON section
@@ -125,28 +125,28 @@ def test_precedence_cli_over_yaml_over_json_over_defaults(tmp_path):
     assert opts.sched == "cosine"  # resolved: the config has no DeepSpeed scheduler
     # The command line's --deepspeed_config wins over the YAML's.
     other = tu.write_config(str(tmp_path / "o.json"), base="zero0_ldb.json")
-    opts, ds = cli.parse_args(["-c", str(conf), "--deepspeed_config", other])
+    opts, ds = arguments.parse_args(["-c", str(conf), "--deepspeed_config", other])
     assert opts.deepspeed_config == other and opts.model == "resnet10t" and opts.lr is None
 
 
 def test_resolved_deepspeed_config(tmp_path):
     cfg = tu.write_config(str(tmp_path / "c.json"), base="zero2_ldb.json",
                           train={"model": "resnet18", "lr": 0.2})
-    opts, ds = cli.parse_args(["--deepspeed_config", cfg])
+    opts, ds = arguments.parse_args(["--deepspeed_config", cfg])
     opts.experiment = "x"
-    resolved = cli.resolve_ds_config(ds, opts)
+    resolved = arguments.resolve_ds_config(ds, opts)
     assert "train" not in resolved and resolved["optimizer"]["params"]["lr"] == 0.2
     assert resolved["tensorboard"] == {"enabled": True, "output_path": "runs", "job_name": "x"}
     opts.batch_size = 16
     paper = json.load(open(os.path.join(tu.REPO, "ds_configs", "paper_scratch_ldb.json")))
-    resolved = cli.resolve_ds_config(paper, opts)
+    resolved = arguments.resolve_ds_config(paper, opts)
     assert resolved["train_micro_batch_size_per_gpu"] == 16 and "train_batch_size" not in resolved
-    assert cli.default_experiment(opts, ds, 4) == "digits-resnet18-ldb-z2-ws4"
+    assert arguments.default_experiment(opts, ds, 4) == "digits-resnet18-ldb-z2-ws4"
 
 
 def _error(capsys, argv):
     with pytest.raises(SystemExit) as exc:
-        cli.parse_args(argv)
+        arguments.parse_args(argv)
     assert exc.value.code == 2
     return capsys.readouterr().err
 
@@ -157,7 +157,7 @@ def test_option_errors(tmp_path, capsys):
     assert "unknown key(s) in the 'train' section" in err and "epochs" in err
     sched = tu.write_config(str(tmp_path / "s.json"),
                             scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 5}})
-    opts, _ = cli.parse_args(["--deepspeed_config", sched])
+    opts, _ = arguments.parse_args(["--deepspeed_config", sched])
     assert opts.sched == "none"  # DeepSpeed's scheduler drives the LR
     assert "would both set the learning rate" in _error(
         capsys, ["--deepspeed_config", sched, "--sched", "cosine"])
@@ -196,7 +196,7 @@ def test_option_types_match_the_application():
 def test_docs_list_every_option():
     """docs/training.md's option table is the one generated from the fields."""
     with open(os.path.join(tu.REPO, "docs", "training.md")) as f:
-        assert cli.options_table() in f.read(), "regenerate: python -m ldb_ds.train.cli --update-docs"
+        assert arguments.options_table() in f.read(), "regenerate: python -m ldb_ds.train.arguments --update-docs"
 
 
 def _lrs(opts, epochs, base=0.1):

@@ -21,7 +21,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from ldb_ds.runtime import free_port, release_shm_segment
+from ldb_ds.process import free_port, release_shm_segment
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, accelerator: str = "cpu") -> None:

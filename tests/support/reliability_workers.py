@@ -52,7 +52,7 @@ def engine_for(cfg: dict[str, Any], dropout: float = 0.2):
 
 
 def train_step(engine, step: int, rank: int, scale: float = 1.0) -> None:
-    from ldb_ds.runtime import input_dtype
+    from ldb_ds.process import input_dtype
 
     x, y = batch(step, rank, dtype=input_dtype(engine))
     loss = F.cross_entropy(engine(x).float(), y) * scale
@@ -116,7 +116,7 @@ def nonfinite_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, An
 
 def precheck_cases(rank: int, stages: list[int]) -> list[dict[str, Any]]:
     """Pre-check then two steps vs two steps alone: weights, buffers and RNG must be identical."""
-    from ldb_ds.safety import drop_batch_precheck
+    from ldb_ds.runtime_checks import drop_batch_precheck
 
     out = []
     for stage in stages:
@@ -145,7 +145,7 @@ def precheck_oom(rank: int) -> str:
     """A DROP batch far beyond what the address-space limit allows: every rank gets the same error."""
     import resource
 
-    from ldb_ds.safety import DropBatchMemoryError, drop_batch_precheck
+    from ldb_ds.runtime_checks import DropBatchMemoryError, drop_batch_precheck
 
     engine = engine_for(config(0))
     # Each rank is allowed its current address space plus 2 GiB: the 6 GiB activation of the
@@ -175,7 +175,7 @@ def precheck_oom(rank: int) -> str:
 
 
 def replica_checks(rank: int) -> dict[str, str]:
-    from ldb_ds.safety import ReplicaDivergence, check_replicas
+    from ldb_ds.runtime_checks import ReplicaDivergence, check_replicas
 
     engine = engine_for(config(0))
     engine.set_epoch(1)

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ldb_ds.runtime import free_port
+from ldb_ds.process import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "launch", "train.py")

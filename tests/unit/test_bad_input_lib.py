@@ -21,7 +21,7 @@ import torch
 import ldb_ds
 from ldb_ds import config as ldb_config
 from ldb_ds.config import LDBConfigError
-from ldb_ds.runtime import free_port
+from ldb_ds.process import free_port
 from tests.support.bad_input_workers import ON, ds_config, make_model, run_engine_cases, tree_hashes
 from tests.support.dist import run_distributed
 

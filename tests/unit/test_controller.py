@@ -27,9 +27,9 @@ def _controller(**ldb) -> tuple[LDBController, nn.Module, torch.optim.Optimizer]
 
 def _window(c: LDBController) -> tuple[int, ...]:
     c.open_window()
-    plan = c.begin_step()
+    step = c.begin_step()
     dropped = c.state.dropped_units
-    assert plan.skipped_groups == frozenset(dropped)  # one group per unit here
+    assert step.skipped_groups == frozenset(dropped)  # one group per unit here
     c.end_step()
     return dropped
 

@@ -30,7 +30,7 @@ import json, sys
 import torch
 from torch import nn
 import ldb_ds
-from ldb_ds.runtime import init_process, teardown
+from ldb_ds.process import init_process, teardown
 
 after_import = sorted(m for m in sys.modules if m.split(".")[0] in APPS)
 init_process(threads=1, backend="gloo")
@@ -98,10 +98,12 @@ CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
     "state_file": "torch",
-    "guards": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
+    "refusals": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
     "attach": "deepspeed",
     "engine": "deepspeed",
-    "runtime": "deepspeed", "safety": "deepspeed", "__init__": "pure",
+    "process": "deepspeed", "runtime_checks": "deepspeed", "__init__": "pure",
+    # Deprecated names (one release): each re-exports its new module, so it sits in that module's layer.
+    "guards": "deepspeed", "safety": "deepspeed", "runtime": "deepspeed",
 }
 # Core packages (a directory with __init__.py): every file in them is held to the package's layer.
 CORE_PACKAGES = {"zero_hooks"}
@@ -113,8 +115,8 @@ SHARED = "workloads"
 # core only.
 MAY_IMPORT = {"train": {SHARED}, "bench": {SHARED}, "integrations": set(), SHARED: set()}
 # ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
-ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "refusals", "norms", "patches", "zero0_step", "zero12_step",
-                      "zero3_step", "step_loops"}
+ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "step_paths", "norms", "patches", "zero0_step",
+                      "zero12_step", "zero3_step", "step_loops"}
 
 
 def _files_of(module: str) -> list[pathlib.Path]:
@@ -259,7 +261,7 @@ def test_zero_hooks_keeps_its_public_names():
 
 
 def test_deepspeed_internals_stay_in_zero_hooks():
-    # Private DeepSpeed modules (deepspeed.runtime.*) are imported by zero_hooks only; guards and
+    # Private DeepSpeed modules (deepspeed.runtime.*) are imported by zero_hooks only; refusals and
     # the engine use DeepSpeed's public API and config keys.
     for module in sorted(CORE_LAYERS):
         if module == "zero_hooks":
@@ -277,6 +279,21 @@ def test_no_file_in_the_package_is_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in CORE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500 and str(p.relative_to(ROOT)) not in PENDING_SPLIT}
     assert not long, f"split these modules: {long}"
+
+
+def test_console_scripts_and_module_entry_points_resolve():
+    # pyproject's [project.scripts] name a module and a function: a renamed module must take them along.
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"ldb-train", "ldb-bench"}
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), f"{name} = {target!r}"
+    for app in ("train", "bench"):  # python -m ldb_ds.train / ldb_ds.bench run the same function
+        main = _imported_modules(CORE / app / "__main__.py")
+        assert main & {scripts[f"ldb-{app}"].partition(":")[0]}, f"ldb_ds/{app}/__main__.py imports {main}"
 
 
 def test_declared_core_dependencies_are_torch_and_deepspeed_only():

@@ -1,7 +1,7 @@
 """ldb_ds.initialize refuses, before DeepSpeed builds anything, the offload variants whose step bypasses its hooks.
 
 Each refused setting is one DeepSpeed accepts; the error names the setting, why it is refused and
-what to use instead (ldb_ds/zero_hooks/refusals.py, ``refuse_unverified_step_paths``, has the DeepSpeed
+what to use instead (ldb_ds/zero_hooks/step_paths.py, ``refuse_unverified_step_paths``, has the DeepSpeed
 file:line of each path). Plain ZeRO-Offload is supported and tested on 2 ranks in
 tests/dist/test_offload_dist.py.
 """
@@ -14,7 +14,7 @@ from torch import nn
 
 import ldb_ds
 from ldb_ds import zero_hooks
-from ldb_ds.runtime import free_port
+from ldb_ds.process import free_port
 
 
 def _config(zero: dict, optimizer: dict | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Setups refused at ldb_ds.initialize, each with what is unsupported and why (ldb_ds/guards.py).
+"""Setups refused at ldb_ds.initialize, each with what is unsupported and why (ldb_ds/refusals.py).
 
 All of these are refused before DeepSpeed is called, so one process suffices; the refusals
 that need a process group to build the model or the engine (a PipelineModule, DeepSpeed's
@@ -16,7 +16,7 @@ from torch import nn
 
 import ldb_ds
 from ldb_ds import LDBConfig, functional as ldb
-from ldb_ds.guards import LDBUnsupportedError, check_setup
+from ldb_ds.refusals import LDBUnsupportedError, check_setup
 from ldb_ds.units import build_units
 
 

@@ -20,9 +20,9 @@ import deepspeed
 import ldb_ds
 from ldb_ds.attach import attach
 from ldb_ds.config import LDBConfigError
-from ldb_ds.guards import DeepSpeedSettings, LDBUnsupportedError, check_settings
+from ldb_ds.refusals import DeepSpeedSettings, LDBUnsupportedError, check_settings
 from ldb_ds.integrations.hf.plan import plan_param_groups
-from ldb_ds.runtime import free_port
+from ldb_ds.process import free_port
 from ldb_ds.setup import prepare
 from tests.unit.test_refusals import CASES, _config, _model
 

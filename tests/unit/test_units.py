@@ -7,7 +7,8 @@ import torchvision
 from timm.optim import param_groups_weight_decay
 
 from ldb_ds.config import LDBConfig, LDBConfigError
-from ldb_ds.units import (build_units, check_sampleable, describe_tied_weights, normalise_param_groups,
+from ldb_ds.refusals import check_sampleable
+from ldb_ds.units import (build_units, describe_tied_weights, normalise_param_groups,
                           split_groups_by_unit, tied_weights)
 
 

@@ -59,7 +59,7 @@ from deepspeed.accelerator import get_accelerator
 from ...attach import Attachment
 from ...config import LDBConfig
 from ...controller import LDBState
-from ...runtime import release_shm_segment
+from ...process import release_shm_segment
 from .logs import LogWindow
 from .plan import LDBPlan, check_supported, plan_param_groups, split_optimizer_in_place
 

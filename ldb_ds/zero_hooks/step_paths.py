@@ -1,7 +1,8 @@
 """DeepSpeed settings whose optimizer step would bypass the step filter, refused before ``deepspeed.initialize``.
 
 The config keys are public, but why each one is refused is an internal of DeepSpeed's step
-(docs/design.md, section 4), so the rule lives here with the other internals.
+(docs/design.md, section 4), so the rule lives here with the other internals. It is the one
+set-up refusal outside :mod:`ldb_ds.refusals`, whose ``check_setup`` and ``check_engine`` call it.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import report as rep
-from .options import BenchOptions, parse
-from .runtime import BenchContext
+from .bench_options import BenchOptions, parse
+from .harness import BenchContext
 
 
 def _runners() -> dict[str, Callable[[BenchContext], dict[str, Any]]]:
@@ -64,8 +64,8 @@ def run_report(opts: BenchOptions) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..runtime import teardown
-    from .runtime import setup
+    from ..process import teardown
+    from .harness import setup
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse(argv)
@@ -109,7 +109,7 @@ def check_out_dir(out: str) -> str:
     """``""`` if ``--out`` is, or can be created as, a writable directory; else the one-line reason."""
     if not out or "\0" in out:
         return f"--out {out!r} is not a usable directory name"
-    from ..runtime import unusable_output_dir
+    from ..process import unusable_output_dir
 
     why, probe = unusable_output_dir(out)
     if why in ("file", "under_file"):
@@ -128,8 +128,8 @@ def _usage_error(message: str) -> int:
 
 
 def run() -> None:
-    """The ``ldb-bench`` entry point: :func:`main`, then :func:`ldb_ds.runtime.exit_process` with its code."""
-    from ..runtime import exit_process
+    """The ``ldb-bench`` entry point: :func:`main`, then :func:`ldb_ds.process.exit_process` with its code."""
+    from ..process import exit_process
 
     exit_process(main())
 

@@ -1,4 +1,4 @@
-"""The process bootstrap (ldb_ds.runtime) on 2 real ranks."""
+"""The process bootstrap (ldb_ds.process) on 2 real ranks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def _shm_state(rank: int) -> dict:
     import deepspeed.comm as dist
     import torch
 
-    from ldb_ds.runtime import shm_segment_path
+    from ldb_ds.process import shm_segment_path
 
     t = torch.ones(3) * (rank + 1)
     dist.all_reduce(t)  # the process group still works after the names are gone
@@ -20,7 +20,7 @@ def _shm_state(rank: int) -> dict:
 
 
 def test_deepspeed_shm_segments_do_not_outlive_the_run():
-    # run_distributed starts ranks the way ldb_ds.runtime.init_process does (release_shm_segment
+    # run_distributed starts ranks the way ldb_ds.process.init_process does (release_shm_segment
     # right after init_distributed). DeepSpeed's CPU backend really created its segments (the shm
     # op is loaded), and none is left in /dev/shm to leak 69 MB per rank after the processes exit.
     results = run_distributed(_shm_state, 2, timeout=300)

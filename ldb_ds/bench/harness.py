@@ -1,6 +1,6 @@
 """What every measuring mode shares: the process context, timing, the two engines and the conditions.
 
-The process itself joins the run through the core's one bootstrap (:func:`ldb_ds.runtime.init_process`:
+The process itself joins the run through the core's one bootstrap (:func:`ldb_ds.process.init_process`:
 threads, process group, device), exactly as the training app and the tests do.
 """
 
@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ..runtime import Process, init_process, synchronize
+from ..process import Process, init_process, synchronize
 from . import report as rep
-from .options import BenchOptions
+from .bench_options import BenchOptions
 
 SHARED_NOTE = ("Wall-clock timings on a machine that may have been shared with other jobs; "
                "compare the ratios measured in the same run, not absolute times.")

@@ -1,4 +1,4 @@
-"""The application's per-step checks, as one step hook (:class:`RunGuard`), and the DROP-batch pre-check.
+"""The application's per-step checks, as one step hook (:class:`StepChecks`), and the DROP-batch pre-check.
 
 At every optimizer step (the end of an accumulation window, the only moment a checkpoint may be
 taken), in this order:
@@ -11,7 +11,7 @@ taken), in this order:
    ``--on-nonfinite stop`` ends the run (exit code 3) without saving anything over the last good
    checkpoint, and ``skip`` goes on, putting back the BatchNorm statistics the skipped forward
    changed. ``--max-consecutive-skips`` bounds a run that only skips.
-2. **Replica check** every ``--verify-every`` steps (:func:`ldb_ds.safety.check_replicas`).
+2. **Replica check** every ``--verify-every`` steps (:func:`ldb_ds.runtime_checks.check_replicas`).
 3. **Stop requests** (preemption): the ranks agree (:class:`ldb_ds.train.faults.StopAgreement`),
    save a checkpoint of this point of the epoch and end with exit code 75.
 4. **Step checkpoints** every ``--ckpt-every-steps`` optimizer steps.
@@ -29,7 +29,7 @@ from .faults import EXIT_DIVERGED, EXIT_MEMORY, EXIT_NONFINITE, EXIT_PREEMPTED, 
 from .loop import StepEvent, TrainContext, paused
 
 
-class RunGuard:
+class StepChecks:
     """Step hook for the checks above; counts go to ``ctx.state.counters`` and TensorBoard."""
 
     def __init__(self, ctx: TrainContext, agreement: StopAgreement | None = None):
@@ -81,7 +81,7 @@ class RunGuard:
         if step % opts.log_interval == 0:
             self._write_counts()
         if opts.verify_every and step % opts.verify_every == 0:
-            from ldb_ds.safety import ReplicaDivergence, check_replicas
+            from ldb_ds.runtime_checks import ReplicaDivergence, check_replicas
 
             try:
                 check_replicas(engine, group=ctx.control_group,
@@ -141,13 +141,13 @@ class RunGuard:
 
 
 def drop_precheck(ctx: TrainContext, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """Before the first epoch: does the DROP micro batch fit? (``ldb_ds.safety.drop_batch_precheck``).
+    """Before the first epoch: does the DROP micro batch fit? (``ldb_ds.runtime_checks.drop_batch_precheck``).
 
     Only where a DROP epoch lies ahead with ``batch_scaling: micro_batch`` and ``batch_kappa > 1``
     (the only case where DROP steps need more memory than FULL ones). Random inputs from a
     generator of its own; the check restores every RNG and buffer it touches.
     """
-    from ldb_ds.safety import DropBatchMemoryError, drop_batch_precheck
+    from ldb_ds.runtime_checks import DropBatchMemoryError, drop_batch_precheck
     from ldb_ds.schedule import Mode, epoch_mode
 
     engine, opts = ctx.engine, ctx.opts
@@ -172,4 +172,4 @@ def drop_precheck(ctx: TrainContext, input_shape: tuple[int, ...], num_classes: 
     log(f"DROP-batch memory check: a micro batch of {n} per rank fits ({time.perf_counter() - t0:.1f} s)")
 
 
-__all__ = ["RunGuard", "drop_precheck"]
+__all__ = ["StepChecks", "drop_precheck"]
