@@ -32,6 +32,7 @@ VERIFIED_DEEPSPEED = ("0.19.8", "0.19.8")
 # not installed and DeepSpeed's own code runs.
 MIRRORED_SOURCES = {
     "stage_1_and_2.DeepSpeedZeroOptimizer.step": "9520884fd916d178",
+    "stage_1_and_2.DeepSpeedZeroOptimizer._update_model_bit16_weights": "f6e3c0c53b4a7e06",
     "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step": "d7e21affbbf9b696",
     "utils.all_gather_into_tensor_dp_groups": "6e61807fbe6b0417",
     "stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups": "6a068faa3149b1f4",

@@ -35,13 +35,14 @@ from .groups import NOT_A_GRADIENT, step_groups
 from .norms import group_square_sums
 from .patches import Kind, PatchSet, fallback_warning
 from .version import mirrors_verified
+from .views import point_into
 
 NORM_MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.scaled_global_norm",
                  "stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct", "utils.combine_grad_norm_groups"]
 """The DeepSpeed functions :func:`install_batched_grad_norm` mirrors: a changed source keeps DeepSpeed's own norm."""
 
 MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.step", "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step",
-            "utils.all_gather_into_tensor_dp_groups"]
+            "utils.all_gather_into_tensor_dp_groups", "stage_1_and_2.DeepSpeedZeroOptimizer._update_model_bit16_weights"]
 """The DeepSpeed functions :func:`step` mirrors (keys of ``version.MIRRORED_SOURCES``)."""
 
 
@@ -158,6 +159,15 @@ def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
                                                       OPTIMIZER_TIMERS)
 
     zeros: dict[tuple, torch.Tensor] = {}
+    # _update_model_bit16_weights (:889) points each parameter of group i (in round-robin order)
+    # at flat.narrow(0, offset, numel).view(shape), then sets each param's data to its own
+    # round-robin entry's data: the same objects reordered (_round_robin_reorder), so the second
+    # loop is a no-op wherever that holds, checked here once. The layouts are fixed at __init__.
+    same_params = all(rr[idx[k]] is p for rr, idx, group in
+                      zip(z.round_robin_bit16_groups, z.round_robin_bit16_indices, z.bit16_groups)
+                      for k, p in enumerate(group))
+    layouts = [(rr, offsets, [meta.shape for meta in metas]) for rr, offsets, metas in
+               zip(z.round_robin_bit16_groups, z.round_robin_bit16_offsets, z.round_robin_bit16_meta)]
 
     def padding(numel: int, like: torch.Tensor) -> torch.Tensor:
         # A zero buffer per dtype and device, grown to the largest padding seen, never written.
@@ -267,10 +277,13 @@ def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
                              [z.parallel_partitioned_bit16_groups[i] for i in kept], process_group,
                              z.allgather_bucket_size)
         z.timers(OPTIMIZER_ALLGATHER_TIMER).stop()
-        # :3163-3164: re-point the model parameters into the flat buffers. A dropped group's
-        # buffer was not written, its parameters already point into it.
+        # :3163-3164: re-point the model parameters into the flat buffers (views.point_into:
+        # only those that moved, normally none). A dropped group's buffer was not written.
         for i in kept:
-            z._update_model_bit16_weights(i)
+            if same_params:
+                point_into(z.bit16_groups_flat[i], *layouts[i])
+            else:
+                z._update_model_bit16_weights(i)
         z.timers.log(OPTIMIZER_TIMERS)
 
     return step

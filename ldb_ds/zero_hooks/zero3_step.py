@@ -28,6 +28,7 @@ import torch
 from ..functional import MERGEABLE_OPTIMIZERS
 from .groups import NOT_A_GRADIENT, zero_stage
 from .norms import group_square_sums
+from .views import point_into
 
 MIRRORED = {
     "norm": ["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups",
@@ -230,19 +231,20 @@ def step(z: Any, step_state: Any) -> Callable:
 
 
 def _repoint_partitions(z: Any, sub_group: int) -> None:
-    """``_unflatten_partitioned_parameters`` (``stage3.py:2792``) without its per-call op.
+    """``_unflatten_partitioned_parameters`` (``stage3.py:2792``) for what moved only.
 
     DeepSpeed points each partitioned parameter at its slice of the sub-group's flat 16-bit
-    buffer with ``torch._C._nn.unflatten_dense_tensors``, which is ``flat.narrow(0, offset,
-    numel).view_as(t)`` per tensor in one aten op per sub-group: one op per unit here. The same
-    views made directly are metadata only (no kernel, no aten op doing work).
+    buffer (``unflatten_dense_tensors``: ``flat.narrow(0, offset, numel).view_as(t)`` per tensor,
+    in order, then ``t.data = view``): one aten op per sub-group, one per unit here, and a
+    ``Tensor.data`` swap per parameter. :func:`.views.point_into` gives the same views, set only
+    where a parameter does not already point there (metadata only, no aten op doing work).
     """
-    flat = z.fp16_partitioned_groups_flat[sub_group]
-    offset = 0
-    for partitioned_param in z.fp16_partitioned_groups[sub_group]:
-        numel = partitioned_param.numel()
-        partitioned_param.data = flat.narrow(0, offset, numel).view_as(partitioned_param).data
-        offset += numel
+    params = z.fp16_partitioned_groups[sub_group]
+    offsets, offset = [], 0
+    for partitioned_param in params:
+        offsets.append(offset)
+        offset += partitioned_param.numel()
+    point_into(z.fp16_partitioned_groups_flat[sub_group], params, offsets, [p.shape for p in params])
 
 
 def _step_kept(z: Any, kept: list[int]) -> None:

@@ -30,6 +30,10 @@ EXTRA = [
     # group (SGD), or one call per sub-group for an optimizer whose groups are not merged.
     {"stage": 3, "optimizer": "sgd", "sub_group_size": 100},
     {"stage": 3, "optimizer": "rmsprop", "sub_group_size": 100},
+    # Parameters moved off the flat buffers (as by a load or p.data = ...) before a FULL step:
+    # views.point_into must put them back, as DeepSpeed's re-pointing does.
+    {"stage": 2, "optimizer": "adamw", "move_params": 1},
+    {"stage": 3, "optimizer": "sgd", "move_params": 1},
 ]
 STALE = [{"stage": 2, "optimizer": "sgd", "stale_source": True}, {"stage": 3, "optimizer": "sgd", "stale_source": True}]
 CASES = ZERO12 + EXTRA + STALE
@@ -55,7 +59,8 @@ ZERO0 = [
 
 def case_id(c):
     return "-".join([f"zero{c['stage']}", c["optimizer"]] + [k for k in ("bf16", "fp16", "clip", "poison_step",
-                                                                      "stale_source", "sub_group_size", "blocks")
+                                                                      "stale_source", "sub_group_size", "blocks",
+                                                                      "move_params")
                                                           if k in c])
 
 
@@ -80,6 +85,9 @@ def test_ldb_step_is_bitwise_deepspeeds_step(results, case):
             # Weights, fp32 masters and optimizer state of every unit, and the gradient norm.
             assert s["equal"], (s["mode"], s["dropped"], s["differing"])
             assert s["norm_equal"]
+            # After every step both engines' parameters (ZeRO-3: partitions) are views of the flat
+            # buffers, where DeepSpeed's re-pointing leaves them (also after "move_params").
+            assert s["in_flat_buffers"] == (True, True)
     if case["optimizer"] == "adamw":
         assert r0["steps"][0]["state_keys"] > 0  # the comparison covers optimizer state
 

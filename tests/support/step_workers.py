@@ -143,6 +143,9 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
             engine.set_epoch(epoch)
         for _ in range(2):
             calls = []
+            if step == case.get("move_params"):  # params moved off the flat buffers before this step
+                for engine in (ours, theirs):
+                    _move_params(engine)
             for engine in (ours, theirs):
                 counter = CollectiveCounter()
                 try:
@@ -163,12 +166,39 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
                           "loss_scale": (getattr(ours.ds_engine.optimizer, "loss_scale", None),
                                          getattr(theirs.ds_engine.optimizer, "loss_scale", None)),
                           "clipped": _clip_applied(theirs.ds_engine),
+                          "in_flat_buffers": (_in_flat_buffers(ours), _in_flat_buffers(theirs)),
                           "calls_ours": calls[0], "calls_theirs": calls[1]})
             step += 1
     ours.destroy()
     theirs.destroy()
     return {"installed": installed, "steps": steps, "sub_groups": len(getattr(ours.ds_engine.optimizer, "fp16_groups", ())),
             "groups": len(ours.controller.group_dicts)}
+
+
+def _partitions(engine) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors DeepSpeed points into its flat buffers after a step, and those buffers:
+    ZeRO-1/2 the model parameters and ``bit16_groups_flat``, ZeRO-3 the parameters' partitions
+    (``ds_tensor``) and ``fp16_partitioned_groups_flat``."""
+    z = engine.ds_engine.optimizer
+    if hasattr(z, "fp16_partitioned_groups_flat"):
+        return [p.ds_tensor for p in engine.ds_engine.module.parameters()], list(z.fp16_partitioned_groups_flat)
+    return list(engine.ds_engine.module.parameters()), list(getattr(z, "bit16_groups_flat", ()))  # ZeRO-0: none
+
+
+def _move_params(engine) -> None:
+    """Point every partition tensor at a copy of itself (same values, other memory), as a load
+    or a user's ``p.data = ...`` may: the next step must point them back into the flat buffers."""
+    for t in _partitions(engine)[0]:
+        t.data = t.data.clone()
+
+
+def _in_flat_buffers(engine) -> bool | None:
+    """Whether every partition tensor lies in one of the flat buffers' memory (None: ZeRO-0, no buffers)."""
+    tensors, flats = _partitions(engine)
+    if not flats:
+        return None
+    storages = {f.untyped_storage().data_ptr() for f in flats}
+    return all(t.untyped_storage().data_ptr() in storages for t in tensors)
 
 
 def _clip_applied(ds_engine) -> bool | None:

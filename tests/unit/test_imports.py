@@ -115,7 +115,7 @@ SHARED = "workloads"
 # core only.
 MAY_IMPORT = {"train": {SHARED}, "bench": {SHARED}, "integrations": set(), SHARED: set()}
 # ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
-ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "step_paths", "norms", "patches", "zero0_step",
+ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "step_paths", "norms", "views", "patches", "zero0_step",
                       "zero12_step", "zero3_step", "step_loops"}
 
 

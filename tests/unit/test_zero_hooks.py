@@ -91,3 +91,23 @@ def test_older_deepspeed_is_refused_with_the_reason():
     # Measured: 0.19.7 and older fail inside ldb_ds's hooks; 0.19.5 and older corrupt ZeRO-3 checkpoints.
     with pytest.raises(RuntimeError, match=r"needs deepspeed >= 0\.19\.8, found 0\.19\.7"):
         zero_hooks.check_deepspeed_version("0.19.7")
+
+
+def test_point_into_sets_only_the_parameters_that_moved():
+    from ldb_ds.zero_hooks.views import point_into
+
+    flat = torch.arange(20, dtype=torch.float32)
+    shapes = [torch.Size([2, 2]), torch.Size([3]), torch.Size([3, 3])]
+    offsets = [0, 4, 7]
+    params = [flat.narrow(0, o, s.numel()).view(s) for o, s in zip(offsets, shapes)]
+    assert point_into(flat, params, offsets, shapes) == 0  # already there: nothing set
+    # Moved elsewhere (same values), transposed in place (same address and shape), wrong dtype view.
+    params[0].data = params[0].data.clone()
+    params[2].data = params[2].data.t()
+    params[1].data = flat.narrow(0, 4, 3).view(torch.int32).view(3)
+    assert point_into(flat, params, offsets, shapes) == 3
+    flat.add_(100)  # an in-place write to the buffer (the all-gather) is what every parameter reads
+    for p, o, s in zip(params, offsets, shapes):
+        assert p.dtype == flat.dtype and p.shape == s and p.is_contiguous()
+        assert torch.equal(p, flat.narrow(0, o, s.numel()).view(s))
+    assert point_into(flat, params, offsets, shapes) == 0
