@@ -125,16 +125,10 @@ def hide_groups(optimizer: torch.optim.Optimizer, hidden: Iterable[Mapping[str, 
 MERGEABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
-def _hyperparameter_key(group: Mapping[str, Any], cache: dict[int, tuple] | None = None) -> tuple:
-    """A hashable key equal for two groups exactly when every value but ``params`` is equal.
-
-    Called per group per step, so the per-group work is kept in C: the key names are looked up
-    once per group dict (``cache``, keyed by the dict's identity and checked against it and its
-    length) and the values read with one ``itemgetter`` and hashed as one tuple. The values
-    themselves are read at every call: schedulers (and the DROP factor) write ``lr`` every
-    step, so a cached *value* would go stale. A value that cannot be hashed (a list or dict)
-    falls back to the per-value key, where only the same object counts as equal.
-    """
+def _key_reader(group: Mapping[str, Any], cache: dict[int, tuple] | None) -> tuple:
+    """``(group, len(group), read_values, names)`` for ``group``: its hyperparameter names (every key
+    but ``params``) and an ``itemgetter`` of their values, looked up once per group dict
+    (``cache``, keyed by the dict's identity and checked against it and its length)."""
     entry = cache.get(id(group)) if cache is not None else None
     if entry is None or entry[0] is not group or entry[1] != len(group):
         names = tuple(k for k in group if k != "params")
@@ -142,19 +136,19 @@ def _hyperparameter_key(group: Mapping[str, Any], cache: dict[int, tuple] | None
         entry = (group, len(group), getter, names)
         if cache is not None:
             cache[id(group)] = entry
-    key = (entry[3], entry[2](group))
-    try:
-        hash(key)
-        return key
-    except TypeError:  # a list or dict among the values: only the same object counts as equal
-        values = []
-        for v in key[1]:
-            try:
-                hash(v)
-            except TypeError:
-                v = ("unhashable", id(v))
-            values.append(v)
-        return (key[0], tuple(values))
+    return entry
+
+
+def _unhashable_key(key: tuple) -> tuple:
+    """``key`` with every unhashable value (a list or dict) replaced by its identity."""
+    values = []
+    for v in key[1]:
+        try:
+            hash(v)
+        except TypeError:
+            v = ("unhashable", id(v))
+        values.append(v)
+    return (key[0], tuple(values))
 
 
 @contextlib.contextmanager
@@ -179,13 +173,26 @@ def merged_groups(optimizer: torch.optim.Optimizer,
         return
     # Groups without params step nothing and are left out. ZeRO-3 (with offload) shows all N
     # groups, all but one empty, in each of its N calls: that stays a cheap check, not N keys.
+    # The key of a group: its hyperparameter names and values, equal for two groups exactly when
+    # every value but ``params`` is equal. Per group and step, so the work is kept in C: one
+    # itemgetter call, one tuple, one dict look-up (which hashes the key). The values are read at
+    # every step: schedulers (and the DROP factor) write ``lr`` every step, so a cached *value*
+    # would go stale; only the names are cached (_key_reader).
     members: dict[tuple, list[dict[str, Any]]] = {}
     nonempty = 0
+    cache = {} if key_cache is None else key_cache
     for g in groups:
         if g["params"]:
             nonempty += 1
-            key = _hyperparameter_key(g, key_cache)
-            same = members.get(key)
+            entry = cache.get(id(g))
+            if entry is None or entry[0] is not g or entry[1] != len(g):
+                entry = _key_reader(g, cache)
+            key = (entry[3], entry[2](g))
+            try:
+                same = members.get(key)
+            except TypeError:  # a list or dict among the values: only the same object counts as equal
+                key = _unhashable_key(key)
+                same = members.get(key)
             if same is None:
                 members[key] = [g]
             else:

@@ -173,3 +173,20 @@ def test_merged_groups_leaves_other_optimizers_and_writes_back_changed_hyperpara
         opt.step()
     assert opt.param_groups is before
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1] * 4  # the merged group held the decayed weights
+
+
+def test_merged_groups_key_reads_values_every_step_and_unhashable_values_by_identity():
+    params = [nn.Parameter(torch.ones(2)) for _ in range(4)]
+    shared = ["a"]
+    opt = torch.optim.SGD([{"params": [params[0]], "tag": shared}, {"params": [params[1]], "tag": shared},
+                           {"params": [params[2]], "tag": ["a"]}, {"params": [params[3]], "tag": ["a"]}], lr=0.1)
+    cache: dict = {}
+    with ldb.merged_groups(opt, cache) as groups:  # equal lists: merged only where the same object
+        assert [len(g["params"]) for g in groups] == [2, 1, 1]
+    opt.param_groups[1]["lr"] = 0.2  # a scheduler's write after the names were cached
+    with ldb.merged_groups(opt, cache) as groups:
+        assert [len(g["params"]) for g in groups] == [1, 1, 1, 1]
+    opt.param_groups[1]["lr"] = 0.1
+    opt.param_groups[3]["tag"] = shared
+    with ldb.merged_groups(opt, cache) as groups:
+        assert sorted(len(g["params"]) for g in groups) == [1, 3]
