@@ -155,3 +155,25 @@ def test_host_bench_renders_every_cell(ws1):
         # A DROP step skips the dropped units' weight gradients: fewer backward ops than a FULL step.
         backward = {v: cell["variants"][v]["phases"]["backward"]["ops"] for v in ("full", "drop")}
         assert backward["drop"] < backward["full"], backward
+
+
+def test_host_profile_script_reports_every_phase_and_the_costliest_functions():
+    """scripts/host_profile.py on a tiny cell: the phase table (off, full, per unit) and the two
+    per-function tables; a bad argument is one line and exit code 2."""
+    script = os.path.join(REPO, "scripts", "host_profile.py")
+    out = subprocess.run([sys.executable, script, "--units", "6", "--stage", "2", "--steps", "2", "--top", "3"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("ZeRO-2 fp32 sgd, N = 6, 2 steps per variant") for line in lines), out.stdout
+    for phase in ("forward", "backward", "step"):
+        row = next(line for line in lines if line.startswith(phase + " "))
+        off, full, per_unit = (float(v) for v in row.split()[1:])
+        # (ms printed to 3 decimals: the per-unit figure from the rounded ones is within 0.17 us)
+        assert off > 0 and full > 0 and abs(per_unit - (full - off) / 6 * 1e3) < 0.2, row
+    assert sum(line.startswith(("backward:", "step:")) for line in lines) == 2
+    # zero12_step's step runs in FULL only: it must appear among the step phase's functions.
+    assert "zero_hooks/zero12_step.py" in out.stdout
+    bad = subprocess.run([sys.executable, script, "--units", "2"], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--units must be at least 3" in bad.stderr
