@@ -125,18 +125,13 @@ def hide_groups(optimizer: torch.optim.Optimizer, hidden: Iterable[Mapping[str, 
 MERGEABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
-def _key_reader(group: Mapping[str, Any], cache: dict[int, tuple] | None) -> tuple:
-    """``(group, len(group), read_values, names)`` for ``group``: its hyperparameter names (every key
-    but ``params``) and an ``itemgetter`` of their values, looked up once per group dict
-    (``cache``, keyed by the dict's identity and checked against it and its length)."""
-    entry = cache.get(id(group)) if cache is not None else None
-    if entry is None or entry[0] is not group or entry[1] != len(group):
-        names = tuple(k for k in group if k != "params")
-        getter = operator.itemgetter(*names) if len(names) > 1 else (lambda g, n=names: tuple(g[k] for k in n))
-        entry = (group, len(group), getter, names)
-        if cache is not None:
-            cache[id(group)] = entry
-    return entry
+def _key_reader(group: Mapping[str, Any]) -> tuple:
+    """``(group, len(group), read_values, names)``: ``group``'s hyperparameter names (every key but
+    ``params``) and an ``itemgetter`` of their values. Made once per group dict (merged_groups'
+    ``key_cache``, checked against the dict's identity and length)."""
+    names = tuple(k for k in group if k != "params")
+    getter = operator.itemgetter(*names) if len(names) > 1 else (lambda g, n=names: tuple(g[k] for k in n))
+    return (group, len(group), getter, names)
 
 
 def _unhashable_key(key: tuple) -> tuple:
@@ -186,7 +181,7 @@ def merged_groups(optimizer: torch.optim.Optimizer,
             nonempty += 1
             entry = cache.get(id(g))
             if entry is None or entry[0] is not g or entry[1] != len(g):
-                entry = _key_reader(g, cache)
+                entry = cache[id(g)] = _key_reader(g)
             key = (entry[3], entry[2](g))
             try:
                 same = members.get(key)

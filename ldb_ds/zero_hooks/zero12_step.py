@@ -169,6 +169,11 @@ def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
     layouts = [(rr, offsets, [meta.shape for meta in metas]) for rr, offsets, metas in
                zip(z.round_robin_bit16_groups, z.round_robin_bit16_offsets, z.round_robin_bit16_meta)]
 
+    def point_group_into_flat(i: int) -> None:
+        point_into(z.bit16_groups_flat[i], *layouts[i])
+
+    repoint = point_group_into_flat if same_params else z._update_model_bit16_weights
+
     def padding(numel: int, like: torch.Tensor) -> torch.Tensor:
         # A zero buffer per dtype and device, grown to the largest padding seen, never written.
         key = (like.dtype, like.device)
@@ -280,10 +285,7 @@ def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
         # :3163-3164: re-point the model parameters into the flat buffers (views.point_into:
         # only those that moved, normally none). A dropped group's buffer was not written.
         for i in kept:
-            if same_params:
-                point_into(z.bit16_groups_flat[i], *layouts[i])
-            else:
-                z._update_model_bit16_weights(i)
+            repoint(i)
         z.timers.log(OPTIMIZER_TIMERS)
 
     return step

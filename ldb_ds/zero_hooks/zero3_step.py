@@ -158,7 +158,9 @@ def step(z: Any, step_state: Any) -> Callable:
     from deepspeed.runtime.zero.stage3 import OPTIMIZER_STEP_TIMER
     from deepspeed.utils import logger
 
-    layouts: dict[int, tuple] = {}  # _repoint_partitions' cache
+    # _unflatten_partitioned_parameters' layout per sub-group: partitions are sized once, at
+    # DeepSpeed's __init__, so their offsets and shapes are computed here, not per step.
+    layouts = [_partition_layout(params) for params in z.fp16_partitioned_groups]
 
     def _step(closure: Any = None) -> None:
         skipped = step_state.skipped_groups
@@ -214,7 +216,9 @@ def step(z: Any, step_state: Any) -> Callable:
             with torch.no_grad():
                 torch._foreach_copy_([z.fp16_partitioned_groups_flat[i] for i in kept], masters)
             for i, master in zip(kept, masters):
-                _repoint_partitions(z, i, layouts)
+                # _unflatten_partitioned_parameters (:2792): unflatten_dense_tensors' views
+                # (flat.narrow(0, offset, numel).view_as(t), in order), set only where moved.
+                point_into(z.fp16_partitioned_groups_flat[i], *layouts[i])
                 master.grad = None
             del flat
         z.timers(OPTIMIZER_STEP_TIMER).stop()
@@ -232,26 +236,14 @@ def step(z: Any, step_state: Any) -> Callable:
     return _step
 
 
-def _repoint_partitions(z: Any, sub_group: int, layouts: dict[int, tuple]) -> None:
-    """``_unflatten_partitioned_parameters`` (``stage3.py:2792``) for what moved only.
-
-    DeepSpeed points each partitioned parameter at its slice of the sub-group's flat 16-bit
-    buffer (``unflatten_dense_tensors``: ``flat.narrow(0, offset, numel).view_as(t)`` per tensor,
-    in order, then ``t.data = view``): one aten op per sub-group, one per unit here, and a
-    ``Tensor.data`` swap per parameter. :func:`.views.point_into` gives the same views, set only
-    where a parameter does not already point there (metadata only, no aten op doing work).
-    ``layouts`` caches each sub-group's offsets and shapes: partitions keep their sizes for the
-    optimizer's life (DeepSpeed sizes them once, at ``__init__``).
-    """
-    params = z.fp16_partitioned_groups[sub_group]
-    layout = layouts.get(sub_group)
-    if layout is None or layout[0] is not params or len(layout[1]) != len(params):
-        offsets, offset = [], 0
-        for partitioned_param in params:
-            offsets.append(offset)
-            offset += partitioned_param.numel()
-        layout = layouts[sub_group] = (params, offsets, [p.shape for p in params])
-    point_into(z.fp16_partitioned_groups_flat[sub_group], *layout)
+def _partition_layout(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int], list[torch.Size]]:
+    """The partitions, their offsets in the sub-group's flat buffer (in order, as
+    ``unflatten_dense_tensors`` lays them out) and their shapes, for :func:`.views.point_into`."""
+    offsets, offset = [], 0
+    for partitioned_param in params:
+        offsets.append(offset)
+        offset += partitioned_param.numel()
+    return params, offsets, [p.shape for p in params]
 
 
 def _step_kept(z: Any, kept: list[int]) -> None:
