@@ -48,19 +48,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace) -> dict:
+    """LDB off and LDB FULL over copies of the host benchmark's model and cell config (``bench.host``)."""
     import ldb_ds
-    from ldb_ds.bench.host import LDB_SECTION, make_model, optimizer_section
+    from ldb_ds.bench.bench_options import HostOptions
+    from ldb_ds.bench.host import LDB_SECTION, cell_config, make_model
 
+    cell = HostOptions()  # the benchmark's defaults: width and batch
     engines = {}
     for name, enabled in (("off", False), ("full", True)):
-        model = make_model(args.units, 8, seed=0)
+        model = make_model(args.units, cell.host_width, seed=0)
         if args.precision == "bf16":
             model = model.bfloat16()
-        config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                  "gradient_clipping": 0.0, "optimizer": optimizer_section(args.optimizer),
-                  "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": args.stage},
-                  "bf16": {"enabled": args.precision == "bf16"}, "steps_per_print": 10**9,
-                  "layer_drop_back": {**LDB_SECTION, "enabled": enabled}}
+        config = cell_config(cell.host_batch, args.stage, args.precision, args.optimizer, {**LDB_SECTION, "enabled": enabled})
         engines[name], _, _, _ = ldb_ds.initialize(model=model, model_parameters=list(model.parameters()),
                                                    config=config)
         engines[name].set_epoch(0)  # epoch 0 is a FULL epoch: LDB FULL against LDB off
@@ -78,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     engines = build(args)
     g = torch.Generator().manual_seed(0)
     first = engines["off"]
-    x = torch.randn(4, 8, generator=g).to(first.device, input_dtype(first))
-    y = torch.randn(4, 8, generator=g).to(first.device)
+    batch, width = first.micro_batch_size, first.module[0].in_features
+    x = torch.randn(batch, width, generator=g).to(first.device, input_dtype(first))
+    y = torch.randn(batch, width, generator=g).to(first.device)
     times = {v: {p: [] for p in PHASES} for v in engines}
     profiles = {v: {p: cProfile.Profile(time.thread_time) for p in ("backward", "step")} for v in engines}
 

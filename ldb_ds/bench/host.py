@@ -66,11 +66,11 @@ def optimizer_section(name: str) -> dict[str, Any]:
     return {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True, "foreach": True}}
 
 
-def cell_config(ctx: BenchContext, stage: int, precision: str, optimizer: str,
+def cell_config(batch: int, stage: int, precision: str, optimizer: str,
                 ldb: dict[str, Any] | None) -> dict[str, Any]:
     """The DeepSpeed config of one cell; ``ldb=None``: no ``layer_drop_back`` section (plain DeepSpeed)."""
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": ctx.opts.host.host_batch, "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,  # DeepSpeed 0.19.8 clips at 1.0 unless told; clipping is not measured here
         "optimizer": optimizer_section(optimizer), "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage}, "bf16": {"enabled": precision == "bf16"},
@@ -97,13 +97,13 @@ def build_engines(ctx: BenchContext, units: int, stage: int, precision: str, opt
 
     m = copy_of()
     ds_engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=m.parameters(),
-                                              config=cell_config(ctx, stage, precision, optimizer, None))
+                                              config=cell_config(h.host_batch, stage, precision, optimizer, None))
     engines = {"deepspeed": ds_engine}
     for key, enabled in (("off", False), ("ldb", True)):
         m = copy_of()
         engines[key], _, _, _ = ldb_ds.initialize(
             model=m, model_parameters=list(m.parameters()),
-            config=cell_config(ctx, stage, precision, optimizer, {**section, "enabled": enabled}))
+            config=cell_config(h.host_batch, stage, precision, optimizer, {**section, "enabled": enabled}))
     return engines
 
 
