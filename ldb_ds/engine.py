@@ -258,22 +258,19 @@ class LDBEngine:
         Every rank reads the same saved section from the same file and decides alike, without a
         collective: DeepSpeed's load needs every rank to see the checkpoint anyway.
         """
+        tag = state_file.latest_tag(self.ds_engine, load_dir) if tag is None else tag
         if tag is None:
-            latest = os.path.join(load_dir, "latest")
-            if not os.path.isfile(latest):
-                return  # DeepSpeed warns and loads nothing
-            with open(latest) as f:
-                tag = f.read().strip()
+            return  # DeepSpeed warns and loads nothing
         files = sorted(glob.glob(os.path.join(load_dir, str(tag), "*model_states.pt")))
         if not files:
             return  # DeepSpeed reports a missing checkpoint itself
-        try:  # mmap: only the small client-state entries are read, not the weights
-            saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-        except Exception:
-            return  # unreadable: DeepSpeed's own load reports it
         ldb = state_file.read(os.path.join(load_dir, str(tag), state_file.STATE_FILE))
-        if ldb is None and isinstance(saved, dict):  # a checkpoint from before the state file
-            ldb = saved.get(CLIENT_STATE_KEY)
+        if ldb is None:  # a checkpoint from before the state file: the section is in the client state
+            try:  # mmap: only the small client-state entries are read, not the weights
+                saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+            except Exception:
+                return  # unreadable: DeepSpeed's own load reports it
+            ldb = saved.get(CLIENT_STATE_KEY) if isinstance(saved, dict) else None
         # The saved section as a plain dict: an older checkpoint's section need not pass today's validation.
         theirs = _layout(ldb.get("config") if isinstance(ldb, dict) else None)
         ours = _layout(self.controller.cfg.to_dict())

@@ -32,7 +32,7 @@ from deepspeed.accelerator import get_accelerator
 
 from . import zero_hooks
 from .config import LDBConfig
-from .controller import LDBController, StepState, mask_group
+from .controller import LDBController, mask_group
 from .units import Unit, param_numel
 
 
@@ -53,11 +53,6 @@ class Installation:
         self.ds_engine = ds_engine
         self.controller = controller
         self.patches = patches
-
-    @property
-    def step_state(self) -> StepState:
-        """What every patch reads during a step (the controller fills it at the boundary)."""
-        return self.controller.step_state
 
     def describe(self) -> list[str]:
         """One line per patch: what it is, its kind, where."""

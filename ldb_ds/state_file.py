@@ -128,6 +128,9 @@ def load_checkpoint(ds_engine: Any, controller: Any, load: Callable[..., Any], l
     from the tag's :data:`STATE_FILE`, else from an older checkpoint's client state. A
     module-only load is a warm start: the mask stream, epoch and counters stay fresh.
     """
+    # Every rank takes the same branches below: DeepSpeed's own load needs every rank to see the
+    # checkpoint folder, so the tag, DeepSpeed's result and load_module_only agree on all ranks,
+    # and restore()'s broadcast (rank 0's LDB state) is reached by all or none.
     tag = latest_tag(ds_engine, load_dir) if tag is None else tag
     if tag is None:  # no 'latest' file: DeepSpeed warns and returns (None, None) itself
         return load(load_dir, None, *args, **kwargs), None

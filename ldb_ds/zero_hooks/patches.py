@@ -7,8 +7,8 @@ process-wide swap that is reference-counted. :meth:`PatchSet.remove` undoes them
 first, so wrappers that wrap wrappers (the non-finite skip around the step filter) unwind in
 order; afterwards DeepSpeed's objects hold no ldb_ds callable (tests/dist/test_patches_dist.py).
 
-Two kinds, because they fail differently when DeepSpeed's source is not the verified one
-(:data:`ldb_ds.zero_hooks.MIRRORED_SOURCES`):
+Three kinds; the first two fail differently when DeepSpeed's source is not the verified one
+(:data:`ldb_ds.zero_hooks.MIRRORED_SOURCES`), the third only labels what ``describe()`` lists:
 
 * ``OPTIMISATION``: a batched loop or norm that does what DeepSpeed's code does, faster. If the
   code it mirrors changed, it is not installed, with a warning: DeepSpeed's own code runs.
@@ -65,9 +65,6 @@ class PatchSet:
     def add_undo(self, name: str, kind: Kind, where: str, undo: Callable[[], None]) -> None:
         """A change made another way (a hook handle, a reference-counted swap) and how to undo it."""
         self._patches.append(Patch(name, kind, None, where, False, None, undo))
-
-    def patches(self) -> tuple[Patch, ...]:
-        return tuple(self._patches)
 
     def describe(self) -> list[str]:
         return [p.describe() for p in self._patches]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from ..functional import hide_groups, merged_groups
 from .groups import zero_stage
 from .patches import Kind, PatchSet, require_verified
+from .version import sources_match
 
 
 FILTER_CALLERS = {
@@ -40,8 +42,14 @@ def filter_callers(ds_engine: Any) -> list[str]:
     wrapper = ds_engine.optimizer
     if wrapper is getattr(ds_engine, "basic_optimizer", None):
         return FILTER_CALLERS["basic"]
-    # Exact types were checked by groups.check_group_order; the name picks the caller list.
-    return FILTER_CALLERS["basic"] + FILTER_CALLERS.get(type(wrapper).__name__, [])
+    # The name picks the caller list; a wrapper ldb_ds has none for is refused here, whether or
+    # not groups.check_group_order (which checks the exact types) ran on this entry's path.
+    callers = FILTER_CALLERS.get(type(wrapper).__name__)
+    if callers is None:
+        raise RuntimeError(f"ldb_ds does not run LayerDropBack on DeepSpeed's optimizer wrapper "
+                           f"{type(wrapper).__name__}: its hooks were verified on "
+                           f"{', '.join(k for k in FILTER_CALLERS if k != 'basic')} and the basic optimizer")
+    return FILTER_CALLERS["basic"] + callers
 
 
 def install_group_step_filter(optimizer: torch.optim.Optimizer, step_state: Any, patches: PatchSet) -> None:
@@ -92,7 +100,8 @@ _ALLGATHER_SWAPS: dict[str, tuple[Callable, int]] = {}
 def install_allgather_skip(ds_engine: Any, patches: PatchSet) -> bool:
     """Leave dropped groups out of DeepSpeed's post-step all-gather where DeepSpeed's own loop runs.
 
-    ``DeepSpeedZeroOptimizer.step`` (ZeRO-1/2, where ldb_ds's own loop is not installed) and
+    ``DeepSpeedZeroOptimizer.step`` (ZeRO-1/2, wherever DeepSpeed's own step runs: no ldb_ds loop
+    installed, or its per-step fallback, ``zero12_step._plain_gradients``) and
     ``BF16_Optimizer.step`` call the module-level function ``all_gather_dp_groups`` of their own
     module once with the lists of all groups; while a step runs under :func:`skipping`, the
     swapped-in version passes on only the kept groups. Exact because the skipped groups were
@@ -173,7 +182,13 @@ def install_nonfinite_skip(ds_engine: Any, patches: PatchSet) -> bool:
         return False
     if getattr(opt, "_ldb_nonfinite_wrapped", False):
         return True
-    require_verified("the stage-0 non-finite skip", ["engine.DeepSpeedEngine._take_model_step"])
+    # The skip relies on _take_model_step reading opt.overflow. With LDB on, installation.install
+    # has already refused a changed one (the step filter's callers include it); an application
+    # installing the skip with LDB off gets DeepSpeed's own behaviour instead, with a warning.
+    if not sources_match(FILTER_CALLERS["basic"]):
+        warnings.warn("ldb_ds: the stage-0 non-finite skip is not installed: DeepSpeed's "
+                      "engine._take_model_step is not the verified source", RuntimeWarning, stacklevel=2)
+        return False
     original_step = opt.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
