@@ -32,6 +32,11 @@ def check_epoch(epoch: object, where: str = "set_epoch(epoch)") -> int:
     return int(epoch)
 
 
+def first_drop_epoch(cfg: LDBConfig) -> int:
+    """The first DROP epoch of ``cfg``'s schedule (``sampling_rate``; 1 if LDB is off: no DROP epoch)."""
+    return next((e for e in range(1, 10 * cfg.sampling_rate + 2) if epoch_mode(e, cfg) is Mode.DROP), 1)
+
+
 def epoch_mode(epoch: int, cfg: LDBConfig) -> Mode:
     """Paper, Eq. (3): epoch e is DROP when ``e % s == 0 and e > 0``; FULL otherwise."""
     epoch = check_epoch(epoch, "epoch_mode(epoch, cfg)")
@@ -84,4 +89,4 @@ def kept_fraction(dropped: Sequence[bool], weights: Sequence[int] | None = None)
 
 
 __all__ = ["Mode", "check_epoch", "epoch_mode", "lr_factor", "batch_factor", "sampleable_range",
-           "draw_dropped", "kept_fraction"]
+           "draw_dropped", "kept_fraction", "first_drop_epoch"]

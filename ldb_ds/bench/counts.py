@@ -29,7 +29,7 @@ from ..process import input_dtype
 from . import report as rep
 from .alphabeta import GATHERS, REDUCTIONS
 from .comm_count import ONE_LAUNCH, CollectiveCounter, ReductionCounter
-from .epochs import first_drop_epoch
+from ..schedule import first_drop_epoch
 from .harness import BenchContext, barrier, ds_config, make_model, result
 
 PHASES = ("forward", "backward", "optimizer")

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ..process import input_dtype, synchronize
-from ..schedule import Mode, epoch_mode
+from ..schedule import Mode, epoch_mode, first_drop_epoch
 from . import report as rep
 from .harness import BenchContext, barrier, ldb_section, make_engine, make_model, result
 
@@ -53,10 +53,6 @@ def run_epoch(ctx: BenchContext, engine: Any, loader: Any, epoch: int, max_steps
             kept.append(engine.ldb.kept_param_fraction)
     synchronize()
     return time.perf_counter() - t0, steps, samples
-
-
-def first_drop_epoch(cfg: Any) -> int:
-    return next((e for e in range(1, 10 * cfg.sampling_rate + 2) if epoch_mode(e, cfg) is Mode.DROP), 1)
 
 
 def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[int], reps: int,

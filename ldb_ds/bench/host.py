@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable
 
 from ..process import input_dtype, synchronize
-from .epochs import first_drop_epoch
+from ..schedule import first_drop_epoch
 from .host_count import PHASES, phase, profiled_steps
 from .harness import BenchContext, barrier, result
 

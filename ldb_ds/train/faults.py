@@ -52,8 +52,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-# The batch agreement (the "Bad data" paragraph above) lives with the shared evaluation that reads
-# through it too; ldb-train's code and tests keep importing it from here.
+# The batch agreement (the "Bad data" paragraph above) lives in ldb_ds.workloads.batches, with the
+# shared evaluation that reads through it too; main.py catches PeerBatchError through this module,
+# and both names stay importable from here.
 from ldb_ds.workloads.batches import PeerBatchError, agreed_batches
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NONFINITE, EXIT_HUNG, EXIT_DIVERGED, EXIT_MEMORY = 0, 1, 2, 3, 4, 5, 6

@@ -321,7 +321,7 @@ def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], s
     """``call()``; the failures every rank meets alike end the process with their exit code.
 
     A data error (an unreadable image, here or on another rank: the batches are agreed before
-    their step, ``faults.agreed_batches``) exits 2 with the file named; another rank's crashed
+    their step, ``workloads.batches.agreed_batches``) exits 2 with the file named; another rank's crashed
     loader exits 1; an OS error on the output (a full disk while saving) exits 2 on the rank that
     met it, naming the file; a collective that failed (a lost peer) exits 4, naming ``where()``,
     unless a peer has just recorded its own failure in ``status.json``: then this rank leaves

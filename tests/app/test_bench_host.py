@@ -177,3 +177,28 @@ def test_host_profile_script_reports_every_phase_and_the_costliest_functions():
     bad = subprocess.run([sys.executable, script, "--units", "2"], cwd=REPO, env=_env(), capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--units must be at least 3" in bad.stderr
+
+
+def test_time_target_reads_thread_cpu_time_and_falls_back_to_wall_clock():
+    """targets() judges (FULL - off) / N on the thread CPU time when the cell has it, on wall clock
+    for results made before it was recorded, and not at all without timing rounds."""
+    from ldb_ds.bench import report
+
+    row = {"phases": {"step": {"ops": 10}}, "syncs": 0, "copies": 0, "sync_warnings": 0}
+
+    def cell(wall: dict[str, list[float]], cpu: dict[str, list[float]] | None) -> dict:
+        c = {"units": 100, "variants": {v: row for v in host.VARIANTS},
+             "times": {v: report.stats(wall.get(v, [])) for v in host.VARIANTS}}
+        if cpu is not None:
+            c["cpu_times"] = {v: report.stats(cpu.get(v, [])) for v in host.VARIANTS}
+        return c
+
+    wall = {"off": [0.010], "full": [0.0104]}  # +4 us per unit of wall clock
+    cpu = {"off": [0.010], "full": [0.0106]}   # +6 us per unit of thread CPU time
+    t = host.targets(cell(wall, cpu), cuda=False)
+    assert abs(t["us_per_unit"] - 4.0) < 1e-6 and abs(t["cpu_us_per_unit"] - 6.0) < 1e-6
+    assert t["us_per_unit_ok"] is False  # judged on the CPU time (6 > 5), not on wall clock (4)
+    old = host.targets(cell(wall, None), cuda=False)
+    assert old["cpu_us_per_unit"] is None and old["us_per_unit_ok"] is True  # older results: wall clock
+    untimed = host.targets(cell({}, {}), cuda=False)
+    assert untimed["us_per_unit_ok"] is None and untimed["counts_ok"] is True

@@ -282,7 +282,7 @@ def test_unreadable_image_named_or_skipped(tmp_path):
     base = _args(cfg, tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
                  "--img-size", "16", "--epochs", "1", "--ckpt-every", "0")
     failing = tu.run_deepspeed(base + ["--experiment", "strict"], timeout=300)
-    # The ranks agree on every batch before its step (faults.agreed_batches): the rank that read
+    # The ranks agree on every batch before its step (workloads.batches.agreed_batches): the rank that read
     # the file names it, the other names the rank and the file, and both exit 2 before the step.
     assert failing.returncode == 2, tu.explain(failing)
     assert f"unreadable image {bad}" in failing.stderr and "--skip-bad-images" in failing.stderr

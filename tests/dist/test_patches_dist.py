@@ -27,10 +27,12 @@ def results():
 def test_destroy_leaves_no_ldb_ds_patch(results, index):
     for rank in results:
         r = rank["cases"][index]
+        assert r["mode"] == "DROP"  # the step before destroy() dropped units: the step state was used
         assert r["installed"] and any("step filter" in d for d in r["installed"]), r["installed"]
         assert r["before_destroy"], "the leftover finder must see the installed patches (else it proves nothing)"
         assert r["after_destroy"] == [], r["after_destroy"]
         assert r["after_remove"] == [], r["after_remove"]
+        assert r["all_trainable_after"]  # the DROP mask was released: no parameter left frozen
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"zero{c['stage']}{'-bf16' if c.get('bf16') else ''}"
@@ -44,5 +46,6 @@ def test_engine_without_patches_steps_as_plain_deepspeed(results, index):
 def test_attached_engine_destroy_takes_every_patch_off(results):
     for rank in results:
         r = rank["attach"][0]
+        assert r["mode"] == "DROP"
         assert any("attach: step protocol" in d for d in r["installed"]) and r["before"], r
         assert r["after"] == [], r["after"]

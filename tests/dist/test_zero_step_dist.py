@@ -88,6 +88,8 @@ def test_ldb_step_is_bitwise_deepspeeds_step(results, case):
             # After every step both engines' parameters (ZeRO-3: partitions) are views of the flat
             # buffers, where DeepSpeed's re-pointing leaves them (also after "move_params").
             assert s["in_flat_buffers"] == (True, True)
+    if "move_params" in case:  # the parameters really were off the buffers before that step
+        assert r0["steps"][case["move_params"]]["moved_off"] == (False, False)
     if case["optimizer"] == "adamw":
         assert r0["steps"][0]["state_keys"] > 0  # the comparison covers optimizer state
 

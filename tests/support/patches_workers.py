@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.support.core_workers import ds_config, make_model, window_batch
+from ldb_ds.schedule import first_drop_epoch
 
 
 def _is_ldb(value: Any) -> bool:
@@ -82,12 +83,14 @@ def removal_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
 
     # 1. Every patch installed (a DROP step taken, so the step state was used), then destroy().
     engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=copy.deepcopy(cfg))
-    engine.set_epoch(1)
+    engine.set_epoch(first_drop_epoch(engine.ldb.config))
+    out["mode"] = engine.ldb.mode.value
     _step(engine, rank, world, 0)
     out["installed"] = engine.installation.describe()
     out["before_destroy"] = leftovers(engine.ds_engine)
     engine.destroy()
     out["after_destroy"] = leftovers(engine.ds_engine)
+    out["all_trainable_after"] = all(p.requires_grad for p in engine.ds_engine.module.parameters())
 
     # 2. Patches removed mid-run: the same engine steps as plain DeepSpeed over the same groups.
     ours, _, _, _ = ldb_ds.initialize(model=make_model(), config=copy.deepcopy(cfg))
@@ -126,9 +129,9 @@ def attach_case(rank: int, stage: int) -> dict[str, Any]:
     plain_cfg.pop("layer_drop_back")
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=plain_cfg)
     att = attach(ds_engine, ldb_cfg, units, unit_of_group)
-    att.set_epoch(1)
+    att.set_epoch(first_drop_epoch(ldb_cfg))
     _step(ds_engine, rank, torch.distributed.get_world_size(), 0)
-    out = {"before": leftovers(ds_engine), "installed": att.installation.describe()}
+    out = {"before": leftovers(ds_engine), "installed": att.installation.describe(), "mode": att.controller.mode.value}
     ds_engine.destroy()  # attach's destroy: every patch off, then DeepSpeed's own destroy
     out["after"] = leftovers(ds_engine)
     return out

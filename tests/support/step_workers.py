@@ -143,9 +143,11 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
             engine.set_epoch(epoch)
         for _ in range(2):
             calls = []
+            moved_off = None
             if step == case.get("move_params"):  # params moved off the flat buffers before this step
                 for engine in (ours, theirs):
                     _move_params(engine)
+                moved_off = (_in_flat_buffers(ours), _in_flat_buffers(theirs))  # (False, False): really moved
             for engine in (ours, theirs):
                 counter = CollectiveCounter()
                 try:
@@ -167,6 +169,7 @@ def equivalence_case(rank: int, case: dict[str, Any]) -> dict[str, Any]:
                                          getattr(theirs.ds_engine.optimizer, "loss_scale", None)),
                           "clipped": _clip_applied(theirs.ds_engine),
                           "in_flat_buffers": (_in_flat_buffers(ours), _in_flat_buffers(theirs)),
+                          "moved_off": moved_off,
                           "calls_ours": calls[0], "calls_theirs": calls[1]})
             step += 1
     ours.destroy()

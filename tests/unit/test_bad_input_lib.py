@@ -21,7 +21,6 @@ import torch
 import ldb_ds
 from ldb_ds import config as ldb_config
 from ldb_ds.config import LDBConfigError
-from ldb_ds.process import free_port
 from tests.support.bad_input_workers import ON, ds_config, make_model, run_engine_cases, tree_hashes
 from tests.support.dist import run_distributed
 
@@ -93,25 +92,19 @@ BEFORE_DEEPSPEED = {
 
 
 @pytest.fixture
-def single_rank_env(monkeypatch, tmp_path):
-    # Were a refusal missing, deepspeed.initialize would build a real 1-rank engine here (and the
-    # test would fail for the missing error) instead of waiting on a rendezvous.
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for key in ("RANK", "LOCAL_RANK"):
-        monkeypatch.setenv(key, "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
+def run_dir(single_rank_env, monkeypatch, tmp_path):
+    # One rank (conftest.single_rank_env), in a folder of its own with a file that must survive.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "beside.txt").write_text("a file beside the run that must survive")
     return tmp_path
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE_DEEPSPEED))
-def test_refused_before_deepspeed_naming_what_is_wrong(single_rank_env, name):
+def test_refused_before_deepspeed_naming_what_is_wrong(run_dir, name):
     call, error, phrases = BEFORE_DEEPSPEED[name]
     for file_name, text in getattr(call, "files", {}).items():
-        (single_rank_env / file_name).write_text(text)
-    before = tree_hashes(str(single_rank_env))
+        (run_dir / file_name).write_text(text)
+    before = tree_hashes(str(run_dir))
     with pytest.raises(error) as caught:
         call()
     message = str(caught.value)
@@ -119,8 +112,8 @@ def test_refused_before_deepspeed_naming_what_is_wrong(single_rank_env, name):
         assert phrase in message, f"{phrase!r} not in {message!r}"
     assert "\n" not in message, "one line"
     # The call wrote, changed or removed nothing in the working directory.
-    assert tree_hashes(str(single_rank_env)) == before
-    assert (single_rank_env / "beside.txt").read_text().startswith("a file beside")
+    assert tree_hashes(str(run_dir)) == before
+    assert (run_dir / "beside.txt").read_text().startswith("a file beside")
 
 
 def test_null_section_warns_once_and_is_off(monkeypatch):

@@ -129,6 +129,8 @@ def _first_parts() -> dict[str, str]:
     parts.update({p.stem: f"ldb_ds.zero_hooks.{p.stem}" for p in (PACKAGE / "zero_hooks").glob("*.py")
                   if p.stem != "__init__"})
     parts.pop("engine", None)
+    for deprecated in ("guards", "safety", "runtime"):  # old names: the doc must cite the new modules
+        parts.pop(deprecated, None)
     parts["ldb_ds"] = "ldb_ds"
     return parts
 

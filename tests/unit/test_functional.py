@@ -183,9 +183,12 @@ def test_merged_groups_key_reads_values_every_step_and_unhashable_values_by_iden
     cache: dict = {}
     with ldb.merged_groups(opt, cache) as groups:  # equal lists: merged only where the same object
         assert [len(g["params"]) for g in groups] == [2, 1, 1]
+    entries = dict(cache)
+    assert len(entries) == 4  # the key names of each group dict, read once and kept by the caller
     opt.param_groups[1]["lr"] = 0.2  # a scheduler's write after the names were cached
     with ldb.merged_groups(opt, cache) as groups:
         assert [len(g["params"]) for g in groups] == [1, 1, 1, 1]
+    assert all(cache[k] is entries[k] for k in entries)  # same dicts, same keys: nothing rebuilt
     opt.param_groups[1]["lr"] = 0.1
     opt.param_groups[3]["tag"] = shared
     with ldb.merged_groups(opt, cache) as groups:

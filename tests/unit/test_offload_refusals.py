@@ -14,7 +14,6 @@ from torch import nn
 
 import ldb_ds
 from ldb_ds import zero_hooks
-from ldb_ds.process import free_port
 
 
 def _config(zero: dict, optimizer: dict | None = None) -> dict:
@@ -43,17 +42,6 @@ REFUSED = {
     "ignore-unused-false": (_config({"stage": 2, "offload_optimizer": CPU, "ignore_unused_parameters": False}),
                             r"ignore_unused_parameters = false.*unused parameter"),
 }
-
-
-@pytest.fixture
-def single_rank_env(monkeypatch):
-    # Were a refusal missing, deepspeed.initialize would build a real 1-rank engine here (and the
-    # test would fail for the missing error) instead of hanging on rendezvous.
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for key in ("RANK", "LOCAL_RANK"):
-        monkeypatch.setenv(key, "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
 
 
 def _model() -> nn.Module:

@@ -22,7 +22,6 @@ from ldb_ds.attach import attach
 from ldb_ds.config import LDBConfigError
 from ldb_ds.refusals import DeepSpeedSettings, LDBUnsupportedError, check_settings
 from ldb_ds.integrations.hf.plan import plan_param_groups
-from ldb_ds.process import free_port
 from ldb_ds.setup import prepare
 from tests.unit.test_refusals import CASES, _config, _model
 
@@ -41,17 +40,6 @@ def _refuse_with(entry: str, model: nn.Module, config: dict, kwargs: dict) -> No
 
 
 ENTRIES_BEFORE_DEEPSPEED = ("initialize", "plan_param_groups", "prepare")
-
-
-@pytest.fixture
-def single_rank_env(monkeypatch):
-    # A missing refusal builds a real 1-rank engine here (the test then fails on the missing
-    # error) instead of waiting on a rendezvous.
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for key in ("RANK", "LOCAL_RANK"):
-        monkeypatch.setenv(key, "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
 
 
 @pytest.mark.parametrize("entry", ENTRIES_BEFORE_DEEPSPEED)
