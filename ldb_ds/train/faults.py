@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import re
 import signal
@@ -133,14 +134,51 @@ def ignore_signals_in_worker(signals: Sequence[str]) -> Callable[[int], None]:
     SIGTERM makes the rank's next batch raise ("DataLoader worker ... is killed by signal"),
     before it could finish its step and save; ignoring the signal there lets the rank decide.
     The workers still end with the rank (the DataLoader shuts them down, or they see it gone).
+    A ``functools.partial``, not a closure: forkserver and spawn workers receive it pickled.
     """
+    return functools.partial(_ignore_signals, tuple(getattr(signal, n) for n in signals))
+
+
+def _ignore_signals(nums: tuple[int, ...], worker_id: int) -> None:
+    for num in nums:
+        signal.signal(num, signal.SIG_IGN)
+
+
+#: Imported once by the forkserver, so that each worker it forks starts with them loaded.
+WORKER_PRELOAD = ("torch", "torchvision", "PIL.Image", "ldb_ds.train.data", "ldb_ds.workloads.data")
+
+
+def worker_context(method: str, signals: Sequence[str]) -> Any:
+    """The multiprocessing context for the rank's DataLoader workers (``--worker-start-method``).
+
+    Why not fork, torch's default before Python 3.14: a rank has threads (gloo's and NCCL's
+    loops, the TCPStore, the watchdog, TensorBoard's writer), and ``fork()`` copies only the
+    calling thread; a lock another thread held at that instant stays held in the worker forever,
+    and the rank then waits for a batch that never comes (pytorch/pytorch#75147; a CI run with
+    ``-j 1`` hung once, its cause not captured: the tests now dump every process's stacks).
+
+    The forkserver is a helper process started here, before the stop signals get their handlers
+    and while they are ignored: it and the workers it forks inherit the ignoring across ``exec``
+    (a handler would not survive it), so a signal sent to the whole process tree reaches the
+    rank only, as with :func:`ignore_signals_in_worker`. It exits when the rank does. The cost:
+    each epoch's workers receive the dataset pickled (fork shares it), a copy per worker per
+    epoch for an in-memory dataset. ``spawn`` and ``fork`` are passed through as they are.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context(method)
+    if method != "forkserver":
+        return ctx
+    ctx.set_forkserver_preload(list(WORKER_PRELOAD))
     nums = [getattr(signal, n) for n in signals]
-
-    def init(worker_id: int) -> None:
-        for num in nums:
-            signal.signal(num, signal.SIG_IGN)
-
-    return init
+    previous = {num: signal.signal(num, signal.SIG_IGN) for num in nums}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for num, handler in previous.items():
+            signal.signal(num, handler)
+    return ctx
 
 
 class StopAgreement:
@@ -287,5 +325,5 @@ def is_distributed_failure(err: BaseException) -> bool:
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_HUNG", "EXIT_DIVERGED", "EXIT_MEMORY",
            "EXIT_PREEMPTED", "SIGNALS", "parse_signals", "print_rank", "gloo_group", "StopSignal",
-           "ignore_signals_in_worker", "StopAgreement", "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
+           "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "StopAgreement", "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
            "is_distributed_failure"]

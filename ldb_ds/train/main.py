@@ -97,6 +97,8 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
     signals = faults.parse_signals(opts.preempt_signals)
+    # Before the stop handlers: a forkserver must start while the stop signals are ignored.
+    worker_start = faults.worker_context(opts.worker_start_method, signals) if opts.workers else None
     stop_signal = faults.StopSignal(signals)  # from now on a preemption signal is a request, not death
 
     opts.experiment = opts.experiment or default_experiment(opts, ds_config_in, proc.world_size)
@@ -177,8 +179,10 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         + (f", {ldb.config}" if ldb.enabled else ""))
     eval_bs = opts.validation_batch_size or 2 * engine.train_micro_batch_size_per_gpu()
     eval_loader = DataLoader(ShardedEval(test_set, proc.rank, proc.world_size), batch_size=eval_bs,
-                             shuffle=False, num_workers=opts.workers, collate_fn=collate)
+                             shuffle=False, num_workers=opts.workers, collate_fn=collate,
+                             multiprocessing_context=worker_start)
     if opts.workers:  # SLURM and the launchers signal whole process trees; the rank decides
+        train_loader.multiprocessing_context = worker_start
         train_loader.worker_init_fn = eval_loader.worker_init_fn = faults.ignore_signals_in_worker(signals)
     # Before resuming: the scheduler takes the base LRs from the config (see loop.py).
     scheduler = create_lr_scheduler(opts, engine.optimizer)

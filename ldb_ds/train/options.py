@@ -29,6 +29,7 @@ Sched = Literal["none", "cosine"]
 DistBN = Literal["reduce", "broadcast", "none"]
 Scope = Literal["run", "invocation", "cli"]
 NonFinite = Literal["stop", "skip"]
+WorkerStart = Literal["forkserver", "spawn", "fork"]
 
 GROUPS = ("DeepSpeed", "model", "data", "training", "evaluation", "output", "reliability")
 
@@ -107,6 +108,12 @@ class TrainOptions:
                                     "for imagefolder)", minimum=8, default_text="dataset's")
     no_aug: bool = _data(False, "no training augmentation")
     workers: int = _data(0, "data loader worker processes per rank", flags=("-j",), minimum=0)
+    worker_start_method: WorkerStart = _data(
+        "forkserver", "how data loader workers start (Python's multiprocessing start methods). "
+        "forkserver (Python 3.14's default on Linux): forked from a clean helper process, since a "
+        "rank forked with its gloo/NCCL and watchdog threads running can deadlock in the worker; "
+        "spawn: a fresh interpreter each; fork: copies the rank (no per-epoch pickling of an "
+        "in-memory dataset, the rare deadlock risk)")
     synthetic_size: int = _data(10_000, "synthetic train images (test: a fifth)", minimum=1)
     skip_bad_images: bool = _data(False, "skip ImageFolder images that cannot be decoded (each named in a "
                                   "warning; counted in results.json and TensorBoard) instead of stopping "

@@ -196,16 +196,36 @@ def _digits(img_size: int, augment: bool) -> DataBundle:
 def _cifar_class(name: str, verify: bool):
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    base = CIFAR10 if name == "cifar10" else CIFAR100
     if verify:
-        return base
-    # torchvision's check_integrity(path, md5=None) only checks that the file exists: the same
-    # loading code, minus the checksums of the official files.
-    return type(base.__name__ + "Unverified", (base,), {
-        "train_list": [[f, None] for f, _ in base.train_list],
-        "test_list": [[f, None] for f, _ in base.test_list],
-        "meta": {**base.meta, "md5": None},
-    })
+        return CIFAR10 if name == "cifar10" else CIFAR100
+    return __getattr__("CIFAR10Unverified" if name == "cifar10" else "CIFAR100Unverified")
+
+
+_UNVERIFIED: dict[str, type] = {}
+
+
+def __getattr__(attr: str):
+    """PEP 562: ``CIFAR10Unverified`` and ``CIFAR100Unverified``, made on first use.
+
+    Module attributes, not local classes, because a DataLoader worker started by forkserver or
+    spawn (ldb-train's default, Python 3.14's) unpickles the dataset and looks its class up by
+    name in this module, in a process that never called :func:`_cifar_class`.
+    """
+    if attr not in ("CIFAR10Unverified", "CIFAR100Unverified"):
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    if attr not in _UNVERIFIED:
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        base = CIFAR10 if attr == "CIFAR10Unverified" else CIFAR100
+        # torchvision's check_integrity(path, md5=None) only checks that the file exists: the same
+        # loading code, minus the checksums of the official files.
+        _UNVERIFIED[attr] = type(attr, (base,), {
+            "__module__": __name__, "__qualname__": attr,
+            "train_list": [[f, None] for f, _ in base.train_list],
+            "test_list": [[f, None] for f, _ in base.test_list],
+            "meta": {**base.meta, "md5": None},
+        })
+    return _UNVERIFIED[attr]
 
 
 def _cifar(name: str, data_dir, img_size: int, augment: bool, download: bool,

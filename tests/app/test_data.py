@@ -181,3 +181,30 @@ def test_sharded_eval_covers_each_image_once():
 def test_unknown_dataset():
     with pytest.raises(DatasetError, match="unknown dataset 'mnist'.*digits"):
         build_datasets("mnist")
+
+
+@pytest.mark.parametrize("kind", ["digits", "synthetic", "cifar10", "imagefolder"])
+def test_every_dataset_loads_in_forkserver_workers(tmp_path, kind):
+    """ldb-train starts its workers with forkserver (--worker-start-method's default), which sends
+    each worker the dataset pickled: every kind, wrapped as ldb-train wraps it, arrives whole and
+    draws in the worker exactly the augmentation the rank draws itself."""
+    from torch.utils.data import DataLoader
+
+    from ldb_ds.train import faults
+    from ldb_ds.train.data import SeededDataset, SkipBadImages, collate_skipping
+
+    if kind == "cifar10":
+        train_utils.write_cifar_folder(str(tmp_path), kind, n_train=12, n_test=4)
+    elif kind == "imagefolder":
+        train_utils.write_image_folder(str(tmp_path), classes=("a", "b"), per_class=6, size=16)
+    data = build_datasets(kind, tmp_path if kind in ("cifar10", "imagefolder") else None, verify=False,
+                          synthetic_train_size=12, synthetic_test_size=4)
+    for dataset in (SeededDataset(data.train, seed=5), SeededDataset(SkipBadImages(data.train), seed=5)):
+        dataset.set_epoch(2)
+        indices = [3, 0, 7, 5]
+        loader = DataLoader(dataset, batch_size=4, sampler=indices, num_workers=1, collate_fn=collate_skipping,
+                            multiprocessing_context=faults.worker_context("forkserver", ["SIGUSR1"]))
+        x, y, skipped = next(iter(loader))
+        expected = [dataset[i] for i in indices]
+        assert int(skipped) == 0 and y.tolist() == [int(t) for _, t in expected]
+        assert torch.equal(x, torch.stack([e for e, _ in expected]))

@@ -10,6 +10,7 @@ on the bundled digits; epochs are capped with ``--max-steps-per-epoch``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -158,6 +159,35 @@ def test_stop_signal_to_other_launchers(tmp_path, launcher):
     assert f"stopped by {sig.name} after optimizer step" in out and stop_s < 30, bg.explain()
     checkpointing.verify_local(str(run_dir / "checkpoints"), status["checkpoint"])
     _report(f"{sig.name} to {launcher}", launcher_exit=code, signal_to_all_gone_s=stop_s)
+
+
+def test_stop_signal_to_every_process_with_data_workers(tmp_path):
+    """As SLURM signals a job step: SIGUSR1 to every rank and every process under it, the
+    forkserver (-j 1, --worker-start-method's default) and the DataLoader workers it forked. Only
+    the ranks act on it: no worker dies, and the run stops after an agreed step with a checkpoint."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_ldb.json")
+    run_dir = tmp_path / "run"
+    bg = tu.start_deepspeed(_args(cfg, tmp_path, "--epochs", "100", "--ckpt-every", "0", "--log-masks", "-j", "1",
+                                  "--experiment", "run"), str(tmp_path / "log"))
+    tu.wait_until(lambda: (m := tu.last_mask_line(str(run_dir))) and m["step"] >= 2 and m, 300, "step 2")
+    launchers = {bg.proc.pid, bg.launcher()}
+    targets = [p for p in bg.processes() if p.pid not in launchers]
+    lines = [" ".join(p.info["cmdline"] or []) for p in targets]
+    assert sum("forkserver" in ln for ln in lines) >= 2, lines  # a server per rank (and its workers)
+    t_signal = time.monotonic()
+    for p in targets:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGUSR1)
+    code = bg.wait(timeout=bg.elapsed() + 60)
+    stop_s = time.monotonic() - t_signal
+    out, err = bg.output()
+    status = _status(run_dir)
+    assert status["status"] == "preempted" and status["exit_code"] == 75, bg.explain()
+    assert "stopped by SIGUSR1 after optimizer step" in out and stop_s < 30, bg.explain()
+    assert "DataLoader worker" not in err, bg.explain()
+    checkpointing.verify_local(str(run_dir / "checkpoints"), status["checkpoint"])
+    _report("SIGUSR1 to every process (-j 1)", launcher_exit=code, processes_signalled=len(targets),
+            signal_to_all_gone_s=stop_s)
 
 
 def test_sigstop_rank_is_named_within_the_timeout(tmp_path):

@@ -8,6 +8,7 @@ TensorBoard's own reader.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -32,7 +33,10 @@ def cpu_env(**extra: str) -> dict[str, str]:
                TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR",
                                             os.path.join(REPO, ".torch_extensions")),
                PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1",
+               # A run that hangs is ended by run() with SIGABRT: every Python process of the tree
+               # then prints all its threads' stacks, so a rare hang explains itself.
+               PYTHONFAULTHANDLER="1")
     env.update(extra)
     return env
 
@@ -43,11 +47,58 @@ def tool(name: str) -> str:
     return local if os.path.exists(local) else (shutil.which(name) or name)
 
 
+class RunHung(AssertionError):
+    """A run that outlived its timeout; the message holds the stacks its processes printed."""
+
+
 def run(cmd: Sequence[str], timeout: float = 300, env: dict | None = None,
         cwd: str = REPO) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=cwd, env=env or cpu_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    return proc
+    """``subprocess.run`` with the output captured, in a session of its own.
+
+    On a timeout the whole process tree (launcher, ranks, DataLoader workers) gets SIGABRT:
+    with ``PYTHONFAULTHANDLER=1`` (:func:`cpu_env`) each Python process prints every thread's
+    stack, and the test fails with :class:`RunHung` quoting them, instead of a bare timeout that
+    leaves no clue where a rare hang was.
+    """
+    import signal
+
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env or cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = _process_tree(proc.pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        stacks = [ln for ln in (err or "").splitlines() if ln.strip()][-300:]
+        listing = "\n".join(f"  pid {pid}: {line}" for pid, line in tree.items())
+        raise RunHung(f"no exit after {timeout:.0f} s; every process was sent SIGABRT:\n{listing}\n"
+                      f"command: {' '.join(cmd)}\nstdout (tail):\n" + "\n".join((out or "").splitlines()[-40:])
+                      + "\nstderr (tail, with the stacks):\n" + "\n".join(stacks)) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _process_tree(pid: int) -> dict[int, str]:
+    """``{pid: command line}`` of ``pid`` and its descendants, deepest first."""
+    import psutil
+
+    try:
+        procs = list(reversed(psutil.Process(pid).children(recursive=True))) + [psutil.Process(pid)]
+    except psutil.NoSuchProcess:
+        return {}
+    tree = {}
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            tree[p.pid] = " ".join(p.cmdline())[:160]
+    return tree
 
 
 def run_deepspeed(args: Sequence[str], nproc: int = 2, timeout: float = 300

@@ -134,6 +134,38 @@ def test_watchdog_ends_a_stalled_process_with_code_4():
     assert "epoch 2, micro step 7, in backward (gradient reduction)" in proc.stderr
 
 
+def test_forkserver_workers_ignore_the_stop_signals_and_the_rank_keeps_its_handlers():
+    """ldb-train's DataLoader workers (--worker-start-method forkserver): the forkserver starts
+    with the stop signals ignored and keeps ignoring them, so a signal sent to the whole process
+    tree (SLURM) neither kills it nor the workers it forks; the rank's own handlers are unchanged."""
+    code = """
+import os, signal, time
+from torch.utils.data import DataLoader
+from multiprocessing import forkserver
+from ldb_ds.train import faults
+from tests.support.loader_probe import WorkerFacts, ignored_signals
+
+handler = lambda *a: None
+signal.signal(signal.SIGTERM, handler)
+ctx = faults.worker_context("forkserver", ["SIGTERM", "SIGUSR1"])
+assert signal.getsignal(signal.SIGTERM) is handler and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+server = forkserver._forkserver._forkserver_pid
+assert {signal.SIGTERM, signal.SIGUSR1} <= ignored_signals(server), ignored_signals(server)
+loader = DataLoader(WorkerFacts(), batch_size=1, num_workers=1, multiprocessing_context=ctx,
+                    worker_init_fn=faults.ignore_signals_in_worker(["SIGTERM", "SIGUSR1"]))
+for pid, parent, ignoring in loader:
+    assert int(parent) == server and bool(ignoring) and int(pid) != os.getpid(), (pid, parent, ignoring)
+os.kill(server, signal.SIGUSR1)
+os.kill(server, signal.SIGTERM)
+time.sleep(0.5)
+os.kill(server, 0)  # still there
+print("ok", server)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+
+
 def test_status_file_and_mask_trim(tmp_path):
     run = RunDir(str(tmp_path), "x")
     run.write_status("preempted", 75, "stopped", checkpoint="step4")
