@@ -313,7 +313,6 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     """
     _check_initialize_args(model, optimizer, model_parameters, collate_fn, num_workers)
     ds_config = load_ds_config(_resolve_config(args, config, ds_kwargs.pop("config_params", None)))
-    cfg = LDBConfig.from_ds_config(ds_config)
 
     if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):
         # model.parameters() is a generator: read it once, hand the same list to DeepSpeed.
@@ -321,6 +320,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     # The refusals visible before DeepSpeed runs, the units and one param group per (unit, user group).
     setup = prepare(model, ds_config, model_parameters if model_parameters is not None else _params_of(optimizer),
                     optimizer=optimizer, ds_kwargs=ds_kwargs)
+    cfg = setup.cfg  # the section parsed once, by prepare
     if cfg.enabled:
         optimizer = _rebuild_optimizer(optimizer, setup.groups)
         model_parameters = setup.groups

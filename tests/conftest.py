@@ -6,7 +6,6 @@ tests start (spawned ranks, the deepspeed launcher, mpirun).
 
 import os
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -143,7 +143,6 @@ def unit_snapshot(engine, unit_index: int) -> dict[str, torch.Tensor]:
     snap: dict[str, Any] = {}
     for name, value in zip(unit.param_names, gathered_params(engine, unit.params)):
         snap[f"param/{name}"] = value
-    basic = engine.ds_engine.basic_optimizer
     for gi, ui in enumerate(engine.controller.unit_of_group):
         if ui != unit_index:
             continue

@@ -291,16 +291,34 @@ class Background:
         try:
             code = self.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the run did not end within {timeout:.0f} s:\n{self.explain()}") from None
+            listing = self.abort()
+            raise RunHung(f"the run did not end within {timeout:.0f} s; its processes, sent SIGABRT:\n"
+                          f"{listing}\n{self.explain(stacks=True)}") from None
         while self.processes():
             if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"processes of the run still alive after {timeout:.0f} s")
+                listing = self.abort()
+                raise RunHung(f"processes of the run still alive after {timeout:.0f} s, sent SIGABRT:\n"
+                              f"{listing}\n{self.explain(stacks=True)}")
             time.sleep(0.2)
         self._out.close()
         self._err.close()
         return code
+
+    def abort(self) -> str:
+        """SIGABRT to every process (each prints its threads' stacks: ``PYTHONFAULTHANDLER``), then
+        SIGKILL to what is left; returns the processes it found, one line each."""
+        import signal as _signal
+        import time
+
+        procs = {p.info["pid"]: " ".join(p.info["cmdline"] or [])[:160] for p in self.processes()}
+        for pid in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, _signal.SIGABRT)
+        end = time.monotonic() + 10
+        while self.processes() and time.monotonic() < end:
+            time.sleep(0.2)
+        self.kill()
+        return "\n".join(f"  pid {pid}: {line}" for pid, line in procs.items())
 
     def kill(self) -> None:
         import signal as _signal
@@ -319,9 +337,10 @@ class Background:
         with open(self.out_path) as f, open(self.err_path) as g:
             return f.read(), g.read()
 
-    def explain(self) -> str:
+    def explain(self, stacks: bool = False) -> str:
+        """The output's tail; with ``stacks``, enough of stderr to hold every process's stacks."""
         out, err = self.output()
-        return "\n".join(out.splitlines()[-40:] + err.splitlines()[-40:])
+        return "\n".join(out.splitlines()[-40:] + err.splitlines()[-(300 if stacks else 40):])
 
 
 def start_deepspeed(args: Sequence[str], log_dir: str, nproc: int = 2) -> Background:
