@@ -266,8 +266,9 @@ class HostOptions:
     """Micro batch per rank (FULL and DROP steps alike)."""
     host_warmup: int = 2
     """Untimed, uncounted steps of every variant first."""
-    host_rounds: int = 3
-    """Timed interleaved rounds (deepspeed, off, full, drop; rotated); 0: counts only."""
+    host_rounds: int = 10
+    """Timed interleaved rounds (deepspeed, off, full, drop; rotated); 0: counts only. The time figure
+    is paired by round (its median over rounds): 10 rounds give it a quartile range to read."""
     host_steps_per_round: int = 2
     """Timed steps per variant and round."""
 

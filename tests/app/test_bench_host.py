@@ -202,3 +202,27 @@ def test_time_target_reads_thread_cpu_time_and_falls_back_to_wall_clock():
     assert old["cpu_us_per_unit"] is None and old["us_per_unit_ok"] is True  # older results: wall clock
     untimed = host.targets(cell({}, {}), cuda=False)
     assert untimed["us_per_unit_ok"] is None and untimed["counts_ok"] is True
+
+
+def test_time_target_pairs_rounds_and_states_its_resolution():
+    """The judged figure is FULL - off paired by round (a drift shared by a round cancels), and a
+    verdict closer to the target than the null control's offset (deepspeed - off) is unresolved."""
+    from ldb_ds.bench import report
+
+    row = {"phases": {"step": {"ops": 10}}, "syncs": 0, "copies": 0, "sync_warnings": 0}
+    drift = [0.0, 0.004, 0.001, 0.008, 0.002]  # the machine's state per round, shared by its variants
+
+    def cell(full_us: float, null_us: float) -> dict:
+        rounds = {"off": [0.010 + d for d in drift], "drop": [0.008 + d for d in drift],
+                  "full": [0.010 + d + full_us * 1e-6 * 100 for d in drift],
+                  "deepspeed": [0.010 + d + null_us * 1e-6 * 100 for d in drift]}
+        flat = {v: report.stats(t) for v, t in rounds.items()}
+        return {"units": 100, "variants": {v: row for v in host.VARIANTS}, "times": flat, "cpu_times": flat,
+                "paired_cpu_us_per_unit": host.paired_us_per_unit(rounds, 100)}
+
+    t = host.targets(cell(3.0, 0.5), cuda=False)
+    assert abs(t["paired_us_per_unit"] - 3.0) < 1e-6  # the drift (up to 80 us per unit) is gone
+    assert t["us_per_unit_ok"] is True and t["us_per_unit_resolved"] is True
+    close = host.targets(cell(6.0, 1.5), cuda=False)  # 1 us over the target, error 1.5: cannot tell
+    assert close["us_per_unit_ok"] is False and close["us_per_unit_resolved"] is False
+    assert host._time_verdict(close) == "unresolved (**FAIL**)" and host._time_verdict(t) == "ok"
