@@ -309,7 +309,10 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     over the per-unit groups as ``type(opt)(groups, **opt.defaults)``, which
     must be done before it has state. The returned dataloader (when
     ``training_data`` is given) is a ``DistributedSampler`` loader whose batch
-    size follows the LDB mode; ``num_workers`` is its worker count.
+    size follows the LDB mode; ``num_workers`` is its worker count. Its workers start with
+    torch's default (fork on Linux before Python 3.14): a process with communication threads
+    running may prefer ``loader.multiprocessing_context = "forkserver"`` before the first epoch,
+    which ldb-train does (``--worker-start-method``; the dataset must then pickle).
     """
     _check_initialize_args(model, optimizer, model_parameters, collate_fn, num_workers)
     ds_config = load_ds_config(_resolve_config(args, config, ds_kwargs.pop("config_params", None)))
