@@ -287,7 +287,8 @@ class LDBEngine:
 
 def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any = None,
                model_parameters: Any = None, training_data: Dataset | None = None, lr_scheduler: Any = None,
-               config: Any = None, collate_fn: Any = None, num_workers: int = 0, **ds_kwargs: Any
+               config: Any = None, collate_fn: Any = None, num_workers: int = 0,
+               persistent_workers: bool = False, multiprocessing_context: Any = None, **ds_kwargs: Any
                ) -> tuple[LDBEngine, Any, DataLoader | None, Any]:
     """Like ``deepspeed.initialize``; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
@@ -309,12 +310,13 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     over the per-unit groups as ``type(opt)(groups, **opt.defaults)``, which
     must be done before it has state. The returned dataloader (when
     ``training_data`` is given) is a ``DistributedSampler`` loader whose batch
-    size follows the LDB mode; ``num_workers`` is its worker count. Its workers start with
-    torch's default (fork on Linux before Python 3.14): a process with communication threads
-    running may prefer ``loader.multiprocessing_context = "forkserver"`` before the first epoch,
-    which ldb-train does (``--worker-start-method``; the dataset must then pickle).
+    size follows the LDB mode; ``num_workers``, ``persistent_workers`` and
+    ``multiprocessing_context`` are passed to its ``DataLoader``. Without a context its workers
+    start with torch's default (fork on Linux before Python 3.14); a process with communication
+    threads running may prefer ``"forkserver"``, as ldb-train does (``--worker-start-method``;
+    the dataset must then pickle, and persistent workers pickle it once per run, not per epoch).
     """
-    _check_initialize_args(model, optimizer, model_parameters, collate_fn, num_workers)
+    _check_initialize_args(model, optimizer, model_parameters, collate_fn, num_workers, persistent_workers)
     ds_config = load_ds_config(_resolve_config(args, config, ds_kwargs.pop("config_params", None)))
 
     if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):
@@ -346,7 +348,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                                   dp_world_size=ds_engine.dp_world_size,
                                   micro_batch_size=ds_engine.train_micro_batch_size_per_gpu(), drop_last=drop_last,
                                   seed=cfg.seed, collate_fn=collate_fn, num_workers=num_workers,
-                                  pin_memory=get_accelerator().device_name() != "cpu")
+                                  pin_memory=get_accelerator().device_name() != "cpu",
+                                  persistent_workers=persistent_workers,
+                                  multiprocessing_context=multiprocessing_context)
     engine = LDBEngine(ds_engine, cfg, setup.units, setup.unit_of_group, loader)
     return engine, ds_optimizer, loader, ds_scheduler
 
@@ -361,7 +365,7 @@ def _layout(section: Any) -> str:
 
 
 def _check_initialize_args(model: Any, optimizer: Any, model_parameters: Any, collate_fn: Any,
-                           num_workers: Any) -> None:
+                           num_workers: Any, persistent_workers: Any) -> None:
     """Wrong types are refused naming the argument (DeepSpeed would convert or fail deep inside)."""
     if model is None:
         raise ValueError("ldb_ds.initialize needs a model")
@@ -380,6 +384,9 @@ def _check_initialize_args(model: Any, optimizer: Any, model_parameters: Any, co
         error = ValueError if isinstance(num_workers, int) and not isinstance(num_workers, bool) else TypeError
         raise error(f"ldb_ds.initialize: num_workers must be an integer >= 0, got "
                     f"{type(num_workers).__name__} {num_workers!r}")
+    if not isinstance(persistent_workers, bool):
+        raise TypeError(f"ldb_ds.initialize: persistent_workers must be a bool, got "
+                        f"{type(persistent_workers).__name__} {persistent_workers!r}")
 
 
 _CONFIG_ARGS = ("deepspeed_config", "deepscale_config")  # DeepSpeed's flag and its deprecated alias

@@ -64,18 +64,23 @@ class ScalableBatchSampler(Sampler[list[int]]):
 
 def build_dataloader(dataset: Dataset, *, dp_rank: int, dp_world_size: int, micro_batch_size: int,
                      drop_last: bool, seed: int, collate_fn: Callable[..., Any] | None = None,
-                     num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                     num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
+                     multiprocessing_context: Any = None) -> DataLoader:
     """A shuffling ``DistributedSampler`` loader over data-parallel ranks with a scalable batch.
 
     The sampler is sharded by the *data-parallel* rank and size, not the global
     ones: every data-parallel replica must see distinct samples, and the ranks
-    of one replica (model parallelism, if any) the same ones.
+    of one replica (model parallelism, if any) the same ones. ``persistent_workers`` and
+    ``multiprocessing_context`` are torch's ``DataLoader`` arguments, used only with workers;
+    the batch sampler runs in this process, so the DROP batch and the epoch's shuffle reach
+    persistent workers as the indices they are sent.
     """
     sampler = DistributedSampler(dataset, num_replicas=dp_world_size, rank=dp_rank, shuffle=True, seed=seed,
                                  drop_last=drop_last)
     batch_sampler = ScalableBatchSampler(sampler, micro_batch_size, drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
+                      multiprocessing_context=multiprocessing_context if num_workers > 0 else None)
 
 
 __all__ = ["ScalableBatchSampler", "build_dataloader"]

@@ -39,14 +39,24 @@ class SeededDataset(Dataset):
     ``dataset[index]``, in whichever process loads the sample. The augmentation of a sample then
     depends on nothing else: not on the worker that loads it, not on what was loaded before, so
     a run resumed in the middle of an epoch draws exactly what the uninterrupted run drew. Call
-    :meth:`set_epoch` before each epoch's iterator is created (workers copy the dataset then).
+    :meth:`set_epoch` before each epoch's iterator is created.
+
+    The epoch lives in a one-element tensor in shared memory, so persistent DataLoader workers
+    (which received the dataset once, pickled or forked) read the epoch the rank set: the
+    indices of an epoch reach the workers only after its iterator is created, and so after
+    :meth:`set_epoch`.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+        self.dataset, self.seed = dataset, int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -161,8 +161,9 @@ def worker_context(method: str, signals: Sequence[str]) -> Any:
     and while they are ignored: it and the workers it forks inherit the ignoring across ``exec``
     (a handler would not survive it), so a signal sent to the whole process tree reaches the
     rank only, as with :func:`ignore_signals_in_worker`. It exits when the rank does. The cost:
-    each epoch's workers receive the dataset pickled (fork shares it), a copy per worker per
-    epoch for an in-memory dataset. ``spawn`` and ``fork`` are passed through as they are.
+    each worker receives the dataset pickled (fork shares it); ldb-train's workers persist, so
+    that is once per run (CIFAR-10 in memory, 4 workers, 2 cores: about 3 s before the first
+    batch, against 0.1 s forked). ``spawn`` and ``fork`` are passed through as they are.
     """
     import multiprocessing
     from multiprocessing import forkserver
@@ -179,6 +180,20 @@ def worker_context(method: str, signals: Sequence[str]) -> Any:
         for num, handler in previous.items():
             signal.signal(num, handler)
     return ctx
+
+
+def shut_down_workers(loader: Any) -> None:
+    """End ``loader``'s persistent workers now (torch does it when the loader is collected).
+
+    ``_iterator`` is the DataLoader's cached iterator (torch keeps one with persistent workers);
+    its ``_shutdown_workers`` is what its own ``__del__`` calls. Errors are ignored: this runs on
+    the way out, after whatever ended the run.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        with contextlib.suppress(Exception):
+            iterator._shutdown_workers()
+        loader._iterator = None
 
 
 class StopAgreement:
@@ -325,5 +340,5 @@ def is_distributed_failure(err: BaseException) -> bool:
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_HUNG", "EXIT_DIVERGED", "EXIT_MEMORY",
            "EXIT_PREEMPTED", "SIGNALS", "parse_signals", "print_rank", "gloo_group", "StopSignal",
-           "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "StopAgreement", "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
+           "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "shut_down_workers", "StopAgreement", "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
            "is_distributed_failure"]

@@ -158,9 +158,11 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     test_set = SkipBadImages(data.test) if opts.skip_bad_images else data.test
     collate = collate_skipping if opts.skip_bad_images else None
     try:
+        # Persistent workers (as timm's loaders): started, and sent the dataset, once per run.
         engine, _, train_loader, _ = ldb_ds.initialize(
             model=model, model_parameters=list(model.parameters()), training_data=train_set,
-            config=ds_config, num_workers=opts.workers, collate_fn=collate)
+            config=ds_config, num_workers=opts.workers, collate_fn=collate,
+            persistent_workers=opts.workers > 0, multiprocessing_context=worker_start)
     except _config_errors() as err:
         # The same config and model on every rank: every rank fails here alike, before any
         # collective of the engine, so each leaves on its own and only rank 0 prints.
@@ -180,10 +182,10 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     eval_bs = opts.validation_batch_size or 2 * engine.train_micro_batch_size_per_gpu()
     eval_loader = DataLoader(ShardedEval(test_set, proc.rank, proc.world_size), batch_size=eval_bs,
                              shuffle=False, num_workers=opts.workers, collate_fn=collate,
-                             multiprocessing_context=worker_start)
+                             multiprocessing_context=worker_start, persistent_workers=opts.workers > 0)
     if opts.workers:  # SLURM and the launchers signal whole process trees; the rank decides
-        train_loader.multiprocessing_context = worker_start
         train_loader.worker_init_fn = eval_loader.worker_init_fn = faults.ignore_signals_in_worker(signals)
+        end.loaders = [train_loader, eval_loader]  # their persistent workers end with the run
     # Before resuming: the scheduler takes the base LRs from the config (see loop.py).
     scheduler = create_lr_scheduler(opts, engine.optimizer)
 
@@ -299,6 +301,10 @@ class _RunEnd:
         """The run directory, once prepared (``status.json`` needs it)."""
         self.engine: Any = None
         """The engine, once built (destroyed before the process group)."""
+        self.loaders: list[Any] = []
+        """DataLoaders with persistent workers, shut down at the end (the process leaves with
+        ``os._exit``, which runs no finalizer: left alone, a worker would outlive its rank for up
+        to the DataLoader's 5 s liveness check, holding the launcher's output pipe open)."""
 
     def __call__(self, code: int, line: str = "", *, every_rank: bool = False, record_status: bool = False,
                  status_message: str | None = None, **status_extra: Any) -> int:
@@ -317,6 +323,8 @@ class _RunEnd:
             with contextlib.suppress(OSError):
                 self.run.write_status("preempted" if preempted else "failed", code,
                                       line if status_message is None else status_message, **status_extra)
+        for loader in self.loaders:
+            faults.shut_down_workers(loader)
         teardown(self.engine)
         return code
 

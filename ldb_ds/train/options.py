@@ -112,8 +112,8 @@ class TrainOptions:
         "forkserver", "how data loader workers start (Python's multiprocessing start methods). "
         "forkserver (Python 3.14's default on Linux): forked from a clean helper process, since a "
         "rank forked with its gloo/NCCL and watchdog threads running can deadlock in the worker; "
-        "spawn: a fresh interpreter each; fork: copies the rank (no per-epoch pickling of an "
-        "in-memory dataset, the rare deadlock risk)")
+        "spawn: a fresh interpreter each; fork: copies the rank (no pickling of an in-memory "
+        "dataset, the rare deadlock risk). Workers persist across epochs either way")
     synthetic_size: int = _data(10_000, "synthetic train images (test: a fifth)", minimum=1)
     skip_bad_images: bool = _data(False, "skip ImageFolder images that cannot be decoded (each named in a "
                                   "warning; counted in results.json and TensorBoard) instead of stopping "

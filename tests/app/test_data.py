@@ -183,11 +183,13 @@ def test_unknown_dataset():
         build_datasets("mnist")
 
 
+@pytest.mark.parametrize("method", ["forkserver", "fork"])
 @pytest.mark.parametrize("kind", ["digits", "synthetic", "cifar10", "imagefolder"])
-def test_every_dataset_loads_in_forkserver_workers(tmp_path, kind):
-    """ldb-train starts its workers with forkserver (--worker-start-method's default), which sends
-    each worker the dataset pickled: every kind, wrapped as ldb-train wraps it, arrives whole and
-    draws in the worker exactly the augmentation the rank draws itself."""
+def test_every_dataset_loads_in_persistent_workers(tmp_path, kind, method):
+    """ldb-train starts persistent workers with forkserver (--worker-start-method's default), which
+    sends each worker the dataset pickled, once: every kind, wrapped as ldb-train wraps it, arrives
+    whole, and in every epoch draws in the worker exactly the augmentation the rank draws itself
+    (with --worker-start-method fork too, where nothing is pickled: the epoch is shared memory)."""
     from torch.utils.data import DataLoader
 
     from ldb_ds.train import faults
@@ -200,11 +202,14 @@ def test_every_dataset_loads_in_forkserver_workers(tmp_path, kind):
     data = build_datasets(kind, tmp_path if kind in ("cifar10", "imagefolder") else None, verify=False,
                           synthetic_train_size=12, synthetic_test_size=4)
     for dataset in (SeededDataset(data.train, seed=5), SeededDataset(SkipBadImages(data.train), seed=5)):
-        dataset.set_epoch(2)
         indices = [3, 0, 7, 5]
+        # Persistent, as ldb-train's: the dataset reaches the worker once, the epoch through shared memory.
         loader = DataLoader(dataset, batch_size=4, sampler=indices, num_workers=1, collate_fn=collate_skipping,
-                            multiprocessing_context=faults.worker_context("forkserver", ["SIGUSR1"]))
-        x, y, skipped = next(iter(loader))
-        expected = [dataset[i] for i in indices]
-        assert int(skipped) == 0 and y.tolist() == [int(t) for _, t in expected]
-        assert torch.equal(x, torch.stack([e for e, _ in expected]))
+                            multiprocessing_context=faults.worker_context(method, ["SIGUSR1"]),
+                            persistent_workers=True)
+        for epoch in (2, 3):
+            dataset.set_epoch(epoch)
+            x, y, skipped = next(iter(loader))
+            expected = [dataset[i] for i in indices]
+            assert int(skipped) == 0 and y.tolist() == [int(t) for _, t in expected]
+            assert torch.equal(x, torch.stack([e for e, _ in expected])), (kind, method, epoch)

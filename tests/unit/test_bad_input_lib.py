@@ -86,6 +86,8 @@ BEFORE_DEEPSPEED = {
     "num_workers_bool": (_initialize(num_workers=True), TypeError, ["num_workers must be an integer >= 0"]),
     "num_workers_negative": (_initialize(num_workers=-1), ValueError, ["num_workers must be an integer >= 0", "-1"]),
     "collate_fn_not_callable": (_initialize(collate_fn="stack"), TypeError, ["collate_fn must be callable"]),
+    "persistent_workers_string": (_initialize(persistent_workers="yes"), TypeError,
+                                  ["persistent_workers must be a bool", "'yes'"]),
     "block_granularity_without_source": (_initialize(config=_with_section(granularity="block")), LDBConfigError,
                                          ["granularity = 'block' needs block_pattern", "Sequential"]),
 }
