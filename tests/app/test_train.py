@@ -180,6 +180,23 @@ def test_mpirun_two_ranks(tmp_path):
     assert results["world_size"] == 2 and results["ldb_drop_steps"] == 3
 
 
+def test_data_workers_train_bitwise_as_the_rank_alone(tmp_path):
+    """-j 1 (persistent forkserver workers, ldb-train's default start) trains bitwise as -j 0: the
+    augmentation seed reaches the workers every epoch, the DROP epochs' larger batch too, and an
+    epoch cut short by --max-steps-per-epoch leaves nothing stale for the next one."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero1_ldb.json", ldb={"sampling_rate": 1})
+    sha = {}
+    for workers in ("0", "1"):
+        proc = tu.run_deepspeed(["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "3",
+                                 "--max-steps-per-epoch", "3", "--no-progress", "--ckpt-every", "0",
+                                 "--output", str(tmp_path), "--experiment", f"j{workers}", "-j", workers])
+        assert proc.returncode == 0, tu.explain(proc)
+        results = json.loads((tmp_path / f"j{workers}" / "results.json").read_text())
+        assert results["ldb_drop_steps"] > 0
+        sha[workers] = results["weights_sha256"]
+    assert sha["0"] == sha["1"], sha
+
+
 def test_torchrun_two_ranks(tmp_path):
     cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero0_baseline.json")
     proc = tu.run_torchrun(["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "1",
