@@ -68,9 +68,7 @@ def run(cmd: Sequence[str], timeout: float = 300, env: dict | None = None,
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         tree = _process_tree(proc.pid)
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGABRT)
+        listing = _abort(tree)
         try:
             out, err = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
@@ -79,11 +77,21 @@ def run(cmd: Sequence[str], timeout: float = 300, env: dict | None = None,
                     os.kill(pid, signal.SIGKILL)
             out, err = proc.communicate()
         stacks = [ln for ln in (err or "").splitlines() if ln.strip()][-300:]
-        listing = "\n".join(f"  pid {pid}: {line}" for pid, line in tree.items())
         raise RunHung(f"no exit after {timeout:.0f} s; every process was sent SIGABRT:\n{listing}\n"
                       f"command: {' '.join(cmd)}\nstdout (tail):\n" + "\n".join((out or "").splitlines()[-40:])
                       + "\nstderr (tail, with the stacks):\n" + "\n".join(stacks)) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _abort(procs: dict[int, str]) -> str:
+    """SIGABRT to each of ``procs`` (``{pid: command line}``): with ``PYTHONFAULTHANDLER=1`` each
+    Python process prints every thread's stack as it dies. Returns the processes, one line each."""
+    import signal
+
+    for pid in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+    return "\n".join(f"  pid {pid}: {line}" for pid, line in procs.items())
 
 
 def _process_tree(pid: int) -> dict[int, str]:
@@ -307,18 +315,14 @@ class Background:
     def abort(self) -> str:
         """SIGABRT to every process (each prints its threads' stacks: ``PYTHONFAULTHANDLER``), then
         SIGKILL to what is left; returns the processes it found, one line each."""
-        import signal as _signal
         import time
 
-        procs = {p.info["pid"]: " ".join(p.info["cmdline"] or [])[:160] for p in self.processes()}
-        for pid in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, _signal.SIGABRT)
+        listing = _abort({p.info["pid"]: " ".join(p.info["cmdline"] or [])[:160] for p in self.processes()})
         end = time.monotonic() + 10
         while self.processes() and time.monotonic() < end:
             time.sleep(0.2)
         self.kill()
-        return "\n".join(f"  pid {pid}: {line}" for pid, line in procs.items())
+        return listing
 
     def kill(self) -> None:
         import signal as _signal

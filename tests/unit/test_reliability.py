@@ -166,6 +166,30 @@ print("ok", server)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
 
 
+def test_a_hung_test_run_fails_with_every_process_stack(tmp_path):
+    """The harness's answer to a hang (tests/support/train_utils.py): a run, and its child, that
+    outlive the timeout end with RunHung naming both and quoting each one's thread stacks."""
+    from tests.support import train_utils as tu
+
+    code = ("import subprocess, sys, threading, time\n"
+            "def waiting_in_a_thread():\n    time.sleep(100)\n"
+            "threading.Thread(target=waiting_in_a_thread, daemon=True).start()\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(100)'])\n"
+            "time.sleep(100)\n")
+    for start in ("run", "background"):
+        t0 = time.monotonic()
+        with pytest.raises(tu.RunHung) as hung:
+            if start == "run":
+                tu.run([sys.executable, "-c", code], timeout=3)
+            else:
+                tu.Background([sys.executable, "-c", code], str(tmp_path / "bg")).wait(3)
+        text = str(hung.value)
+        assert time.monotonic() - t0 < 30, start
+        assert text.count("  pid ") == 2, text  # the run and its child, each named
+        assert text.count("Fatal Python error: Aborted") == 2, text  # each printed its stacks
+        assert "in waiting_in_a_thread" in text, text  # the other thread's stack too
+
+
 def test_status_file_and_mask_trim(tmp_path):
     run = RunDir(str(tmp_path), "x")
     run.write_status("preempted", 75, "stopped", checkpoint="step4")
