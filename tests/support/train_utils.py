@@ -85,12 +85,28 @@ def run(cmd: Sequence[str], timeout: float = 300, env: dict | None = None,
 
 def _abort(procs: dict[int, str]) -> str:
     """SIGABRT to each of ``procs`` (``{pid: command line}``): with ``PYTHONFAULTHANDLER=1`` each
-    Python process prints every thread's stack as it dies. Returns the processes, one line each."""
+    Python process prints every thread's stack as it dies. Returns the processes, one line each.
+
+    One process at a time, each given up to 3 s to die before the next is signalled: processes
+    of one run share a stderr, and faulthandler writes in small pieces, so stacks printed at once
+    interleave byte by byte into text no one can read (seen in CI).
+    """
     import signal
+    import time
+
+    import psutil
 
     for pid in procs:
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, signal.SIGABRT)
+            process = psutil.Process(pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+        # Dead means gone or a zombie: its parent may never reap it, but its stacks are written.
+        end = time.monotonic() + 3
+        with contextlib.suppress(psutil.NoSuchProcess):
+            while process.status() != psutil.STATUS_ZOMBIE and time.monotonic() < end:
+                time.sleep(0.02)
     return "\n".join(f"  pid {pid}: {line}" for pid, line in procs.items())
 
 

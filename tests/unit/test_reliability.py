@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,6 +189,13 @@ def test_a_hung_test_run_fails_with_every_process_stack(tmp_path):
         assert text.count("  pid ") == 2, text  # the run and its child, each named
         assert text.count("Fatal Python error: Aborted") == 2, text  # each printed its stacks
         assert "in waiting_in_a_thread" in text, text  # the other thread's stack too
+        # Each process's stacks whole, one after the other: signalled at once, the two
+        # shared stderr and interleaved byte by byte (CI, 2026-12-05).
+        child = re.search(r"Fatal Python error: Aborted\n+Current thread 0x[0-9a-f]+ \(most recent call first\):\n"
+                          r'  File "<string>", line 1 in <module>(\n|$)', text)
+        parent = re.search(r"Fatal Python error: Aborted\n+Thread 0x[0-9a-f]+ \(most recent call first\):\n"
+                           r'  File "<string>", line 3 in waiting_in_a_thread(\n|$)', text)
+        assert child and parent, text
 
 
 def test_status_file_and_mask_trim(tmp_path):
