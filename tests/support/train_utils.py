@@ -47,6 +47,10 @@ def tool(name: str) -> str:
     return local if os.path.exists(local) else (shutil.which(name) or name)
 
 
+STACK_LINES = 2000
+"""How much of a hung run's stderr a failure quotes: every thread of a few ranks, launcher and workers."""
+
+
 class RunHung(AssertionError):
     """A run that outlived its timeout; the message holds the stacks its processes printed."""
 
@@ -61,6 +65,7 @@ def run(cmd: Sequence[str], timeout: float = 300, env: dict | None = None,
     leaves no clue where a rare hang was.
     """
     import signal
+    import threading
 
     proc = subprocess.Popen(list(cmd), cwd=cwd, env=env or cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -68,15 +73,20 @@ def run(cmd: Sequence[str], timeout: float = 300, env: dict | None = None,
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         tree = _process_tree(proc.pid)
+        # Read on while the processes print their stacks: a full pipe would block a writer,
+        # and a blocked writer does not die.
+        drained: list[tuple[str, str]] = []
+        reader = threading.Thread(target=lambda: drained.append(proc.communicate()), daemon=True)
+        reader.start()
         listing = _abort(tree)
-        try:
-            out, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
+        reader.join(20)
+        if reader.is_alive():
             for pid in tree:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        stacks = [ln for ln in (err or "").splitlines() if ln.strip()][-300:]
+            reader.join(20)
+        out, err = drained[0] if drained else ("", "")
+        stacks = [ln for ln in (err or "").splitlines() if ln.strip()][-STACK_LINES:]
         raise RunHung(f"no exit after {timeout:.0f} s; every process was sent SIGABRT:\n{listing}\n"
                       f"command: {' '.join(cmd)}\nstdout (tail):\n" + "\n".join((out or "").splitlines()[-40:])
                       + "\nstderr (tail, with the stacks):\n" + "\n".join(stacks)) from None
@@ -360,7 +370,7 @@ class Background:
     def explain(self, stacks: bool = False) -> str:
         """The output's tail; with ``stacks``, enough of stderr to hold every process's stacks."""
         out, err = self.output()
-        return "\n".join(out.splitlines()[-40:] + err.splitlines()[-(300 if stacks else 40):])
+        return "\n".join(out.splitlines()[-40:] + err.splitlines()[-(STACK_LINES if stacks else 40):])
 
 
 def start_deepspeed(args: Sequence[str], log_dir: str, nproc: int = 2) -> Background:
