@@ -11,7 +11,7 @@
 
 The core is this package's top level; it needs torch and DeepSpeed only.
 Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``,
-``functional``, ``controller``, ``sampler``, ``checkpointing`` (torch) -> ``refusals`` (set-up),
+``functional``, ``controller``, ``sampler``, ``checkpointing``, ``checkpoint_fit`` (torch) -> ``refusals`` (set-up),
 ``zero_hooks``, ``attach``, ``engine``, ``runtime_checks`` (while training), ``process`` (DeepSpeed).
 The applications ``ldb_ds.train`` and ``ldb_ds.bench`` (and ``ldb_ds.integrations``) import the
 core and are never imported by it. ``guards``, ``safety`` and ``runtime`` are the deprecated
@@ -42,7 +42,7 @@ _LAZY = {
     "build_dataloader": "sampler",
 }
 _SUBMODULES = ("functional", "units", "controller", "sampler", "refusals", "zero_hooks", "attach", "engine", "process",
-               "checkpointing", "runtime_checks",
+               "checkpointing", "checkpoint_fit", "runtime_checks",
                "guards", "runtime", "safety")  # deprecated names of refusals, process, runtime_checks
 
 

@@ -6,7 +6,8 @@ truncated file is only noticed by ``torch.load`` on whichever rank reads it. :fu
 therefore:
 
 1. removes an old tag of the same name (a resumed run saving again must not leave a stale
-   manifest over new files);
+   manifest over new files), but only a folder that is a checkpoint (:func:`replace_refused`),
+   and only under a tag that names one folder inside ``save_dir`` (:func:`check_tag`);
 2. calls ``engine.save_checkpoint(..., save_latest=False)`` (which ends with a barrier; an LDB
    engine's, attached or not, also writes the tag's LDB state file, ``ldb_ds.state_file``);
 3. writes each rank's own small file (``ldb_rank<r>.pt``), for what DeepSpeed keeps on data
@@ -19,10 +20,9 @@ A tag is complete exactly when its manifest exists: a crash at any earlier point
 previous tag as the newest complete one. :func:`verify` checks a tag against its manifest
 before any rank loads it (split over the ranks, the verdict gathered, so every rank raises the
 same one-line :class:`CheckpointError` naming the file). :func:`find_resumable` walks back from
-``latest`` to the newest tag that verifies. :func:`check_compatible` compares what a tag was
-written by (model, world size, ZeRO stage, optimizer, ``layer_drop_back`` section) with the
-run about to load it, and :func:`to_universal` converts a ZeRO-1/2/3 checkpoint with DeepSpeed's
-``ds_to_universal`` when only the world size differs.
+``latest`` to the newest tag that verifies. :mod:`ldb_ds.checkpoint_fit` decides whether a tag
+fits the run about to load it (from what :func:`describe_run` recorded in its manifest) and
+converts it when only the world size differs.
 
 Every function that takes ``group`` is a collective over it (default: the default group).
 Checkpoints are assumed to be on a file system all ranks see (as DeepSpeed's own resume at a new
@@ -37,15 +37,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
-from .state_file import STATE_FILE, atomic_torch_save
+from .state_file import atomic_torch_save
 
 MANIFEST = "ldb_manifest.json"
 LATEST = "latest"
@@ -102,6 +100,59 @@ def describe_engine(engine: Any) -> dict[str, Any]:
                         ldb=controller.cfg.to_dict() if controller is not None else None)
 
 
+# --------------------------------------------------------------------------- tags and what may be replaced
+
+
+def check_tag(tag: Any) -> str:
+    """``tag`` as a string if it names one folder inside a checkpoint directory, else ValueError.
+
+    A tag is joined to the checkpoint directory, and saving a tag again replaces its folder: a
+    tag that is empty, ``.``, ``..``, holds a path separator or is absolute (``os.path.join``
+    then drops the directory) would name a folder outside it, or the directory itself.
+    """
+    name = str(tag)
+    if name in ("", ".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name) \
+            or "\0" in name:
+        raise ValueError(f"checkpoint tag {tag!r} is not one folder name (no path separator, not empty, "
+                         "'.' or '..'): a tag names a folder inside the checkpoint directory")
+    return name
+
+
+# Files a DeepSpeed save (*.pt), ldb_ds (manifest, LDB state, rank files, temporaries) or
+# ds_to_universal (*.pt, and its numbered slices "<state>.<dp rank>" in tmp/) write into a tag.
+_CHECKPOINT_FILE = re.compile(r"(\.pt|\.tmp\d*|\.\d+)$")
+
+
+def replace_refused(path: str) -> str:
+    """Why the folder at ``path`` may not be deleted to save a tag there again; ``""`` if it may.
+
+    It may when it does not exist, when it is a checkpoint :func:`save` completed (its manifest
+    names it), or when it holds only what a save or a conversion that did not finish leaves (no
+    manifest): DeepSpeed's ``*.pt`` files and ldb_ds's own. Anything else - a link, a file no
+    checkpoint writes, a folder of the user's that happens to have the tag's name - is refused,
+    with the first such entry named, because deleting it could lose the user's files.
+    """
+    if os.path.islink(path):
+        return f"{path} is a symbolic link, not a checkpoint folder: it is not replaced; choose another tag"
+    if not os.path.lexists(path):
+        return ""
+    if not os.path.isdir(path):
+        return f"{path} exists and is not a checkpoint folder: it is not replaced; choose another tag"
+    try:
+        if read_manifest(os.path.dirname(path), os.path.basename(path)).get("tag") == os.path.basename(path):
+            return ""
+    except CheckpointError:
+        pass  # no (readable) manifest: an unfinished save, or not a checkpoint at all
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            entry = os.path.join(root, name)
+            if os.path.islink(entry) or (name in files and not _CHECKPOINT_FILE.search(name)
+                                         and name != MANIFEST):
+                return (f"{path} holds {entry}, which no checkpoint writes: the folder is not replaced "
+                        "(it may hold your files); choose another tag, or move it away")
+    return ""
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -114,14 +165,20 @@ def save(engine: Any, save_dir: str, tag: str, *, client_state: dict | None = No
     application's epoch, step, metric...).
     """
     rank, world = _rank(group), _world(group)
-    tag_dir = os.path.join(save_dir, str(tag))
+    tag = check_tag(tag)  # the same on every rank: all raise, none waits in a collective
+    tag_dir = os.path.join(save_dir, tag)
     t0 = time.perf_counter()
+    problem = ""
     if rank == 0:
-        if os.path.isdir(tag_dir):  # the same tag saved again (a resumed run): no stale manifest
-            _remove_manifest(tag_dir)
-            shutil.rmtree(tag_dir)
-        os.makedirs(save_dir, exist_ok=True)
-    _barrier(group)
+        problem = replace_refused(tag_dir)
+        if not problem:
+            if os.path.isdir(tag_dir):  # the same tag saved again (a resumed run): no stale manifest
+                _remove_manifest(tag_dir)
+                shutil.rmtree(tag_dir)
+            os.makedirs(save_dir, exist_ok=True)
+    problem = _all_gather(problem, group)[0]  # rank 0's verdict, on every rank: also the barrier
+    if problem:
+        raise CheckpointError(problem)
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
     if rank_state is not None:
         atomic_torch_save(rank_state, os.path.join(tag_dir, rank_state_file(rank)))
@@ -223,6 +280,15 @@ def verify(save_dir: str, tag: str, *, group: Any = None) -> dict[str, Any]:
     return manifest
 
 
+def verify_local(save_dir: str, tag: str) -> dict[str, Any]:
+    """:func:`verify` in one process (no collective)."""
+    manifest = read_manifest(save_dir, tag)
+    problems = check_files(save_dir, tag, manifest)
+    if problems:
+        raise CheckpointError(problems[0])
+    return manifest
+
+
 def list_tags(save_dir: str) -> list[str]:
     """Tags that have a manifest, ``latest``'s first, then newest first; not universal conversions
     (``<tag>_universal`` carries its source's old world size and is pruned with its source)."""
@@ -290,136 +356,6 @@ def prune(save_dir: str, keep_last: int, keep: Sequence[str] = ()) -> list[str]:
             if os.path.isdir(path := os.path.join(save_dir, name)) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
     return gone
-
-
-# --------------------------------------------------------------------------- compatibility
-
-
-ADAM_FAMILY = ("adam",)
-"""Optimizer names (lower case, substring) whose state ``ds_to_universal`` converts: it reads the
-keys ``exp_avg`` and ``exp_avg_sq`` (``deepspeed/checkpoint/ds_to_universal.py``)."""
-
-LDB_STRUCTURE_KEYS = ("enabled", "granularity", "keep_first", "keep_last")
-"""``layer_drop_back`` keys that change the units, hence the optimizer's param groups."""
-
-
-def check_compatible(manifest: Mapping[str, Any], current: Mapping[str, Any], *, where: str,
-                     allow_ldb_change: bool = True) -> dict[str, Any]:
-    """Compare a tag's run (``manifest["run"]``) with ``current`` (:func:`describe_run`).
-
-    Returns ``{"universal": bool, "notes": [...]}``: ``universal`` when the checkpoint must go
-    through :func:`to_universal` (ZeRO 1-3 at another world size, Adam family). Raises
-    :class:`CheckpointError` for what cannot be loaded: another model, another unit structure,
-    another ZeRO stage, or another world size with partitioned non-Adam optimizer state.
-    ``allow_ldb_change``: schedule keys of the ``layer_drop_back`` section may differ (noted);
-    with ``False`` any difference is an error.
-    """
-    run = manifest.get("run") or {}
-    notes: list[str] = []
-    old_p, new_p = run.get("parameters") or [], current.get("parameters") or []
-    if old_p != new_p:
-        first = next((f"{a[0]} {tuple(a[1])} there, {b[0]} {tuple(b[1])} here" for a, b in zip(old_p, new_p)
-                      if a != b), "the lists differ in length")
-        raise CheckpointError(f"{where} was written for another model: {len(old_p)} parameter tensors there, "
-                              f"{len(new_p)} here; first difference: {first}")
-    old_l, new_l = run.get("ldb") or {}, current.get("ldb") or {}
-    changed = sorted(k for k in set(old_l) | set(new_l) if old_l.get(k) != new_l.get(k))
-    if changed:
-        what = ", ".join(f"{k}: {old_l.get(k)!r} -> {new_l.get(k)!r}" for k in changed)
-        structural = [k for k in changed if k in LDB_STRUCTURE_KEYS]
-        if structural or not allow_ldb_change:
-            why = "it changes the units and so the optimizer's param groups" if structural else \
-                "the run is resumed in the middle of an epoch"
-            raise CheckpointError(f"{where} was written with another layer_drop_back section ({what}); "
-                                  f"this cannot be resumed: {why}")
-        notes.append(f"layer_drop_back differs from the checkpoint's ({what}); the new values apply from now on")
-    old_z, new_z = run.get("zero_stage"), current.get("zero_stage")
-    if old_z != new_z:
-        raise CheckpointError(f"{where} was written at ZeRO stage {old_z}, this run uses stage {new_z}; "
-                              "resume with the checkpoint's stage")
-    old_w, new_w = run.get("world_size"), current.get("world_size")
-    universal = False
-    if old_w != new_w:
-        if old_z == 0:
-            notes.append(f"world size {old_w} -> {new_w}: a ZeRO-0 checkpoint loads as it is")
-        else:
-            name = str(run.get("optimizer") or "unknown")
-            if not any(a in name.lower() for a in ADAM_FAMILY):
-                raise CheckpointError(
-                    f"{where} was written at world size {old_w} with ZeRO stage {old_z} and optimizer {name}; "
-                    f"at world size {new_w} its partitioned optimizer state must go through DeepSpeed's universal "
-                    "checkpoint (ds_to_universal), which converts Adam-family states only (exp_avg, exp_avg_sq). "
-                    f"Resume at world size {old_w}, or save from a ZeRO-0 run")
-            universal = True
-            notes.append(f"world size {old_w} -> {new_w}: converting to DeepSpeed's universal checkpoint")
-    return {"universal": universal, "notes": notes}
-
-
-def to_universal(save_dir: str, tag: str, *, group: Any = None, timeout_s: float | None = None) -> str:
-    """Convert ``tag`` with DeepSpeed's ``ds_to_universal`` into ``<tag>_universal`` (rank 0; collective).
-
-    The LDB state file goes along (``ds_to_universal`` copies model states only). Reuses an earlier
-    conversion that verifies. Load the result with the DeepSpeed config
-    ``"checkpoint": {"load_universal": true}`` and ``tag=<tag>_universal``. Returns that tag.
-    """
-    out_tag = tag + UNIVERSAL_SUFFIX
-    out_dir = os.path.join(save_dir, out_tag)
-    error = ""
-    if _rank(group) == 0:
-        try:
-            verify_local(save_dir, out_tag)
-        except CheckpointError:
-            try:
-                error = _convert(save_dir, tag, out_tag, timeout_s)
-            except Exception as err:  # noqa: BLE001 - the other ranks wait in the gather below
-                error = f"converting {tag} to a universal checkpoint failed: {type(err).__name__}: {err}"
-    error = _all_gather(error, group)[0]  # rank 0's outcome: every rank returns or raises alike
-    if error:
-        raise CheckpointError(error)
-    return os.path.basename(out_dir)
-
-
-def verify_local(save_dir: str, tag: str) -> dict[str, Any]:
-    """:func:`verify` in one process (no collective)."""
-    manifest = read_manifest(save_dir, tag)
-    problems = check_files(save_dir, tag, manifest)
-    if problems:
-        raise CheckpointError(problems[0])
-    return manifest
-
-
-def _convert(save_dir: str, tag: str, out_tag: str, timeout_s: float | None) -> str:
-    src, dst = os.path.join(save_dir, tag), os.path.join(save_dir, out_tag)
-    tmp = dst + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(dst, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
-           "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return f"ds_to_universal on {src} took longer than {timeout_s:.0f} s"
-    if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        why = ""
-        if "KeyError: 'exp_avg" in last[0]:
-            # ds_to_universal reads Adam's moments of every param group; a unit LDB dropped in
-            # every step so far (a run that began in a DROP epoch) has none yet.
-            why = ("; some param groups have no Adam state yet (LDB units never updated so far, or a non-Adam "
-                   "optimizer): resume at the checkpoint's world size")
-        return f"ds_to_universal failed on {src} (exit code {proc.returncode}): {last[0]}{why}"
-    if os.path.isfile(ldb_state := os.path.join(src, STATE_FILE)):  # ds_to_universal copies model states only
-        shutil.copy2(ldb_state, tmp)
-    os.replace(tmp, dst)
-    # ds_to_universal points latest_universal at the temporary name; the tag is passed explicitly.
-    _atomic_write_text(os.path.join(save_dir, "latest_universal"), out_tag)
-    source = read_manifest(save_dir, tag)
-    names = _files_of(dst)
-    manifest = {**source, "tag": out_tag, "created": time.time(), "universal_of": tag,
-                "files": {n: _hash_file(os.path.join(dst, n)) for n in names}}
-    _atomic_write_text(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1))
-    return ""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -493,7 +429,8 @@ def _remove_manifest(tag_dir: str) -> None:
         os.remove(os.path.join(tag_dir, MANIFEST))
 
 
-__all__ = ["CheckpointError", "controller_of", "MANIFEST", "LATEST", "UNIVERSAL_SUFFIX", "ADAM_FAMILY",
+__all__ = ["CheckpointError", "controller_of", "MANIFEST", "LATEST", "UNIVERSAL_SUFFIX",
+           "check_tag", "replace_refused",
            "rank_state_file", "describe_model", "describe_run", "describe_engine", "save", "load_rank_state",
            "read_latest", "read_manifest", "check_files", "verify", "verify_local", "list_tags", "find_resumable",
-           "prune", "check_compatible", "to_universal"]
+           "prune"]

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ldb_ds import checkpointing
+from ldb_ds import checkpoint_fit, checkpointing
 from ldb_ds.checkpointing import CheckpointError
 
 from .options import TrainOptions
@@ -216,7 +216,7 @@ def choose_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, A
     else:
         manifest = checkpointing.verify(load_dir, tag, group=group)
     mid_epoch = int(manifest.get("meta", {}).get("step_in_epoch", 0)) > 0
-    verdict = checkpointing.check_compatible(manifest, current, where=f"checkpoint {os.path.join(load_dir, tag)}",
+    verdict = checkpoint_fit.check_compatible(manifest, current, where=f"checkpoint {os.path.join(load_dir, tag)}",
                                              allow_ldb_change=not mid_epoch)
     return ResumePoint(load_dir, tag, manifest, verdict["universal"], verdict["notes"])
 
@@ -236,7 +236,7 @@ def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group:
 
     from ldb_ds.engine import CLIENT_STATE_KEY
 
-    tag = checkpointing.to_universal(resume.load_dir, resume.tag, group=group, timeout_s=timeout_s) \
+    tag = checkpoint_fit.to_universal(resume.load_dir, resume.tag, group=group, timeout_s=timeout_s) \
         if resume.universal else resume.tag
     path, client = engine.load_checkpoint(resume.load_dir, tag=tag)
     if path is None:

@@ -68,6 +68,10 @@ def test_atomic_checkpoint_manifest_verify_fallback_prune(tmp_path):
         assert r["fallback"] == "a" and any(f"skipping checkpoint b: {victim} is truncated" in w
                                             for w in r["warnings_b"])
         assert r["left"] == ["b"]
+        *traversal, mine = r["bad_tags"]
+        assert all(t.startswith("ValueError: checkpoint tag") for t in traversal), traversal
+        assert mine.startswith("CheckpointError: ") and "notes.txt, which no checkpoint writes" in mine
+        assert r["kept"] and r["c_verifies"] == "c"
     assert ranks[0]["pruned"] == ["a"]
 
 

@@ -5,7 +5,7 @@ LDB state in ``ldb_state.pt`` in the checkpoint's tag folder (``ldb_ds.state_fil
 a checkpoint of either entry resumes in either entry exactly (same masks, bitwise the same
 weights); checkpoints in the two formats used before (LDBEngine's client-state entry, the attached
 engine's file) still load; a module-only load leaves the LDB state fresh at both entries; and a
-universal conversion (``checkpointing.to_universal``) carries the state to another world size,
+universal conversion (``checkpoint_fit.to_universal``) carries the state to another world size,
 hashed in the conversion's manifest.
 """
 

@@ -253,6 +253,29 @@ def checkpoint_files(rank: int, save_dir: str) -> dict[str, Any]:
         out["pruned"] = checkpointing.prune(save_dir, keep_last=1)
     dist.barrier()
     out["left"] = sorted(checkpointing.list_tags(save_dir))
+    # Bad tags: refused on every rank before anything is deleted or written (no rank waits).
+    outside = os.path.join(os.path.dirname(save_dir), "outside")
+    if rank == 0:
+        os.makedirs(outside, exist_ok=True)
+        with open(os.path.join(outside, "keep.txt"), "w") as f:
+            f.write("the user's")
+        os.makedirs(os.path.join(save_dir, "mine"))
+        with open(os.path.join(save_dir, "mine", "notes.txt"), "w") as f:
+            f.write("the user's")
+    dist.barrier()
+    out["bad_tags"] = []
+    for tag in ("../outside", outside, "", "..", "mine"):
+        try:
+            checkpointing.save(engine, save_dir, tag)
+            out["bad_tags"].append("saved")
+        except (ValueError, CheckpointError) as err:
+            out["bad_tags"].append(f"{type(err).__name__}: {err}")
+    dist.barrier()
+    out["kept"] = all(os.path.isfile(p) for p in (os.path.join(outside, "keep.txt"),
+                                                   os.path.join(save_dir, "mine", "notes.txt")))
+    # The unfinished save c (no manifest) is replaced by a save of the same tag.
+    checkpointing.save(engine, save_dir, "c")
+    out["c_verifies"] = checkpointing.verify(save_dir, "c")["tag"]
     engine.destroy()
     return out
 
@@ -287,7 +310,7 @@ def save_for_resize(rank: int, root: str) -> list[list[torch.Tensor]]:
 
 
 def resume_at_world_size_1(rank: int, root: str) -> list[dict[str, Any]]:
-    from ldb_ds import checkpointing
+    from ldb_ds import checkpoint_fit, checkpointing
     from ldb_ds.checkpointing import CheckpointError
     from ldb_ds.config import LDBConfig
 
@@ -300,13 +323,13 @@ def resume_at_world_size_1(rank: int, root: str) -> list[dict[str, Any]]:
                                              optimizer=cfg["optimizer"]["type"],
                                              ldb=LDBConfig.from_ds_config(cfg).to_dict())
         try:
-            verdict = checkpointing.check_compatible(manifest, current, where="the checkpoint")
+            verdict = checkpoint_fit.check_compatible(manifest, current, where="the checkpoint")
         except CheckpointError as err:
             out.append({"error": str(err)})
             continue
         tag = "t"
         if verdict["universal"]:
-            tag = checkpointing.to_universal(save_dir, "t")
+            tag = checkpoint_fit.to_universal(save_dir, "t")
             cfg["checkpoint"] = {"load_universal": True}
         engine = engine_for(cfg, dropout=0.0)
         _, client = engine.load_checkpoint(save_dir, tag=tag)

@@ -181,12 +181,12 @@ def save_for_universal(rank: int, root: str) -> dict[str, Any]:
 
 def load_universal(rank: int, root: str) -> dict[str, Any]:
     """World size 1: convert each entry's checkpoint and load it into the other entry too."""
-    from ldb_ds import checkpointing
+    from ldb_ds import checkpoint_fit, checkpointing
 
     out: dict[str, Any] = {}
     for saved_by in ENTRIES:
         save_dir = os.path.join(root, saved_by)
-        tag = checkpointing.to_universal(save_dir, "t")
+        tag = checkpoint_fit.to_universal(save_dir, "t")
         manifest = checkpointing.verify_local(save_dir, tag)  # the copied state file is hashed too
         for entry in ENTRIES:
             run = Run(entry, config(optimizer="adamw", checkpoint={"load_universal": True}))

@@ -97,7 +97,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
-    "state_file": "torch",
+    "checkpoint_fit": "torch", "state_file": "torch",
     "refusals": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
     "attach": "deepspeed",
     "engine": "deepspeed",

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from ldb_ds import LDBConfig, Mode
-from ldb_ds.checkpointing import CheckpointError, check_compatible, describe_run
+from ldb_ds.checkpoint_fit import check_compatible
+from ldb_ds.checkpointing import CheckpointError, describe_run
 from ldb_ds.controller import LDBController
 from ldb_ds.functional import build_param_groups, build_units
 from ldb_ds.sampler import ScalableBatchSampler
@@ -196,6 +197,50 @@ def test_a_hung_test_run_fails_with_every_process_stack(tmp_path):
         parent = re.search(r"Fatal Python error: Aborted\n+Thread 0x[0-9a-f]+ \(most recent call first\):\n"
                            r'  File "<string>", line 3 in waiting_in_a_thread(\n|$)', text)
         assert child and parent, text
+
+
+@pytest.mark.parametrize("tag", ["", ".", "..", "../run", "a/b", "/home", "x\0y"])
+def test_a_tag_that_is_not_one_folder_name_is_refused(tag):
+    from ldb_ds.checkpointing import check_tag
+
+    with pytest.raises(ValueError, match="not one folder name"):
+        check_tag(tag)
+    assert check_tag(3) == "3" and check_tag("epoch4") == "epoch4"
+
+
+def test_only_a_checkpoints_folder_may_be_replaced(tmp_path):
+    """checkpointing.replace_refused: what a save of the same tag may delete, on real folders."""
+    from ldb_ds.checkpointing import MANIFEST, replace_refused
+
+    def tree(name, files):
+        for rel in files:
+            path = tmp_path / name / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+        return str(tmp_path / name)
+
+    assert replace_refused(str(tmp_path / "absent")) == ""
+    # What an unfinished save or ds_to_universal conversion leaves: replaceable.
+    assert replace_refused(tree("unfinished", ["mp_rank_00_model_states.pt", "ldb_state.pt.tmp123",
+                                               f"{MANIFEST}.tmp9", "zero/fc.weight/fp32.pt",
+                                               "tmp/fc.weight/0/exp_avg.01"])) == ""
+    # A complete checkpoint: its manifest names it.
+    done = tree("done", ["mp_rank_00_model_states.pt", "notes.txt"])
+    (tmp_path / "done" / MANIFEST).write_text(json.dumps({"format": 1, "files": {}, "tag": "done"}))
+    assert replace_refused(done) == ""
+    # The user's files, at any depth, a link, a plain file: refused, naming the entry.
+    mine = tree("mine", ["mp_rank_00_model_states.pt", "data/labels.csv"])
+    assert "data/labels.csv, which no checkpoint writes" in replace_refused(mine)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    assert "is a symbolic link" in replace_refused(str(tmp_path / "link"))
+    os.symlink(tmp_path / "elsewhere", tmp_path / "unfinished" / "zero" / "inner")
+    assert "inner, which no checkpoint writes" in replace_refused(str(tmp_path / "unfinished"))
+    (tmp_path / "file").write_text("x")
+    assert "is not a checkpoint folder" in replace_refused(str(tmp_path / "file"))
+    # A manifest naming another tag (a folder copied under a new name) does not make it ours.
+    (tmp_path / "mine" / MANIFEST).write_text(json.dumps({"format": 1, "files": {}, "tag": "other"}))
+    assert "labels.csv" in replace_refused(mine)
 
 
 def test_status_file_and_mask_trim(tmp_path):
