@@ -118,9 +118,27 @@ def check_tag(tag: Any) -> str:
     return name
 
 
-# Files a DeepSpeed save (*.pt), ldb_ds (manifest, LDB state, rank files, temporaries) or
-# ds_to_universal (*.pt, and its numbered slices "<state>.<dp rank>" in tmp/) write into a tag.
-_CHECKPOINT_FILE = re.compile(r"(\.pt|\.tmp\d*|\.\d+)$")
+# What a save or a conversion writes into a tag's folder, and nothing else: DeepSpeed's files (every
+# name its save_checkpoint uses ends in model_states.pt or optim_states.pt: engine.py, _get_ckpt_name
+# and the like), ldb_ds's own (the manifest, the LDB state, the rank files) and the temporaries of
+# both (.tmp<pid>); below zero/ and tmp/, ds_to_universal's tree (zero/<param>/<state>.pt, and its
+# slices tmp/<param>/<tp>/<state>.<dp rank> when it did not finish).
+_DEEPSPEED_FILE = re.compile(r"(model_states|optim_states)\.pt$")
+_OWN_FILE = re.compile(r"(ldb_rank\d+\.pt|ldb_state\.pt|" + re.escape(MANIFEST) + r")$")
+_TEMPORARY = re.compile(r"\.tmp\d*$")
+_UNIVERSAL_TREE = {"zero": re.compile(r"\.pt$"), "tmp": re.compile(r"(\.pt|\.\d+)$")}
+
+
+def _written_by_a_save(rel: str) -> bool:
+    """Whether a file at ``rel`` (relative to a tag's folder) is one a save or a conversion writes."""
+    top, _, rest = rel.partition(os.sep)
+    name = os.path.basename(rel)
+    if _TEMPORARY.search(name):
+        return True
+    if not rest:
+        return bool(_DEEPSPEED_FILE.search(name) or _OWN_FILE.fullmatch(name))
+    tree = _UNIVERSAL_TREE.get(top)
+    return bool(tree and tree.search(name))
 
 
 def replace_refused(path: str) -> str:
@@ -128,9 +146,9 @@ def replace_refused(path: str) -> str:
 
     It may when it does not exist, when it is a checkpoint :func:`save` completed (its manifest
     names it), or when it holds only what a save or a conversion that did not finish leaves (no
-    manifest): DeepSpeed's ``*.pt`` files and ldb_ds's own. Anything else - a link, a file no
-    checkpoint writes, a folder of the user's that happens to have the tag's name - is refused,
-    with the first such entry named, because deleting it could lose the user's files.
+    manifest; :func:`_written_by_a_save`). Anything else - a link, a file no checkpoint writes
+    (``weights.pt``, ``notes.txt``), a folder of the user's that happens to have the tag's name -
+    is refused, naming the first such entry, because deleting it could lose the user's files.
     """
     if os.path.islink(path):
         return f"{path} is a symbolic link, not a checkpoint folder: it is not replaced; choose another tag"
@@ -146,8 +164,9 @@ def replace_refused(path: str) -> str:
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
             entry = os.path.join(root, name)
-            if os.path.islink(entry) or (name in files and not _CHECKPOINT_FILE.search(name)
-                                         and name != MANIFEST):
+            foreign = os.path.islink(entry) or (
+                name in files and not _written_by_a_save(os.path.relpath(entry, path)))
+            if foreign:
                 return (f"{path} holds {entry}, which no checkpoint writes: the folder is not replaced "
                         "(it may hold your files); choose another tag, or move it away")
     return ""

@@ -231,6 +231,9 @@ def test_only_a_checkpoints_folder_may_be_replaced(tmp_path):
     # The user's files, at any depth, a link, a plain file: refused, naming the entry.
     mine = tree("mine", ["mp_rank_00_model_states.pt", "data/labels.csv"])
     assert "data/labels.csv, which no checkpoint writes" in replace_refused(mine)
+    for name in ("weights.pt", "report.2024", "zero/notes.txt", "other/fp32.pt"):  # not DeepSpeed's names
+        assert "which no checkpoint writes" in replace_refused(tree(f"user_{name.replace('/', '_')}",
+                                                                    ["ldb_state.pt", name])), name
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "link")
     assert "is a symbolic link" in replace_refused(str(tmp_path / "link"))
