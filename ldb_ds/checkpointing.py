@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as torch_dist
 
-from .state_file import atomic_torch_save
+from .state_file import STATE_FILE, atomic_torch_save
 
 MANIFEST = "ldb_manifest.json"
 LATEST = "latest"
@@ -124,7 +124,7 @@ def check_tag(tag: Any) -> str:
 # both (.tmp<pid>); below zero/ and tmp/, ds_to_universal's tree (zero/<param>/<state>.pt, and its
 # slices tmp/<param>/<tp>/<state>.<dp rank> when it did not finish).
 _DEEPSPEED_FILE = re.compile(r"(model_states|optim_states)\.pt$")
-_OWN_FILE = re.compile(r"(ldb_rank\d+\.pt|ldb_state\.pt|" + re.escape(MANIFEST) + r")$")
+_OWN_FILE = re.compile(r"ldb_rank\d+\.pt|" + re.escape(STATE_FILE) + "|" + re.escape(MANIFEST))  # rank_state_file
 _TEMPORARY = re.compile(r"\.tmp\d*$")
 _UNIVERSAL_TREE = {"zero": re.compile(r"\.pt$"), "tmp": re.compile(r"(\.pt|\.\d+)$")}
 
@@ -189,12 +189,15 @@ def save(engine: Any, save_dir: str, tag: str, *, client_state: dict | None = No
     t0 = time.perf_counter()
     problem = ""
     if rank == 0:
-        problem = replace_refused(tag_dir)
-        if not problem:
-            if os.path.isdir(tag_dir):  # the same tag saved again (a resumed run): no stale manifest
-                _remove_manifest(tag_dir)
-                shutil.rmtree(tag_dir)
-            os.makedirs(save_dir, exist_ok=True)
+        try:
+            problem = replace_refused(tag_dir)
+            if not problem:
+                if os.path.isdir(tag_dir):  # the same tag saved again (a resumed run): no stale manifest
+                    _remove_manifest(tag_dir)
+                    shutil.rmtree(tag_dir)
+                os.makedirs(save_dir, exist_ok=True)
+        except OSError as err:  # the other ranks wait in the gather below: they raise it too
+            problem = f"cannot prepare the checkpoint folder {tag_dir}: {err}"
     problem = _all_gather(problem, group)[0]  # rank 0's verdict, on every rank: also the barrier
     if problem:
         raise CheckpointError(problem)
