@@ -30,8 +30,13 @@ def epoch_dataset(ctx: BenchContext, batch_kappa: int):
 
 
 def run_epoch(ctx: BenchContext, engine: Any, loader: Any, epoch: int, max_steps: int | None = None,
-              kept: list[float] | None = None) -> tuple[float, int, int]:
-    """Train one epoch (or its first ``max_steps`` steps); wall-clock seconds, steps, samples."""
+              kept: list[float] | None = None, first_step: list[float] | None = None) -> tuple[float, int, int]:
+    """Train one epoch (or its first ``max_steps`` steps); wall-clock seconds, steps, samples.
+
+    With ``first_step``, the seconds from the epoch's start to the end of its first step (the
+    loader's start included; the device synchronised once more there) are appended to it: what an
+    epoch boundary costs (a mode switch, a new batch size) shows there, apart from the steady steps.
+    """
     import torch.nn.functional as F
 
     dtype = input_dtype(engine)
@@ -49,6 +54,9 @@ def run_epoch(ctx: BenchContext, engine: Any, loader: Any, epoch: int, max_steps
         engine.step()
         steps += 1
         samples += x.size(0)
+        if steps == 1 and first_step is not None:
+            synchronize()
+            first_step.append(time.perf_counter() - t0)
         if kept is not None and engine.ldb.enabled and engine.ldb.mode is Mode.DROP:
             kept.append(engine.ldb.kept_param_fraction)
     synchronize()
@@ -66,6 +74,7 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
         run_epoch(ctx, engine, loader, 0, ep_opts.warmup_steps)
         run_epoch(ctx, engine, loader, drop_epoch, ep_opts.warmup_steps)
     per: dict[str, list] = {"baseline_s": [], "ldb_s": [], "baseline_epochs": [], "ldb_epochs": []}
+    first: dict[str, list[float]] = {"baseline_FULL": [], "ldb_FULL": [], "ldb_DROP": []}  # first steps, s
     steps = {"baseline": 0, "ldb": 0}
     kept: list[float] = []
     for r in range(reps):
@@ -78,9 +87,12 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
             t0 = time.perf_counter()
             ep_times, n_steps = [], 0
             for e in epochs:
-                t, s, _ = run_epoch(ctx, engine, loader, e, kept=kept if name == "ldb" else None)
+                first_step: list[float] = []
+                t, s, _ = run_epoch(ctx, engine, loader, e, kept=kept if name == "ldb" else None,
+                                    first_step=first_step)
                 ep_times.append((e, engine.ldb.mode.value, t))
                 n_steps += s
+                first.setdefault(f"{name}_{engine.ldb.mode.value}", []).append(first_step[0] if first_step else 0.0)
             synchronize()
             per[f"{name}_s"].append(time.perf_counter() - t0)
             per[f"{name}_epochs"].append(ep_times)
@@ -95,6 +107,9 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
                 if f"{name}_{mode}" in ep:
                     ep[f"{name}_{mode}"].append(t)
     ep_stats = {k: rep.stats(v) for k, v in ep.items()}
+    # The FULL-epoch ratio again with each epoch's first step taken out of both sides: whether what
+    # LDB adds to a FULL epoch sits at the epoch boundary or in every step.
+    rest = {k: rep.stats(t - f for t, f in zip(ep[k], first[k])) for k in ("baseline_FULL", "ldb_FULL")}
     t_full = ep_stats["ldb_FULL"]["median"]
     t_drop = ep_stats["ldb_DROP"]["median"]
     t_base = ep_stats["baseline_FULL"]["median"]
@@ -109,6 +124,10 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
         "throughput_ratio": rep.stats(b / l for b, l in zip(per["baseline_s"], per["ldb_s"])),
         "epoch_s": ep_stats, "drop_over_full_epoch": (t_drop / t_full) if ep["ldb_DROP"] else None,
         "full_epoch_over_baseline": (t_full / t_base) if ep["ldb_FULL"] and t_base else None,  # LDB's FULL-epoch cost
+        "first_step_s": {k: rep.stats(v) for k, v in first.items() if k in ep},
+        "full_epoch_over_baseline_after_first_step":
+            rest["ldb_FULL"]["median"] / rest["baseline_FULL"]["median"]
+            if rest["ldb_FULL"]["n"] and rest["baseline_FULL"]["n"] and rest["baseline_FULL"]["median"] else None,
         "steps": steps, "kept_param_fraction": (sum(kept) / len(kept)) if kept else None,
         "per_rep": {"baseline_s": per["baseline_s"], "ldb_s": per["ldb_s"], "speedup": speedups,
                     "baseline_epochs": per["baseline_epochs"], "ldb_epochs": per["ldb_epochs"]},

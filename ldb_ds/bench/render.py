@@ -127,6 +127,11 @@ def _md_epochs(result: dict[str, Any]) -> str:
         ["DROP epoch / FULL epoch (LDB)", _fmt(r["drop_over_full_epoch"], 3)],
         ["LDB FULL epoch / baseline epoch (no dropping: should be ~1)",
          _fmt(r["epoch_s"]["ldb_FULL"]["median"] / r["epoch_s"]["baseline_FULL"]["median"], 3)],
+        ["... the same without each epoch's first step (what the epoch boundary adds is left out)",
+         _fmt(r.get("full_epoch_over_baseline_after_first_step"), 3)],
+        ["first step of an epoch, ms, median: baseline FULL / LDB FULL / LDB DROP (loader start included)",
+         " / ".join(_fmt(1e3 * r["first_step_s"][k]["median"], 1) if k in r.get("first_step_s", {}) else "-"
+                    for k in ("baseline_FULL", "ldb_FULL", "ldb_DROP"))],
         [f"derived: speedup of a {r['derived']['epochs']}-epoch schedule from the epoch times, %",
          _fmt(r["derived"]["speedup"] * 100)],
     ])

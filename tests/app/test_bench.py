@@ -99,6 +99,13 @@ def test_mode_writes_well_formed_outputs(ws1_results, mode):
     elif mode == "epochs":
         assert r["modes"] == ["FULL", "DROP"] and len(r["per_rep"]["speedup"]) == 2
         assert _finite(r["speedup"]["median"]) and r["steps"]["ldb"] < r["steps"]["baseline"]  # 2x DROP batches
+        # Each timed epoch's first step apart (the baseline's 2 epochs are both FULL), inside its epoch's time.
+        first = r["first_step_s"]
+        assert set(first) == {"baseline_FULL", "ldb_FULL", "ldb_DROP"}
+        assert [first[k]["n"] for k in first] == [r["epoch_s"][k]["n"] for k in first] and first["ldb_DROP"]["n"] == 2
+        assert all(0 < first[k]["max"] <= r["epoch_s"][k]["max"] for k in first)
+        assert _finite(r["full_epoch_over_baseline_after_first_step"])
+        assert "without each epoch's first step" in open(os.path.join(ws1_results, "epochs.md")).read()
     elif mode.startswith("sweep"):
         assert [row["value"] for row in r["rows"]] == ([0.3, 0.6] if mode == "sweep-drop-rate" else [1, 2])
         assert all(_finite(row["speedup"]["median"]) for row in r["rows"])
