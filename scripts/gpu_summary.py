@@ -245,7 +245,8 @@ def cell_line(r: dict) -> str:
     return (f"{r['run']}: LDB FULL step / DeepSpeed {_fmt(r['ldb_full_over_baseline'])} | "
             f"FULL epoch / baseline {_fmt(r['full_epoch_over_baseline'])} <= {FULL_EPOCH_MAX}: "
             f"{_verdict(t['full_epoch_over_baseline'])} (without first steps "
-            f"{_fmt(r.get('full_epoch_over_baseline_after_first_step'))}) | DROP saves {_fmt(r['drop_saving_ms'], '.1f')} ms vs "
+            f"{_fmt(r['full_epoch_over_baseline_after_first_step'])}) | "
+            f"DROP saves {_fmt(r['drop_saving_ms'], '.1f')} ms vs "
             f"PyTorch {_fmt(r['oracle_drop_saving_ms'], '.1f')} ms = {_fmt(r['drop_saving_over_oracle'], '.2f')} "
             f">= {DROP_SAVING_MIN}: {_verdict(t['drop_saving_over_oracle'])} | {speed}")
 

@@ -340,5 +340,6 @@ def is_distributed_failure(err: BaseException) -> bool:
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_HUNG", "EXIT_DIVERGED", "EXIT_MEMORY",
            "EXIT_PREEMPTED", "SIGNALS", "parse_signals", "print_rank", "gloo_group", "StopSignal",
-           "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "shut_down_workers", "StopAgreement", "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
+           "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "shut_down_workers", "StopAgreement",
+           "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
            "is_distributed_failure"]
