@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Any, Mapping
 
-from .checkpointing import (MANIFEST, UNIVERSAL_SUFFIX, CheckpointError, _all_gather, _atomic_write_text, _files_of,
-                            _hash_file, _rank, check_tag, read_manifest, replace_refused, verify_local)
+from .checkpointing import (MANIFEST, UNIVERSAL_SUFFIX, CheckpointError, all_gather_objects, atomic_write_text,
+                            check_tag, files_of, group_rank, hash_file, read_manifest, replace_refused, verify_local)
 from .state_file import STATE_FILE
 
 ADAM_FAMILY = ("adam",)
@@ -92,7 +92,7 @@ def to_universal(save_dir: str, tag: str, *, group: Any = None, timeout_s: float
     out_tag = check_tag(tag) + UNIVERSAL_SUFFIX
     out_dir = os.path.join(save_dir, out_tag)
     error = ""
-    if _rank(group) == 0:
+    if group_rank(group) == 0:
         try:
             verify_local(save_dir, out_tag)
         except CheckpointError:
@@ -100,7 +100,7 @@ def to_universal(save_dir: str, tag: str, *, group: Any = None, timeout_s: float
                 error = _convert(save_dir, tag, out_tag, timeout_s)
             except Exception as err:  # noqa: BLE001 - the other ranks wait in the gather below
                 error = f"converting {tag} to a universal checkpoint failed: {type(err).__name__}: {err}"
-    error = _all_gather(error, group)[0]  # rank 0's outcome: every rank returns or raises alike
+    error = all_gather_objects(error, group)[0]  # rank 0's outcome: every rank returns or raises alike
     if error:
         raise CheckpointError(error)
     return os.path.basename(out_dir)
@@ -134,12 +134,12 @@ def _convert(save_dir: str, tag: str, out_tag: str, timeout_s: float | None) -> 
         shutil.copy2(ldb_state, tmp)
     os.replace(tmp, dst)
     # ds_to_universal points latest_universal at the temporary name; the tag is passed explicitly.
-    _atomic_write_text(os.path.join(save_dir, "latest_universal"), out_tag)
+    atomic_write_text(os.path.join(save_dir, "latest_universal"), out_tag)
     source = read_manifest(save_dir, tag)
-    names = _files_of(dst)
+    names = files_of(dst)
     manifest = {**source, "tag": out_tag, "created": time.time(), "universal_of": tag,
-                "files": {n: _hash_file(os.path.join(dst, n)) for n in names}}
-    _atomic_write_text(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1))
+                "files": {n: hash_file(os.path.join(dst, n)) for n in names}}
+    atomic_write_text(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1))
     return ""
 
 

@@ -183,7 +183,7 @@ def save(engine: Any, save_dir: str, tag: str, *, client_state: dict | None = No
     :func:`load_rank_state`). ``meta``: JSON-serialisable facts stored in the manifest (the
     application's epoch, step, metric...).
     """
-    rank, world = _rank(group), _world(group)
+    rank, world = group_rank(group), _world(group)
     tag = check_tag(tag)  # the same on every rank: all raise, none waits in a collective
     tag_dir = os.path.join(save_dir, tag)
     t0 = time.perf_counter()
@@ -198,17 +198,17 @@ def save(engine: Any, save_dir: str, tag: str, *, client_state: dict | None = No
                 os.makedirs(save_dir, exist_ok=True)
         except OSError as err:  # the other ranks wait in the gather below: they raise it too
             problem = f"cannot prepare the checkpoint folder {tag_dir}: {err}"
-    problem = _all_gather(problem, group)[0]  # rank 0's verdict, on every rank: also the barrier
+    problem = all_gather_objects(problem, group)[0]  # rank 0's verdict, on every rank: also the barrier
     if problem:
         raise CheckpointError(problem)
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
     if rank_state is not None:
         atomic_torch_save(rank_state, os.path.join(tag_dir, rank_state_file(rank)))
     _barrier(group)  # every rank's files are written
-    names = _files_of(tag_dir)
-    mine = {n: _hash_file(os.path.join(tag_dir, n)) for i, n in enumerate(names) if i % world == rank}
+    names = files_of(tag_dir)
+    mine = {n: hash_file(os.path.join(tag_dir, n)) for i, n in enumerate(names) if i % world == rank}
     files: dict[str, Any] = {}
-    for part in _all_gather(mine, group):
+    for part in all_gather_objects(mine, group):
         files.update(part)
     manifest = {"format": FORMAT, "tag": str(tag), "created": time.time(), "files": files,
                 "run": describe_engine(engine), "meta": dict(meta or {}),
@@ -216,8 +216,8 @@ def save(engine: Any, save_dir: str, tag: str, *, client_state: dict | None = No
                 "save_s": None}
     if rank == 0:
         manifest["save_s"] = round(time.perf_counter() - t0, 3)
-        _atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
-        _atomic_write_text(os.path.join(save_dir, LATEST), str(tag))
+        atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
+        atomic_write_text(os.path.join(save_dir, LATEST), str(tag))
     _barrier(group)
     return manifest
 
@@ -277,7 +277,7 @@ def check_files(save_dir: str, tag: str, manifest: Mapping[str, Any], rank: int 
             problems.append(f"{path} is {'truncated' if size < want['size'] else 'larger than written'}: "
                             f"{size} bytes, the manifest says {want['size']}")
             continue
-        if _hash_file(path, sync=False)["sha256"] != want["sha256"]:
+        if hash_file(path, sync=False)["sha256"] != want["sha256"]:
             problems.append(f"{path} is corrupted: its SHA-256 differs from the manifest's")
     return problems
 
@@ -290,11 +290,11 @@ def verify(save_dir: str, tag: str, *, group: Any = None) -> dict[str, Any]:
     """
     try:
         manifest = read_manifest(save_dir, tag)
-        mine = check_files(save_dir, tag, manifest, _rank(group), _world(group))
+        mine = check_files(save_dir, tag, manifest, group_rank(group), _world(group))
     except CheckpointError as err:
         mine = [str(err)]
         manifest = None
-    problems = sorted({p for part in _all_gather(mine, group) for p in part})  # a missing manifest: once
+    problems = sorted({p for part in all_gather_objects(mine, group) for p in part})  # a missing manifest: once
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
@@ -343,7 +343,7 @@ def find_resumable(save_dir: str, *, group: Any = None, warn: Callable[[str], No
     bad: list[str] = []
     latest = read_latest(save_dir)
     # verify is a collective: every rank tries rank 0's listing (another node's cache may lag).
-    tags = _all_gather(list_tags(save_dir), group)[0]
+    tags = all_gather_objects(list_tags(save_dir), group)[0]
     if latest is not None and latest not in tags:
         bad.append(f"'latest' names {latest}, which is not a complete checkpoint")
         if warn:
@@ -383,7 +383,8 @@ def prune(save_dir: str, keep_last: int, keep: Sequence[str] = ()) -> list[str]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _rank(group: Any) -> int:
+def group_rank(group: Any) -> int:
+    """This process's rank in ``group`` (0 without a process group)."""
     return torch_dist.get_rank(group) if torch_dist.is_initialized() else 0
 
 
@@ -396,7 +397,8 @@ def _barrier(group: Any) -> None:
         torch_dist.barrier(group=group)
 
 
-def _all_gather(obj: Any, group: Any) -> list[Any]:
+def all_gather_objects(obj: Any, group: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` alone); a collective: every rank of ``group`` calls it."""
     if not torch_dist.is_initialized() or _world(group) == 1:
         return [obj]
     out: list[Any] = [None] * _world(group)
@@ -404,7 +406,8 @@ def _all_gather(obj: Any, group: Any) -> list[Any]:
     return out
 
 
-def _files_of(tag_dir: str) -> list[str]:
+def files_of(tag_dir: str) -> list[str]:
+    """The files under ``tag_dir``, relative and sorted, that a manifest lists (not itself, not temporaries)."""
     names = []
     for root, _, files in os.walk(tag_dir):
         for f in files:
@@ -414,7 +417,8 @@ def _files_of(tag_dir: str) -> list[str]:
     return sorted(names)
 
 
-def _hash_file(path: str, sync: bool = True) -> dict[str, Any]:
+def hash_file(path: str, sync: bool = True) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of ``path`` as a manifest records it; with ``sync``, fsynced first."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -426,7 +430,8 @@ def _hash_file(path: str, sync: bool = True) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary file, fsynced, renamed over it, the folder fsynced."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -455,4 +460,4 @@ __all__ = ["CheckpointError", "controller_of", "MANIFEST", "LATEST", "UNIVERSAL_
            "check_tag", "replace_refused",
            "rank_state_file", "describe_model", "describe_run", "describe_engine", "save", "load_rank_state",
            "read_latest", "read_manifest", "check_files", "verify", "verify_local", "list_tags", "find_resumable",
-           "prune"]
+           "prune", "group_rank", "all_gather_objects", "files_of", "hash_file", "atomic_write_text"]
