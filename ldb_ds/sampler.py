@@ -12,6 +12,7 @@ Mid-epoch resume: ``start_batch`` skips the batches an interrupted run already t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Callable, Iterator
 
@@ -83,4 +84,20 @@ def build_dataloader(dataset: Dataset, *, dp_rank: int, dp_world_size: int, micr
                       multiprocessing_context=multiprocessing_context if num_workers > 0 else None)
 
 
-__all__ = ["ScalableBatchSampler", "build_dataloader"]
+def shut_down_workers(loader: Any) -> None:
+    """End ``loader``'s persistent workers now (torch does it when the loader is collected).
+
+    ``_iterator`` is the DataLoader's cached iterator (torch keeps one with persistent workers);
+    its ``_shutdown_workers`` is what its own ``__del__`` calls. A run that ends its process with
+    ``os._exit`` (``process.exit_process``) never collects the loader, and its workers would
+    linger until they notice the parent gone. Errors are ignored: this runs on the way out, after
+    whatever ended the run.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        with contextlib.suppress(Exception):
+            iterator._shutdown_workers()
+        loader._iterator = None
+
+
+__all__ = ["ScalableBatchSampler", "build_dataloader", "shut_down_workers"]

@@ -92,6 +92,10 @@ def _fmt(x, spec=".3f", suffix="") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def tests_summary(out: Path) -> dict:
     path = out / "tests" / "junit.xml"
     if not path.exists():
@@ -178,12 +182,23 @@ def bench_rows(out: Path) -> list[dict]:
             # Whether LDB's FULL-epoch excess sits at the epoch boundary (epochs.py times each epoch's
             # first step apart; absent in results written before it did).
             "full_epoch_over_baseline_after_first_step": ep.get("full_epoch_over_baseline_after_first_step"),
+            # How much of a FULL epoch the host spent waiting for the input pipeline, per side: an
+            # epoch that is mostly loading measures the loader, not LDB (absent in older results).
+            "loader_wait_share_baseline": _share(ep, "baseline_FULL"),
+            "loader_wait_share_ldb": _share(ep, "ldb_FULL"),
+            "loader_workers": ep.get("loader_workers"),
             "speedup_median": sp.get("median"), "speedup_q1": sp.get("q1"), "speedup_q3": sp.get("q3"),
             "speedup_min": sp.get("min"), "speedup_max": sp.get("max"), "speedup_reps": sp.get("n"),
             "speedup_iqr_points": iqr_points, "drop_over_full_epoch": ep.get("drop_over_full_epoch"),
             "targets": targets, "files": sorted(p.name for p in run.glob("*.json")),
         })
     return rows
+
+
+def _share(ep: dict, key: str) -> float | None:
+    """The median loader wait of ``key``'s epochs over their median time (None where not measured)."""
+    wait, epoch = _get(ep, "loader_wait_s", key, "median"), _get(ep, "epoch_s", key, "median")
+    return wait / epoch if isinstance(wait, (int, float)) and epoch else None
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -245,7 +260,8 @@ def cell_line(r: dict) -> str:
     return (f"{r['run']}: LDB FULL step / DeepSpeed {_fmt(r['ldb_full_over_baseline'])} | "
             f"FULL epoch / baseline {_fmt(r['full_epoch_over_baseline'])} <= {FULL_EPOCH_MAX}: "
             f"{_verdict(t['full_epoch_over_baseline'])} (without first steps "
-            f"{_fmt(r['full_epoch_over_baseline_after_first_step'])}) | "
+            f"{_fmt(r['full_epoch_over_baseline_after_first_step'])}; waiting for the loader "
+            f"{_pct(r['loader_wait_share_baseline'])} / {_pct(r['loader_wait_share_ldb'])} of a FULL epoch) | "
             f"DROP saves {_fmt(r['drop_saving_ms'], '.1f')} ms vs "
             f"PyTorch {_fmt(r['oracle_drop_saving_ms'], '.1f')} ms = {_fmt(r['drop_saving_over_oracle'], '.2f')} "
             f">= {DROP_SAVING_MIN}: {_verdict(t['drop_saving_over_oracle'])} | {speed}")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..schedule import epoch_mode
 from .epochs import run_epoch
-from .harness import BenchContext, barrier, make_engine, make_model, result
+from .harness import BenchContext, barrier, close_engine, make_engine, make_model, result
 
 
 def run_accuracy(ctx: BenchContext) -> dict[str, Any]:
@@ -63,8 +63,8 @@ def run_accuracy(ctx: BenchContext) -> dict[str, Any]:
     notes = ["One run per side (accuracy varies with the seed by about a point on 360 test images); "
              "cosine learning rate over the run, LDB's DROP epochs scale it by kappa."]
     out = result(ctx, "accuracy", res, ldb[0], init_model, notes)
-    base[0].destroy()
-    ldb[0].destroy()
+    close_engine(base)
+    close_engine(ldb)
     return out
 
 

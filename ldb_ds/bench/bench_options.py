@@ -119,6 +119,10 @@ class EpochOptions:
     """A/B repetitions (each: baseline run + LDB run)."""
     warmup_steps: int = 2
     """Untimed FULL and DROP steps per engine first."""
+    loader_workers: int = 0
+    """DataLoader worker processes (persistent) of the epochs, sweep and accuracy runs; 0: the main
+    process collates each batch between steps. On a GPU a few workers keep the input pipeline off
+    the step's path, so the epochs time the training, as a GPU training loop does."""
     drop_rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     """Drop rates of sweep-drop-rate."""
     sampling_rates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -139,6 +143,7 @@ class EpochOptions:
                      "schedule_epochs"):
             _positive(name, getattr(self, name))
         _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("loader_workers", self.loader_workers, 0)
         _at_least("acc_limit", self.acc_limit, 1)
         if not self.drop_rates or any(not 0.0 <= r < 1.0 for r in self.drop_rates):
             _fail(f"--drop-rates must be numbers in [0, 1), got {self.drop_rates}")

@@ -14,7 +14,7 @@ from typing import Any
 from ..process import input_dtype, synchronize
 from ..schedule import Mode, epoch_mode, first_drop_epoch
 from . import report as rep
-from .harness import BenchContext, barrier, ldb_section, make_engine, make_model, result
+from .harness import BenchContext, barrier, close_engine, ldb_section, make_engine, make_model, result
 
 
 def epoch_dataset(ctx: BenchContext, batch_kappa: int):
@@ -30,37 +30,58 @@ def epoch_dataset(ctx: BenchContext, batch_kappa: int):
 
 
 def run_epoch(ctx: BenchContext, engine: Any, loader: Any, epoch: int, max_steps: int | None = None,
-              kept: list[float] | None = None, first_step: list[float] | None = None) -> tuple[float, int, int]:
+              kept: list[float] | None = None, probe: dict[str, float] | None = None) -> tuple[float, int, int]:
     """Train one epoch (or its first ``max_steps`` steps); wall-clock seconds, steps, samples.
 
-    With ``first_step``, the seconds from the epoch's start to the end of its first step (the
-    loader's start included; the device synchronised once more there) are appended to it: what an
-    epoch boundary costs (a mode switch, a new batch size) shows there, apart from the steady steps.
+    With ``probe`` (a dict), two parts of the epoch's time are written into it, so that what LDB
+    adds to an epoch can be told from what the input pipeline costs:
+
+    * ``first_step_s``: from the epoch's start to the end of its first step (the loader's start
+      included; the device synchronised once more there): what an epoch boundary costs (a mode
+      switch, a new batch size), apart from the steady steps;
+    * ``loader_wait_s``: host seconds spent waiting for the loader's next batch (collation in the
+      main process, or a worker that is behind). It costs nothing to measure (no device sync).
+
+    A loader that pins its batches (``ldb_ds.initialize`` pins them on an accelerator) is copied
+    with ``non_blocking=True`` and cast on the device, as a GPU training loop does; a blocking copy,
+    or a cast on the host, would wait for the device at every step.
     """
     import torch.nn.functional as F
 
     dtype = input_dtype(engine)
+    non_blocking = bool(getattr(loader, "pin_memory", False))
     engine.set_epoch(epoch)
     engine.train()
     steps = samples = 0
+    loader_wait = 0.0
     synchronize()
     t0 = time.perf_counter()
-    for x, y in loader:
-        if max_steps is not None and steps >= max_steps:
+    batches = iter(loader)
+    while max_steps is None or steps < max_steps:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        loader_wait += time.perf_counter() - t_wait
+        if batch is None:
             break
-        x, y = x.to(ctx.device, dtype), y.to(ctx.device)
+        x, y = batch
+        x = x.to(ctx.device, non_blocking=non_blocking).to(dtype)
+        y = y.to(ctx.device, non_blocking=non_blocking)
         loss = F.cross_entropy(engine(x).float(), y)
         engine.backward(loss)
         engine.step()
         steps += 1
         samples += x.size(0)
-        if steps == 1 and first_step is not None:
+        if steps == 1 and probe is not None:
             synchronize()
-            first_step.append(time.perf_counter() - t0)
+            probe["first_step_s"] = time.perf_counter() - t0
         if kept is not None and engine.ldb.enabled and engine.ldb.mode is Mode.DROP:
             kept.append(engine.ldb.kept_param_fraction)
     synchronize()
-    return time.perf_counter() - t0, steps, samples
+    elapsed = time.perf_counter() - t0
+    if probe is not None:
+        probe.setdefault("first_step_s", 0.0)
+        probe["loader_wait_s"] = loader_wait
+    return elapsed, steps, samples
 
 
 def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[int], reps: int,
@@ -74,7 +95,9 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
         run_epoch(ctx, engine, loader, 0, ep_opts.warmup_steps)
         run_epoch(ctx, engine, loader, drop_epoch, ep_opts.warmup_steps)
     per: dict[str, list] = {"baseline_s": [], "ldb_s": [], "baseline_epochs": [], "ldb_epochs": []}
-    first: dict[str, list[float]] = {"baseline_FULL": [], "ldb_FULL": [], "ldb_DROP": []}  # first steps, s
+    # Per side and mode, one value per timed epoch (run_epoch's probe): first steps, loader waits.
+    first: dict[str, list[float]] = {"baseline_FULL": [], "ldb_FULL": [], "ldb_DROP": []}
+    waits: dict[str, list[float]] = {"baseline_FULL": [], "ldb_FULL": [], "ldb_DROP": []}
     steps = {"baseline": 0, "ldb": 0}
     kept: list[float] = []
     for r in range(reps):
@@ -87,12 +110,12 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
             t0 = time.perf_counter()
             ep_times, n_steps = [], 0
             for e in epochs:
-                first_step: list[float] = []
-                t, s, _ = run_epoch(ctx, engine, loader, e, kept=kept if name == "ldb" else None,
-                                    first_step=first_step)
+                probe: dict[str, float] = {}
+                t, s, _ = run_epoch(ctx, engine, loader, e, kept=kept if name == "ldb" else None, probe=probe)
                 ep_times.append((e, engine.ldb.mode.value, t))
                 n_steps += s
-                first.setdefault(f"{name}_{engine.ldb.mode.value}", []).append(first_step[0] if first_step else 0.0)
+                first.setdefault(f"{name}_{engine.ldb.mode.value}", []).append(probe["first_step_s"])
+                waits.setdefault(f"{name}_{engine.ldb.mode.value}", []).append(probe["loader_wait_s"])
             synchronize()
             per[f"{name}_s"].append(time.perf_counter() - t0)
             per[f"{name}_epochs"].append(ep_times)
@@ -125,6 +148,8 @@ def compare_schedules(ctx: BenchContext, base: tuple, ldb: tuple, epochs: list[i
         "epoch_s": ep_stats, "drop_over_full_epoch": (t_drop / t_full) if ep["ldb_DROP"] else None,
         "full_epoch_over_baseline": (t_full / t_base) if ep["ldb_FULL"] and t_base else None,  # LDB's FULL-epoch cost
         "first_step_s": {k: rep.stats(v) for k, v in first.items() if k in ep},
+        "loader_wait_s": {k: rep.stats(v) for k, v in waits.items() if k in ep},
+        "loader_workers": ep_opts.loader_workers,
         "full_epoch_over_baseline_after_first_step":
             rest["ldb_FULL"]["median"] / rest["baseline_FULL"]["median"]
             if rest["ldb_FULL"]["n"] and rest["baseline_FULL"]["n"] and rest["baseline_FULL"]["median"] else None,
@@ -154,8 +179,8 @@ def run_epochs(ctx: BenchContext) -> dict[str, Any]:
     out = result(ctx, "epochs", res, ldb[0], init_model,
                  ["Epoch 0 (always FULL) is left out: the timed epochs are whole schedule periods, as in a "
                   "long run. The baseline trains the same epochs, all FULL."])
-    base[0].destroy()
-    ldb[0].destroy()
+    close_engine(base)
+    close_engine(ldb)
     return out
 
 
@@ -182,14 +207,14 @@ def run_sweep(ctx: BenchContext, parameter: str) -> dict[str, Any]:
                      "drop_over_full_epoch": res["drop_over_full_epoch"],
                      "kept_param_fraction": res["kept_param_fraction"], "epochs": res["epochs"],
                      "modes": res["modes"], "paper_speedup_pct": paper.get(v), "per_rep": res["per_rep"]})
-        ldb[0].destroy()
+        close_engine(ldb)
     mode = "sweep-drop-rate" if parameter == "drop_rate" else "sweep-sampling-rate"
     res = {"parameter": parameter, "rows": rows, "reps": ep.sweep_reps,
            "epoch_rule": f"1 .. {ep.sweep_periods}*s (whole schedule periods)"}
     notes = ["Paper values are GPU runs of other models (Figure 3: DLA on CIFAR-10, only the rates quoted in "
              "its text; Table 4: ResNet-50 on CIFAR-100): compare shapes, not levels."]
     out = result(ctx, mode, res, None, init_model, notes)
-    base[0].destroy()
+    close_engine(base)
     return out
 
 

@@ -146,10 +146,22 @@ def make_engine(opts: BenchOptions, init_model: Any, enabled: bool, training_dat
     model = copy.deepcopy(init_model)
     if opts.run.precision == "bf16":
         model = model.bfloat16()
+    # Persistent workers (as timm's loaders): started once per engine, in the untimed warm-up.
+    workers = opts.epochs.loader_workers if training_data is not None else 0
     engine, _, loader, _ = ldb_ds.initialize(model=model, model_parameters=list(model.parameters()),
                                              config=ds_config(opts, enabled, **ldb_override),
-                                             training_data=training_data)
+                                             training_data=training_data, num_workers=workers,
+                                             persistent_workers=workers > 0)
     return engine, loader
+
+
+def close_engine(side: tuple[Any, Any]) -> None:
+    """End an ``(engine, loader)`` of :func:`make_engine`: the loader's workers, then the engine."""
+    from ..sampler import shut_down_workers
+
+    engine, loader = side
+    shut_down_workers(loader)
+    engine.destroy()
 
 
 # --------------------------------------------------------------------------- conditions
@@ -221,4 +233,4 @@ def result(ctx: BenchContext, mode: str, results: dict[str, Any], engine: Any = 
 
 
 __all__ = ["SHARED_NOTE", "BenchContext", "setup", "barrier", "timed_step", "ldb_section", "ds_config",
-           "make_model", "make_engine", "conditions", "result", "cpu_model", "command_line"]
+           "make_model", "make_engine", "close_engine", "conditions", "result", "cpu_model", "command_line"]

@@ -132,6 +132,10 @@ def _md_epochs(result: dict[str, Any]) -> str:
         ["first step of an epoch, ms, median: baseline FULL / LDB FULL / LDB DROP (loader start included)",
          " / ".join(_fmt(1e3 * r["first_step_s"][k]["median"], 1) if k in r.get("first_step_s", {}) else "-"
                     for k in ("baseline_FULL", "ldb_FULL", "ldb_DROP"))],
+        [f"waiting for the loader per epoch, ms, median: baseline FULL / LDB FULL / LDB DROP "
+         f"({r.get('loader_workers', 0)} loader workers; host time, what the input pipeline adds to an epoch)",
+         " / ".join(_fmt(1e3 * r["loader_wait_s"][k]["median"], 1) if k in r.get("loader_wait_s", {}) else "-"
+                    for k in ("baseline_FULL", "ldb_FULL", "ldb_DROP"))],
         [f"derived: speedup of a {r['derived']['epochs']}-epoch schedule from the epoch times, %",
          _fmt(r["derived"]["speedup"] * 100)],
     ])

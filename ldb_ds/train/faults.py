@@ -182,20 +182,6 @@ def worker_context(method: str, signals: Sequence[str]) -> Any:
     return ctx
 
 
-def shut_down_workers(loader: Any) -> None:
-    """End ``loader``'s persistent workers now (torch does it when the loader is collected).
-
-    ``_iterator`` is the DataLoader's cached iterator (torch keeps one with persistent workers);
-    its ``_shutdown_workers`` is what its own ``__del__`` calls. Errors are ignored: this runs on
-    the way out, after whatever ended the run.
-    """
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        with contextlib.suppress(Exception):
-            iterator._shutdown_workers()
-        loader._iterator = None
-
-
 class StopAgreement:
     """All ranks agree on a stop request every ``every`` optimizer steps (one gloo all-reduce)."""
 
@@ -340,6 +326,6 @@ def is_distributed_failure(err: BaseException) -> bool:
 
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_HUNG", "EXIT_DIVERGED", "EXIT_MEMORY",
            "EXIT_PREEMPTED", "SIGNALS", "parse_signals", "print_rank", "gloo_group", "StopSignal",
-           "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "shut_down_workers", "StopAgreement",
+           "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "StopAgreement",
            "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
            "is_distributed_failure"]

@@ -309,6 +309,7 @@ class _RunEnd:
     def __call__(self, code: int, line: str = "", *, every_rank: bool = False, record_status: bool = False,
                  status_message: str | None = None, **status_extra: Any) -> int:
         from ldb_ds.process import teardown
+        from ldb_ds.sampler import shut_down_workers
         from ldb_ds.train import faults
 
         preempted = code == faults.EXIT_PREEMPTED
@@ -324,7 +325,7 @@ class _RunEnd:
                 self.run.write_status("preempted" if preempted else "failed", code,
                                       line if status_message is None else status_message, **status_extra)
         for loader in self.loaders:
-            faults.shut_down_workers(loader)
+            shut_down_workers(loader)
         teardown(self.engine)
         return code
 

@@ -25,7 +25,7 @@ from ldb_ds.bench.epochs import steady_epochs  # noqa: E402
 
 TINY = ["--model", "test_efficientnet", "--img-size", "16", "--batch-size", "4", "--zero-stage", "2",
         "--warmup-rounds", "1", "--rounds", "1", "--steps-per-round", "1", "--byte-steps", "2", "--dw-reps", "1",
-        "--samples-per-rank", "16", "--periods", "1", "--reps", "2", "--warmup-steps", "1",
+        "--samples-per-rank", "16", "--periods", "1", "--reps", "2", "--warmup-steps", "1", "--loader-workers", "1",
         "--drop-rates", "0.3,0.6", "--sampling-rates", "1,2", "--sweep-reps", "1", "--acc-epochs", "2",
         "--acc-limit", "32", "--count-stages", "0,2", "--count-steps", "1", "--project-reps", "1", "--quiet"]
 MEASURING = ["step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "counts"]
@@ -105,6 +105,12 @@ def test_mode_writes_well_formed_outputs(ws1_results, mode):
         assert [first[k]["n"] for k in first] == [r["epoch_s"][k]["n"] for k in first] and first["ldb_DROP"]["n"] == 2
         assert all(0 < first[k]["max"] <= r["epoch_s"][k]["max"] for k in first)
         assert _finite(r["full_epoch_over_baseline_after_first_step"])
+        # The loader's share, per timed epoch: a persistent worker (whose batches still follow the mode:
+        # fewer LDB steps above), and the host's wait for it within each epoch's time.
+        waits = r["loader_wait_s"]
+        assert r["loader_workers"] == 1 and set(waits) == set(first)
+        assert [waits[k]["n"] for k in waits] == [r["epoch_s"][k]["n"] for k in waits]
+        assert all(0 < waits[k]["min"] and waits[k]["max"] < r["epoch_s"][k]["max"] for k in waits)
         assert "without each epoch's first step" in open(os.path.join(ws1_results, "epochs.md")).read()
     elif mode.startswith("sweep"):
         assert [row["value"] for row in r["rows"]] == ([0.3, 0.6] if mode == "sweep-drop-rate" else [1, 2])

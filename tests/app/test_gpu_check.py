@@ -85,7 +85,8 @@ def test_dry_run_takes_every_phase_and_packs_one_tarball(tmp_path):
                     "speedup_median", "speedup_q1", "speedup_q3", "baseline_step_ms",
                     "oracle_full_step_ms"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (name, key, row[key])
-        assert row["precision"] == "bf16"
+        assert row["precision"] == "bf16" and row["loader_workers"] == 1
+        assert all(0 < row[k] < 1 for k in ("loader_wait_share_baseline", "loader_wait_share_ldb")), row
         # The figures the summary judges are those step.py / epochs.py wrote.
         step = json.loads((packed / "bench" / name / "step.json").read_text())
         epochs = json.loads((packed / "bench" / name / "epochs.json").read_text())
