@@ -221,13 +221,20 @@ else
     else echo --warmup-rounds 1 --rounds 5 --steps-per-round 2 --byte-steps 1 --dw-reps 2; fi
   }
   EPOCHS_OF() {
-    if [ "$2" = 3 ]; then echo --samples-per-rank $(( $1 * 6 )) --periods 1 --reps 3 --warmup-steps 2 --loader-workers 4
-    else echo --samples-per-rank $(( $1 * 12 )) --periods 1 --reps 6 --warmup-steps 2 --loader-workers 4; fi
+    if [ "$2" = 3 ]; then echo --samples-per-rank $(( $1 * 6 )) --periods 1 --reps 3 --warmup-steps 2 --loader-workers "$LOADER_WORKERS"
+    else echo --samples-per-rank $(( $1 * 12 )) --periods 1 --reps 6 --warmup-steps 2 --loader-workers "$LOADER_WORKERS"; fi
   }
-  # --loader-workers 4: in the first GPU runs the main process collated and pinned each 224 px batch
+  # 4 loader workers: in the first GPU runs the main process collated and pinned each 224 px batch
   # between steps (about 30 ms per batch of 64 against a 77 ms step, and as noisy as the host): the
   # FULL-epoch ratio measured the loader as much as LDB. Workers take that off the step's path, as
-  # in a GPU training loop; the summary still reports each side's wait for the loader.
+  # in a GPU training loop; the summary still reports each side's wait for the loader. Workers hand
+  # batches over in /dev/shm (4 workers x 2 prefetched x a 77 MB DROP batch): where it has less than
+  # 2 GiB free (a container's default is 64 MiB) the main process loads, as before, and the summary
+  # says 0 workers.
+  SHM_FREE_MB=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+  LOADER_WORKERS=4
+  if ! [[ "$SHM_FREE_MB" =~ ^[0-9]+$ ]] || [ "$SHM_FREE_MB" -lt 2048 ]; then LOADER_WORKERS=0; fi
+  log "loader workers: $LOADER_WORKERS (/dev/shm free: ${SHM_FREE_MB:-unknown} MiB)"
   # The host mode at N = 200 only, the N its targets are set at (the first GPU run's 16-cell grid
   # did not fit its time box): 8 cells.
   HOST_ARGS=(--host-units 200 --host-precisions bf16)   # bf16: the precision a GPU trains in

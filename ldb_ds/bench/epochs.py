@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..process import input_dtype, synchronize
+from ..process import batch_to_device, input_dtype, synchronize
 from ..schedule import Mode, epoch_mode, first_drop_epoch
 from . import report as rep
 from .harness import BenchContext, barrier, close_engine, ldb_section, make_engine, make_model, result
@@ -42,14 +42,13 @@ def run_epoch(ctx: BenchContext, engine: Any, loader: Any, epoch: int, max_steps
     * ``loader_wait_s``: host seconds spent waiting for the loader's next batch (collation in the
       main process, or a worker that is behind). It costs nothing to measure (no device sync).
 
-    A loader that pins its batches (``ldb_ds.initialize`` pins them on an accelerator) is copied
-    with ``non_blocking=True`` and cast on the device, as a GPU training loop does; a blocking copy,
-    or a cast on the host, would wait for the device at every step.
+    Batches reach the device as in ldb-train (:func:`ldb_ds.process.batch_to_device`: a
+    ``non_blocking`` copy of the pinned batch, cast on the device), not through a copy that waits
+    for the device at every step.
     """
     import torch.nn.functional as F
 
     dtype = input_dtype(engine)
-    non_blocking = bool(getattr(loader, "pin_memory", False))
     engine.set_epoch(epoch)
     engine.train()
     steps = samples = 0
@@ -64,8 +63,7 @@ def run_epoch(ctx: BenchContext, engine: Any, loader: Any, epoch: int, max_steps
         if batch is None:
             break
         x, y = batch
-        x = x.to(ctx.device, non_blocking=non_blocking).to(dtype)
-        y = y.to(ctx.device, non_blocking=non_blocking)
+        x, y = batch_to_device(x, ctx.device, dtype), batch_to_device(y, ctx.device)
         loss = F.cross_entropy(engine(x).float(), y)
         engine.backward(loss)
         engine.step()

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ldb_ds.process import batch_to_device
 from ldb_ds.workloads.batches import agreed_batches
 from ldb_ds.workloads.evaluation import validate  # shared with ldb-bench; importable from here too
 
@@ -212,7 +213,7 @@ def _train_batches(engine: Any, batches: Any, epoch: int, *, monitor: TrainMonit
             seed_step(seed, epoch, done, rank)
         beat("forward", epoch, done)
         with monitor.phase("forward"):
-            x, y = x.to(engine.device, dtype=input_dtype), y.to(engine.device)
+            x, y = batch_to_device(x, engine.device, input_dtype), batch_to_device(y, engine.device)
             loss = criterion(engine(x).float(), y)
         beat("backward (gradient reduction)")
         with monitor.phase("backward"):
