@@ -24,7 +24,7 @@
 #   paper    the paper's settings, bf16, synthetic data, 224 px, batch 64: ViT-B/16 ZeRO-2,
 #            ResNet-50 (ImageNet stem) ZeRO-2, ViT-B/16 ZeRO-3; per cell one process running
 #            `ldb-bench step,epochs`                                                  -> bench/<cell>/
-#   host     `ldb-bench host --host-units 200`: per-step host work per unit          -> host/
+#   host     `ldb-bench host --host-units 50,200`: per-step host work per unit       -> host/
 #   cifar    the 32 px cells of the first GPU run (resnet18/resnet50, CIFAR stem), as time allows
 #   summary  summary.md / summary.json, then the tarball. Also on SIGINT/SIGTERM/SIGHUP: the running
 #            phase is stopped, recorded as interrupted, and the summary and tarball are still written.
@@ -235,9 +235,10 @@ else
   LOADER_WORKERS=4
   if ! [[ "$SHM_FREE_MB" =~ ^[0-9]+$ ]] || [ "$SHM_FREE_MB" -lt 2048 ]; then LOADER_WORKERS=0; fi
   log "loader workers: $LOADER_WORKERS (/dev/shm free: ${SHM_FREE_MB:-unknown} MiB)"
-  # The host mode at N = 200 only, the N its targets are set at (the first GPU run's 16-cell grid
-  # did not fit its time box): 8 cells.
-  HOST_ARGS=(--host-units 200 --host-precisions bf16)   # bf16: the precision a GPU trains in
+  # The host mode runs every cell at N = 50 first (3.6-10 s each on the H200: all 8 fit the box),
+  # then N = 200, the N of its targets, as time allows (15-35 s per cell there), each cell written
+  # as it ends. bf16: the precision a GPU trains in.
+  HOST_ARGS=(--host-units 50,200 --host-precisions bf16)
   PAPER_CAP=70; CIFAR_CAP=50; HOST_CAP=60
 fi
 COMMON=(--precision bf16 --granularity module --no-tensorboard --note "$NOTE")
