@@ -16,10 +16,19 @@ default), before DeepSpeed casts it to float32 (ZeRO-1/2) or takes its square ro
 resulting clip coefficient differs from DeepSpeed's by at most one float32 rounding of a group
 norm, a relative 1e-7, inside the 1e-6 bound docs/design.md (section 4) states; without
 clipping the norm only decides overflow (inf/NaN propagate the same way) and is reported.
+
+The per-tensor norms themselves (:func:`grouped_norms`): DeepSpeed takes each gradient's norm with
+its own cast and reduction (``vector_norm(g.to(norm dtype))``), two or three kernel launches per
+tensor. ``torch._foreach_norm(tensors, 2, dtype=...)`` takes all of them in one op: on CUDA a
+multi-tensor kernel, elsewhere torch's per-tensor loop in C++ (the same ``vector_norm`` with the
+dtype: DeepSpeed's bits, checked by tests/unit/test_zero_hooks.py). The CUDA kernel may add a
+tensor's squares in another order than ``vector_norm``'s reduction: a difference in the last bits
+of the norm dtype (float64 by default), of the kind of the row sum's above, so the same bound.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -40,4 +49,36 @@ def group_square_sums(norms_by_group: Sequence[Sequence[torch.Tensor]], zero: to
     return torch.stack(padded).view(len(norms_by_group), width).pow(2).sum(dim=1)
 
 
-__all__ = ["group_square_sums"]
+@functools.cache
+def foreach_norm_takes_dtype() -> bool:
+    """Whether this torch's ``_foreach_norm`` takes ``dtype`` (asked once, at set-up, with a tiny tensor)."""
+    try:
+        torch._foreach_norm([torch.zeros(1)], 2, dtype=torch.float64)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def grouped_norms(grads_by_group: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    """``[[vector_norm(g.to(dtype), 2) for g in grads] for grads in grads_by_group]`` in one foreach op.
+
+    Every tensor of every group goes into one ``torch._foreach_norm``; the result is cut back into
+    the groups (an empty group gives an empty list). Where ``_foreach_norm`` takes no ``dtype``
+    (:func:`foreach_norm_takes_dtype`, older torch) each norm is taken as DeepSpeed takes it.
+    """
+    flat = [g for grads in grads_by_group for g in grads]
+    if not flat:
+        return [[] for _ in grads_by_group]
+    with torch.no_grad():
+        if foreach_norm_takes_dtype():
+            norms = torch._foreach_norm(flat, 2, dtype=dtype)
+        else:
+            norms = [torch.linalg.vector_norm(g.to(dtype), 2) for g in flat]
+    out, start = [], 0
+    for grads in grads_by_group:
+        out.append(list(norms[start:start + len(grads)]))
+        start += len(grads)
+    return out
+
+
+__all__ = ["group_square_sums", "grouped_norms", "foreach_norm_takes_dtype"]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .groups import NOT_A_GRADIENT, step_groups
-from .norms import group_square_sums
+from .norms import foreach_norm_takes_dtype, group_square_sums, grouped_norms
 from .patches import Kind, PatchSet, fallback_warning
 from .version import mirrors_verified
 from .views import point_into
@@ -337,18 +337,18 @@ def install_batched_grad_norm(ds_engine: Any, step_state: Any, patches: PatchSet
     # The padding of group_square_sums and the stand-in of a dropped group: allocated once, so
     # a step makes no host-to-device copy (DeepSpeed's torch.tensor(0.0).to(device), :2691).
     zero = torch.zeros((), dtype=norm_dtype, device=device)
+    foreach_norm_takes_dtype()  # asked here, at set-up, not in the first step
 
     def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
         if norm_type != 2:
             return original(norm_type)
         dropped = step_state.skipped_groups
-        # get_grad_norm_direct's per-tensor norms (:2677-2685), for the kept groups only; a
-        # dropped group's gradients are DeepSpeed's zero fill, whose sum is 0.
-        norms_by_group = [
-            [torch.linalg.vector_norm(g.data.to(norm_dtype).detach(), ord=2).to(device)
-             for g in z.averaged_gradients[i] if not getattr(g, "_zero_padding", False)]
-            if i not in dropped else []
-            for i in range(len(z.bit16_groups))]
+        # get_grad_norm_direct's per-tensor norms (:2677-2685), for the kept groups only, in one
+        # foreach op (norms.grouped_norms); a dropped group's gradients are DeepSpeed's zero fill,
+        # whose sum is 0.
+        norms_by_group = grouped_norms(
+            [[g for g in z.averaged_gradients[i] if not getattr(g, "_zero_padding", False)] if i not in dropped else []
+             for i in range(len(z.bit16_groups))], norm_dtype)
         # :2689 for every group at once (norms.group_square_sums: the same sums), then float as there.
         stacked = group_square_sums(norms_by_group, zero).float()
         setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out

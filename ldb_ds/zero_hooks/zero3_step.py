@@ -27,7 +27,7 @@ import torch
 
 from ..functional import MERGEABLE_OPTIMIZERS
 from .groups import NOT_A_GRADIENT, zero_stage
-from .norms import group_square_sums
+from .norms import foreach_norm_takes_dtype, group_square_sums, grouped_norms
 from .views import point_into
 
 MIRRORED = {
@@ -96,15 +96,16 @@ def norm_groups(z: Any, step_state: Any) -> Callable:
     # Pads group_square_sums' rows and stands for dropped sub-groups; allocated once, so a step
     # makes no host-to-device copy.
     zero = torch.zeros((), dtype=norm_dtype, device=device_name)
+    foreach_norm_takes_dtype()  # asked here, at set-up, not in the first step
 
     def _get_norm_groups() -> list[torch.Tensor]:
         skipped = step_state.skipped_groups
-        # get_grad_norm_direct's per-tensor norms (:2454-2457) for the kept sub-groups; a dropped
-        # unit's sub-group holds DeepSpeed's zero fill, whose sum is 0.
-        norms_by_group = [
-            [g.to(device_name, non_blocking=True).to(norm_dtype).norm(2.0) for g in z.averaged_gradients[i]]
-            if z.sub_group_to_group_id[i] not in skipped and z.averaged_gradients[i] else []
-            for i in range(len(z.fp16_groups))]
+        # get_grad_norm_direct's per-tensor norms (:2454-2457) for the kept sub-groups, in one
+        # foreach op (norms.grouped_norms; the gradients are on the device: no offload here); a
+        # dropped unit's sub-group holds DeepSpeed's zero fill, whose sum is 0.
+        norms_by_group = grouped_norms(
+            [z.averaged_gradients[i] if z.sub_group_to_group_id[i] not in skipped and z.averaged_gradients[i] else []
+             for i in range(len(z.fp16_groups))], norm_dtype)
         # :2467 for every sub-group at once (norms.group_square_sums: the same sums).
         stacked = group_square_sums(norms_by_group, zero)
         setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out

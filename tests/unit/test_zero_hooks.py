@@ -111,3 +111,34 @@ def test_point_into_sets_only_the_parameters_that_moved():
         assert p.dtype == flat.dtype and p.shape == s and p.is_contiguous()
         assert torch.equal(p, flat.narrow(0, o, s.numel()).view(s))
     assert point_into(flat, params, offsets, shapes) == 0
+
+
+@pytest.mark.parametrize("takes_dtype", [True, False], ids=["foreach", "older-torch"])
+def test_grouped_norms_are_deepspeeds_per_tensor_norms(monkeypatch, takes_dtype):
+    """One foreach op for every group's gradient norms: the bits of DeepSpeed's per-tensor
+    ``vector_norm(g.to(norm dtype))`` on the CPU (ZeRO-1/2 ``:2677``, ZeRO-3's ``.norm(2.0)``), cut back
+    into the groups, empty groups empty, inf and NaN as DeepSpeed has them; the same where torch's
+    ``_foreach_norm`` takes no ``dtype`` (the per-tensor fallback)."""
+    from ldb_ds.zero_hooks import norms
+
+    if not takes_dtype:
+        monkeypatch.setattr(norms, "foreach_norm_takes_dtype", lambda: False)
+    assert norms.foreach_norm_takes_dtype() is takes_dtype
+    g = torch.Generator().manual_seed(0)
+    for grad_dtype in (torch.float32, torch.bfloat16):
+        grads = [[torch.randn(n, generator=g).to(grad_dtype) for n in sizes]
+                 for sizes in ((64, 8), (), (1000, 3, 5), (100_000,), ())]
+        grads[2][1][0] = float("inf")
+        grads[3][0][7] = float("nan")
+        for norm_dtype in (torch.float64, torch.float32):
+            got = norms.grouped_norms(grads, norm_dtype)
+            want = [[torch.linalg.vector_norm(t.to(norm_dtype), ord=2) for t in ts] for ts in grads]
+            assert [len(n) for n in got] == [2, 0, 3, 1, 0]
+            for got_group, want_group in zip(got, want):
+                for a, b in zip(got_group, want_group):
+                    assert a.dtype == norm_dtype and (torch.equal(a, b) or (a.isnan() and b.isnan())), (a, b)
+            assert got[2][1].isinf() and got[3][0].isnan()
+            zero = torch.zeros((), dtype=norm_dtype)
+            sums = norms.group_square_sums(got, zero)
+            assert sums[1] == 0 and sums[4] == 0 and torch.equal(sums[0], got[0][0] ** 2 + got[0][1] ** 2)
+    assert norms.grouped_norms([[], []], torch.float64) == [[], []]
