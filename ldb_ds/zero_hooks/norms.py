@@ -50,11 +50,14 @@ def group_square_sums(norms_by_group: Sequence[Sequence[torch.Tensor]], zero: to
 
 
 @functools.cache
-def foreach_norm_takes_dtype() -> bool:
-    """Whether this torch's ``_foreach_norm`` takes ``dtype`` (asked once, at set-up, with a tiny tensor)."""
+def foreach_norm_takes_dtype(device_type: str, norm_dtype: torch.dtype) -> bool:
+    """Whether ``torch._foreach_norm`` takes ``dtype=norm_dtype`` on ``device_type`` for every
+    floating gradient dtype. Asked once per device type and norm dtype, at set-up, with tiny tensors:
+    older torch has no ``dtype`` argument, and an accelerator's foreach kernels may lack a dtype."""
     try:
-        torch._foreach_norm([torch.zeros(1)], 2, dtype=torch.float64)
-    except (TypeError, RuntimeError):
+        for grad_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            torch._foreach_norm([torch.zeros(1, dtype=grad_dtype, device=device_type)], 2, dtype=norm_dtype)
+    except (TypeError, RuntimeError, NotImplementedError):
         return False
     return True
 
@@ -70,7 +73,7 @@ def grouped_norms(grads_by_group: Sequence[Sequence[torch.Tensor]], dtype: torch
     if not flat:
         return [[] for _ in grads_by_group]
     with torch.no_grad():
-        if foreach_norm_takes_dtype():
+        if foreach_norm_takes_dtype(flat[0].device.type, dtype):
             norms = torch._foreach_norm(flat, 2, dtype=dtype)
         else:
             norms = [torch.linalg.vector_norm(g.to(dtype), 2) for g in flat]

@@ -337,7 +337,7 @@ def install_batched_grad_norm(ds_engine: Any, step_state: Any, patches: PatchSet
     # The padding of group_square_sums and the stand-in of a dropped group: allocated once, so
     # a step makes no host-to-device copy (DeepSpeed's torch.tensor(0.0).to(device), :2691).
     zero = torch.zeros((), dtype=norm_dtype, device=device)
-    foreach_norm_takes_dtype()  # asked here, at set-up, not in the first step
+    foreach_norm_takes_dtype(zero.device.type, norm_dtype)  # asked here, at set-up, not in the first step
 
     def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
         if norm_type != 2:

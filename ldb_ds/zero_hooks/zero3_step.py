@@ -96,7 +96,7 @@ def norm_groups(z: Any, step_state: Any) -> Callable:
     # Pads group_square_sums' rows and stands for dropped sub-groups; allocated once, so a step
     # makes no host-to-device copy.
     zero = torch.zeros((), dtype=norm_dtype, device=device_name)
-    foreach_norm_takes_dtype()  # asked here, at set-up, not in the first step
+    foreach_norm_takes_dtype(zero.device.type, norm_dtype)  # asked here, at set-up, not in the first step
 
     def _get_norm_groups() -> list[torch.Tensor]:
         skipped = step_state.skipped_groups

@@ -122,8 +122,8 @@ def test_grouped_norms_are_deepspeeds_per_tensor_norms(monkeypatch, takes_dtype)
     from ldb_ds.zero_hooks import norms
 
     if not takes_dtype:
-        monkeypatch.setattr(norms, "foreach_norm_takes_dtype", lambda: False)
-    assert norms.foreach_norm_takes_dtype() is takes_dtype
+        monkeypatch.setattr(norms, "foreach_norm_takes_dtype", lambda device_type, norm_dtype: False)
+    assert norms.foreach_norm_takes_dtype("cpu", torch.float64) is takes_dtype
     g = torch.Generator().manual_seed(0)
     for grad_dtype in (torch.float32, torch.bfloat16):
         grads = [[torch.randn(n, generator=g).to(grad_dtype) for n in sizes]
