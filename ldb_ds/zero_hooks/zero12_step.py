@@ -192,12 +192,23 @@ def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
         if not z.compute_grad_norm:
             z._global_grad_norm = None
         z.overflow = False
-        if z.check_grad_overflow:
+        # Where the gradient norm is computed and its validity decides overflow (every fp16
+        # step; bf16 with check_grad_overflow, DeepSpeed's default), DeepSpeed's separate check
+        # (:3029, has_overflow_partitioned_grads_serial: 7 kernels per gradient tensor, an
+        # all-reduce and a host sync) decides nothing more, so it is not run. Same verdict both
+        # ways: an inf or NaN in any kept gradient on any rank makes that rank's sum of squares
+        # non-finite (squares are >= 0: nothing cancels an inf), the norm all-reduce carries it to
+        # every rank and is_invalid_grad_norm sets overflow on all of them alike; and where the
+        # check finds nothing, DeepSpeed computes this same norm and tests it the same way. A
+        # dropped group's gradients are DeepSpeed's zero fill, which the check finds finite. The
+        # skip, the loss-scale update and the reported norm (inf) are DeepSpeed's (:3050).
+        norm_decides_overflow = z.compute_grad_norm and (z.dtype != torch.bfloat16 or z.check_grad_overflow)
+        if z.check_grad_overflow and not norm_decides_overflow:
             z.check_overflow(partition_gradients=z.partition_gradients)
         scaled_global_grad_norm = None
         if z.compute_grad_norm and not z.overflow:
             scaled_global_grad_norm = z.scaled_global_norm()
-            if (z.dtype != torch.bfloat16 or z.check_grad_overflow) and is_invalid_grad_norm(scaled_global_grad_norm):
+            if norm_decides_overflow and is_invalid_grad_norm(scaled_global_grad_norm):
                 z.overflow = True
         prev_scale = z.loss_scale
         z._update_scale(z.overflow)

@@ -23,6 +23,8 @@ EXTRA = [
     {"stage": 2, "optimizer": "sgd", "clip": 0.05},        # clipping: the combined scale is not 1
     {"stage": 1, "optimizer": "adamw", "clip": 0.05, "bf16": True},
     {"stage": 2, "optimizer": "sgd", "poison_step": 2},    # an overflow (inf gradients) skips the step
+    # bf16 (check_grad_overflow on): the norm alone decides the overflow, DeepSpeed's check is not run.
+    {"stage": 1, "optimizer": "adamw", "bf16": True, "poison_step": 2},
     {"stage": 3, "optimizer": "sgd"},
     {"stage": 3, "optimizer": "adamw", "bf16": True},
     {"stage": 3, "optimizer": "sgd", "clip": 0.05},
@@ -103,7 +105,25 @@ def test_overflow_is_skipped_as_deepspeed_skips_it(results):
     assert "all_gather_into_tensor" not in r0["steps"][2]["calls_theirs"]
 
 
-@pytest.mark.parametrize("case", ZERO12[:1] + EXTRA[3:4], ids=case_id)
+def test_the_norm_decides_a_bf16_overflow_without_deepspeeds_check(results):
+    """ZeRO-1/2 bf16: DeepSpeed checks every gradient for inf/NaN and all-reduces the verdict, then
+    computes the norm and tests it too; ldb_ds's loop tests the norm only (one all-reduce fewer per
+    step), and skips the same poisoned step on both ranks, with the same loss scale and weights."""
+    case, r0, r1 = results[case_id(EXTRA[3])]
+    for rank_steps in (r0["steps"], r1["steps"]):
+        assert [s["skipped"] for s in rank_steps][1:3] == [(0, 0), (1, 1)]
+        for step, s in enumerate(rank_steps):
+            assert s["equal"] and s["norm_equal"]
+            # DeepSpeed's check all-reduces its verdict every step; on the poisoned step it then
+            # skips the norm, so there both sides all-reduce once for the overflow decision.
+            fewer = 0 if step == case["poison_step"] else 1
+            assert s["calls_ours"]["all_reduce"] == s["calls_theirs"]["all_reduce"] - fewer, (step, s)
+    # The fp32 loop never ran the check (check_grad_overflow is off there): the same collectives.
+    _, f0, _ = results[case_id(EXTRA[2])]
+    assert all(s["calls_ours"].get("all_reduce") == s["calls_theirs"].get("all_reduce") for s in f0["steps"])
+
+
+@pytest.mark.parametrize("case", ZERO12[:1] + EXTRA[4:5], ids=case_id)
 def test_one_collective_where_deepspeed_issues_one_per_group(results, case):
     _, r0, _ = results[case_id(case)]
     kind = "all_gather_into_tensor" if case["stage"] in (1, 2) else "all_reduce"
