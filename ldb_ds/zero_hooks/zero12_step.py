@@ -145,8 +145,10 @@ def _plain_gradients(z: Any) -> bool:
 def step(z: Any, step_state: Any, deepspeed_step: Callable) -> Callable:
     """``DeepSpeedZeroOptimizer.step`` (``stage_1_and_2.py:3013``) with the per-group loop batched.
 
-    Up to the overflow decision it is DeepSpeed's code, line for line (``:3017``-``:3072``), so
-    overflow and loss scaling (fp16) behave exactly as in DeepSpeed. The loop over groups
+    Up to the overflow decision it is DeepSpeed's code, line for line (``:3017``-``:3072``), but
+    for DeepSpeed's separate inf/NaN check, which is left out where the norm decides overflow
+    anyway (the same verdict: the comment there says why), so overflow and loss scaling (fp16)
+    behave exactly as in DeepSpeed. The loop over groups
     (``:3075``-``:3164``) is then done once for all kept groups: the same values reach the
     same buffers (each element is flattened, converted, multiplied by the same factor and
     updated by the same per-parameter rule), so parameters and optimizer state are bitwise
