@@ -205,42 +205,49 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1e3 * seconds
 
 
-def _flags(node, path: str = "", under_targets: bool = False) -> list[tuple[str, bool]]:
-    """Every pass/fail flag in a host result: booleans under a ``targets`` key, or named meets_*/pass/ok."""
+_FLAG = re.compile(r"(^meets_|(^|_)met$|(^|_)pass(ed)?$|(^|_)ok$)")
+"""A pass/fail flag's name (``counts_ok``, ``us_per_unit_ok``, ``meets_x``, ``passed``). Other booleans
+under ``targets`` qualify a verdict and are not one: ``us_per_unit_resolved`` False means the time
+verdict is within the measurement's resolution (reported apart), not that a target failed."""
+
+
+def _flags(node, path: str = "") -> list[tuple[str, bool]]:
+    """Every pass/fail flag in a host result: the booleans named as :data:`_FLAG`, at any depth."""
     found: list[tuple[str, bool]] = []
     if isinstance(node, dict):
         for k, v in node.items():
             name = f"{path}.{k}" if path else str(k)
-            flag_name = re.match(r"(meets_|met$|pass(ed)?$|ok$)", str(k)) is not None
-            if isinstance(v, bool) and (under_targets or flag_name):
+            if isinstance(v, bool) and _FLAG.search(str(k)):
                 found.append((name, v))
             else:
-                found += _flags(v, name, under_targets or "target" in str(k).lower())
+                found += _flags(v, name)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            found += _flags(v, f"{path}[{i}]", under_targets)
+            found += _flags(v, f"{path}[{i}]")
     return found
 
 
 def host_summary(out: Path) -> dict:
     """The ``host`` mode's targets: per cell (``results.cells[i].targets``), every boolean flag true."""
     files = sorted((out / "host").glob("*.json")) if (out / "host").is_dir() else []
-    cells, failed = 0, []
+    cells, failed, unresolved = 0, [], 0
     for f in files:
         res = _get(_load(f), "results")
         found = res.get("cells") if isinstance(res, dict) else None
         if not isinstance(found, list):  # another schema: all flags of the file as one cell
             found = [{"cell": f.name, "targets": res}] if res else []
         for c in found:
-            flags = _flags(c.get("targets") or {}, under_targets=True) if isinstance(c, dict) else []
+            flags = _flags(c.get("targets") or {}) if isinstance(c, dict) else []
             if not flags:
                 continue
             cells += 1
+            unresolved += (c.get("targets") or {}).get("us_per_unit_resolved") is False
             bad = [n for n, ok in flags if not ok]
             if bad:
                 failed.append(f"N={c.get('units', '?')} {c.get('cell', '?')} ({', '.join(bad)})")
     verdict = "n/a" if not cells else ("pass" if not failed else "FAIL")
-    return {"files": [f.name for f in files], "cells": cells, "failed": failed, "verdict": verdict}
+    return {"files": [f.name for f in files], "cells": cells, "failed": failed, "verdict": verdict,
+            "unresolved": unresolved}
 
 
 def _verdict(t: dict | None) -> str:
@@ -281,7 +288,8 @@ def summarize(out: Path) -> dict:
     host = host_summary(out)
     host_phase = next((p["status"] for p in phases if p["phase"] == "host"), "not run")
     host_line = (f"host (ldb-bench host): phase {host_phase}; targets {host['verdict']}"
-                 f" ({host['cells'] - len(host['failed'])} of {host['cells']} cells pass)")
+                 f" ({host['cells'] - len(host['failed'])} of {host['cells']} cells pass; "
+                 f"{host['unresolved']} time verdicts within the measurement's resolution)")
     lines = [cell_line(r) for r in rows] + [host_line]
     card = info.get("card") or "unknown"
     date = (info.get("date_utc") or "")[:10]

@@ -110,6 +110,13 @@ def test_dry_run_takes_every_phase_and_packs_one_tarball(tmp_path):
     assert rows["resnet50-224-b64-zero2"]["img_size"] > rows["resnet18-32-b128-zero2"]["img_size"]
     if host_ok:
         assert summary["host"]["files"] and summary["host"]["cells"] >= 1
+        # The host verdict is the host mode's own per cell: a time verdict within the measurement's
+        # resolution (us_per_unit_resolved false) is reported apart, not counted as a failed target.
+        host_cells = json.loads((packed / "host" / "host.json").read_text())["results"]["cells"]
+        failing = [c for c in host_cells if not c["targets"]["counts_ok"] or c["targets"]["us_per_unit_ok"] is False]
+        assert summary["host"]["cells"] == len(host_cells) and len(summary["host"]["failed"]) == len(failing)
+        assert summary["host"]["unresolved"] == sum(c["targets"].get("us_per_unit_resolved") is False
+                                                    for c in host_cells)
     # One line per cell and one for the host benchmark, in summary.md and on stdout.
     assert len(summary["lines"]) == len(cells) + 1 and summary["lines"][-1].startswith("host")
     md = (tmp_path / "out" / "summary.md").read_text()
