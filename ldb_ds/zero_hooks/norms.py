@@ -17,7 +17,7 @@ resulting clip coefficient differs from DeepSpeed's by at most one float32 round
 norm, a relative 1e-7, inside the 1e-6 bound docs/design.md (section 4) states; without
 clipping the norm only decides overflow (inf/NaN propagate the same way) and is reported.
 
-The per-tensor norms themselves (:func:`grouped_norms`): DeepSpeed takes each gradient's norm with
+The per-tensor norms themselves (:func:`tensor_norms`): DeepSpeed takes each gradient's norm with
 its own cast and reduction (``vector_norm(g.to(norm dtype))``), two or three kernel launches per
 tensor. ``torch._foreach_norm(tensors, 2, dtype=...)`` takes all of them in one op: on CUDA a
 multi-tensor kernel, elsewhere torch's per-tensor loop in C++ (the same ``vector_norm`` with the
@@ -34,21 +34,6 @@ from typing import Sequence
 import torch
 
 
-def group_square_sums(norms_by_group: Sequence[Sequence[torch.Tensor]], zero: torch.Tensor) -> torch.Tensor:
-    """``[sum(n**2 for n in norms_by_group[i]) for i]`` as one tensor, in three ops whatever the count.
-
-    ``zero`` is a 0-d zero tensor of the norms' dtype and device (allocated once by the caller):
-    it pads short rows and stands for groups with no norms (dropped units, empty partitions),
-    which then sum to exactly 0, the value DeepSpeed's zero fill gives them.
-    """
-    width = max(map(len, norms_by_group), default=0) or 1
-    padded: list[torch.Tensor] = []
-    for norms in norms_by_group:
-        padded.extend(norms)
-        padded.extend([zero] * (width - len(norms)))
-    return torch.stack(padded).view(len(norms_by_group), width).pow(2).sum(dim=1)
-
-
 @functools.cache
 def foreach_norm_takes_dtype(device_type: str, norm_dtype: torch.dtype) -> bool:
     """Whether ``torch._foreach_norm`` takes ``dtype=norm_dtype`` on ``device_type`` for every
@@ -62,26 +47,41 @@ def foreach_norm_takes_dtype(device_type: str, norm_dtype: torch.dtype) -> bool:
     return True
 
 
-def grouped_norms(grads_by_group: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype) -> list[list[torch.Tensor]]:
-    """``[[vector_norm(g.to(dtype), 2) for g in grads] for grads in grads_by_group]`` in one foreach op.
+def tensor_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]:
+    """``[vector_norm(t.to(dtype), 2) for t in tensors]`` in one foreach op.
 
-    Every tensor of every group goes into one ``torch._foreach_norm``; the result is cut back into
-    the groups (an empty group gives an empty list). Where ``_foreach_norm`` takes no ``dtype``
-    (:func:`foreach_norm_takes_dtype`, older torch) each norm is taken as DeepSpeed takes it.
+    Where ``_foreach_norm`` takes no ``dtype`` (:func:`foreach_norm_takes_dtype`, older torch) each
+    norm is taken as DeepSpeed takes it.
     """
-    flat = [g for grads in grads_by_group for g in grads]
-    if not flat:
-        return [[] for _ in grads_by_group]
+    if not tensors:
+        return []
     with torch.no_grad():
-        if foreach_norm_takes_dtype(flat[0].device.type, dtype):
-            norms = torch._foreach_norm(flat, 2, dtype=dtype)
-        else:
-            norms = [torch.linalg.vector_norm(g.to(dtype), 2) for g in flat]
-    out, start = [], 0
-    for grads in grads_by_group:
-        out.append(list(norms[start:start + len(grads)]))
-        start += len(grads)
-    return out
+        if foreach_norm_takes_dtype(tensors[0].device.type, dtype):
+            return torch._foreach_norm(tensors, 2, dtype=dtype)
+        return [torch.linalg.vector_norm(t.to(dtype), 2) for t in tensors]
 
 
-__all__ = ["group_square_sums", "grouped_norms", "foreach_norm_takes_dtype"]
+def group_square_sums(grads_by_group: Sequence[Sequence[torch.Tensor]], zero: torch.Tensor) -> torch.Tensor:
+    """``[sum(vector_norm(g.to(zero.dtype), 2) ** 2 for g in grads_by_group[i]) for i]`` as one tensor,
+    in a constant number of ops whatever the number of groups and tensors.
+
+    Every gradient of every group goes into one :func:`tensor_norms`; the norms are laid out in one
+    pass as a ``[groups, width]`` matrix, each row padded with ``zero``; one ``pow(2)`` and one row
+    ``sum`` give every group's sum of squares. ``zero`` is a 0-d zero tensor of the norm dtype on the
+    gradients' device (allocated once by the caller): it pads short rows and stands for groups with
+    no gradients (dropped units, empty partitions), which then sum to exactly 0, the value
+    DeepSpeed's zero fill gives them.
+    """
+    sizes = [len(grads) for grads in grads_by_group]
+    norms = tensor_norms([g for grads in grads_by_group for g in grads], zero.dtype)
+    width = max(sizes, default=0) or 1
+    padded: list[torch.Tensor] = []
+    start = 0
+    for n in sizes:
+        padded.extend(norms[start:start + n])
+        padded.extend([zero] * (width - n))
+        start += n
+    return torch.stack(padded).view(len(sizes), width).pow(2).sum(dim=1)
+
+
+__all__ = ["group_square_sums", "tensor_norms", "foreach_norm_takes_dtype"]

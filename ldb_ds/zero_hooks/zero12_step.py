@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .groups import NOT_A_GRADIENT, step_groups
-from .norms import foreach_norm_takes_dtype, group_square_sums, grouped_norms
+from .norms import foreach_norm_takes_dtype, group_square_sums
 from .patches import Kind, PatchSet, fallback_warning
 from .version import mirrors_verified
 from .views import point_into
@@ -357,13 +357,12 @@ def install_batched_grad_norm(ds_engine: Any, step_state: Any, patches: PatchSet
             return original(norm_type)
         dropped = step_state.skipped_groups
         # get_grad_norm_direct's per-tensor norms (:2677-2685), for the kept groups only, in one
-        # foreach op (norms.grouped_norms); a dropped group's gradients are DeepSpeed's zero fill,
-        # whose sum is 0.
-        norms_by_group = grouped_norms(
+        # foreach op, and its per-group sums of squares (:2689) for every group at once
+        # (norms.group_square_sums: the same sums), then float as there. A dropped group's
+        # gradients are DeepSpeed's zero fill, whose sum is 0.
+        stacked = group_square_sums(
             [[g for g in z.averaged_gradients[i] if not getattr(g, "_zero_padding", False)] if i not in dropped else []
-             for i in range(len(z.bit16_groups))], norm_dtype)
-        # :2689 for every group at once (norms.group_square_sums: the same sums), then float as there.
-        stacked = group_square_sums(norms_by_group, zero).float()
+             for i in range(len(z.bit16_groups))], zero).float()
         setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out
         # One collective for all groups; every rank contributes its partition's sums.
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=z.dp_process_group)

@@ -27,7 +27,7 @@ import torch
 
 from ..functional import MERGEABLE_OPTIMIZERS
 from .groups import NOT_A_GRADIENT, zero_stage
-from .norms import foreach_norm_takes_dtype, group_square_sums, grouped_norms
+from .norms import foreach_norm_takes_dtype, group_square_sums
 from .views import point_into
 
 MIRRORED = {
@@ -101,13 +101,12 @@ def norm_groups(z: Any, step_state: Any) -> Callable:
     def _get_norm_groups() -> list[torch.Tensor]:
         skipped = step_state.skipped_groups
         # get_grad_norm_direct's per-tensor norms (:2454-2457) for the kept sub-groups, in one
-        # foreach op (norms.grouped_norms; the gradients are on the device: no offload here); a
-        # dropped unit's sub-group holds DeepSpeed's zero fill, whose sum is 0.
-        norms_by_group = grouped_norms(
+        # foreach op (the gradients are on the device: no offload here), and its per-sub-group
+        # sums of squares (:2467) for every sub-group at once (norms.group_square_sums: the same
+        # sums). A dropped unit's sub-group holds DeepSpeed's zero fill, whose sum is 0.
+        stacked = group_square_sums(
             [z.averaged_gradients[i] if z.sub_group_to_group_id[i] not in skipped and z.averaged_gradients[i] else []
-             for i in range(len(z.fp16_groups))], norm_dtype)
-        # :2467 for every sub-group at once (norms.group_square_sums: the same sums).
-        stacked = group_square_sums(norms_by_group, zero)
+             for i in range(len(z.fp16_groups))], zero)
         setattr(stacked, NOT_A_GRADIENT, True)  # a byte counter of gradient traffic leaves it out
         # One collective for all sub-groups; every rank adds its partition's sums.
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=process_group)

@@ -130,7 +130,7 @@ def test_mode_writes_well_formed_outputs(ws1_results, mode):
             # once, as the baseline's, in FULL and DROP steps. At ZeRO-2 ldb_ds's step loop adds one
             # launch: the kept groups' fp32 -> bit16 copy-back is one _foreach_copy_ (DeepSpeed's
             # loop: one copy_ per group, so the baseline's single group has one copy_), and the
-            # gradient norms of all kept groups are one _foreach_norm (norms.grouped_norms;
+            # gradient norms of all kept groups are one _foreach_norm (norms.group_square_sums;
             # DeepSpeed: a vector_norm per tensor, not a foreach op).
             # At ZeRO-0 in fp32 the non-finite skip, installed with LDB on only (plain DeepSpeed has
             # none there), adds its one foreach norm.

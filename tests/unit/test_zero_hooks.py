@@ -114,11 +114,12 @@ def test_point_into_sets_only_the_parameters_that_moved():
 
 
 @pytest.mark.parametrize("takes_dtype", [True, False], ids=["foreach", "older-torch"])
-def test_grouped_norms_are_deepspeeds_per_tensor_norms(monkeypatch, takes_dtype):
+def test_group_square_sums_are_deepspeeds_per_group_sums(monkeypatch, takes_dtype):
     """One foreach op for every group's gradient norms: the bits of DeepSpeed's per-tensor
-    ``vector_norm(g.to(norm dtype))`` on the CPU (ZeRO-1/2 ``:2677``, ZeRO-3's ``.norm(2.0)``), cut back
-    into the groups, empty groups empty, inf and NaN as DeepSpeed has them; the same where torch's
-    ``_foreach_norm`` takes no ``dtype`` (the per-tensor fallback)."""
+    ``vector_norm(g.to(norm dtype))`` on the CPU (ZeRO-1/2 ``:2677``, ZeRO-3's ``.norm(2.0)``); then
+    every group's ``stack(norms).pow(2).sum()`` (``:2689``) at once: DeepSpeed's bits for groups of one
+    or two tensors, inf and NaN as DeepSpeed has them, an empty group exactly 0; the same where
+    torch's ``_foreach_norm`` takes no ``dtype`` (the per-tensor fallback)."""
     from ldb_ds.zero_hooks import norms
 
     if not takes_dtype:
@@ -127,18 +128,23 @@ def test_grouped_norms_are_deepspeeds_per_tensor_norms(monkeypatch, takes_dtype)
     g = torch.Generator().manual_seed(0)
     for grad_dtype in (torch.float32, torch.bfloat16):
         grads = [[torch.randn(n, generator=g).to(grad_dtype) for n in sizes]
-                 for sizes in ((64, 8), (), (1000, 3, 5), (100_000,), ())]
+                 for sizes in ((64, 8), (), (1000, 3, 5), (100_000,), (), (7,))]
         grads[2][1][0] = float("inf")
         grads[3][0][7] = float("nan")
         for norm_dtype in (torch.float64, torch.float32):
-            got = norms.grouped_norms(grads, norm_dtype)
-            want = [[torch.linalg.vector_norm(t.to(norm_dtype), ord=2) for t in ts] for ts in grads]
-            assert [len(n) for n in got] == [2, 0, 3, 1, 0]
-            for got_group, want_group in zip(got, want):
-                for a, b in zip(got_group, want_group):
-                    assert a.dtype == norm_dtype and (torch.equal(a, b) or (a.isnan() and b.isnan())), (a, b)
-            assert got[2][1].isinf() and got[3][0].isnan()
-            zero = torch.zeros((), dtype=norm_dtype)
-            sums = norms.group_square_sums(got, zero)
-            assert sums[1] == 0 and sums[4] == 0 and torch.equal(sums[0], got[0][0] ** 2 + got[0][1] ** 2)
-    assert norms.grouped_norms([[], []], torch.float64) == [[], []]
+            flat = [t for ts in grads for t in ts]
+            got = norms.tensor_norms(flat, norm_dtype)
+            want = [torch.linalg.vector_norm(t.to(norm_dtype), ord=2) for t in flat]
+            assert len(got) == len(want) == 7
+            for a, b in zip(got, want):
+                assert a.dtype == norm_dtype and (torch.equal(a, b) or (a.isnan() and b.isnan())), (a, b)
+            sums = norms.group_square_sums(grads, torch.zeros((), dtype=norm_dtype))
+            assert sums.dtype == norm_dtype and sums.shape == (6,)
+            deepspeeds = [torch.stack([torch.linalg.vector_norm(t.to(norm_dtype), ord=2) for t in ts]).pow(2).sum()
+                          for ts in grads if ts]
+            for i, want_sum in zip((0, 3, 5), (deepspeeds[0], deepspeeds[2], deepspeeds[3])):
+                assert torch.equal(sums[i], want_sum) or (sums[i].isnan() and want_sum.isnan()), (i, sums[i])
+            assert sums[1] == 0 and sums[4] == 0 and sums[2].isinf() and sums[3].isnan()
+    assert norms.tensor_norms([], torch.float64) == []
+    assert torch.equal(norms.group_square_sums([[], []], torch.zeros((), dtype=torch.float64)),
+                       torch.zeros(2, dtype=torch.float64))
