@@ -130,16 +130,20 @@ def _md_epochs(result: dict[str, Any]) -> str:
         ["... the same without each epoch's first step (what the epoch boundary adds is left out)",
          _fmt(r.get("full_epoch_over_baseline_after_first_step"), 3)],
         ["first step of an epoch, ms, median: baseline FULL / LDB FULL / LDB DROP (loader start included)",
-         " / ".join(_fmt(1e3 * r["first_step_s"][k]["median"], 1) if k in r.get("first_step_s", {}) else "-"
-                    for k in ("baseline_FULL", "ldb_FULL", "ldb_DROP"))],
+         _ms_triple(r.get("first_step_s", {}))],
         [f"waiting for the loader per epoch, ms, median: baseline FULL / LDB FULL / LDB DROP "
          f"({r.get('loader_workers', 0)} loader workers; host time, what the input pipeline adds to an epoch)",
-         " / ".join(_fmt(1e3 * r["loader_wait_s"][k]["median"], 1) if k in r.get("loader_wait_s", {}) else "-"
-                    for k in ("baseline_FULL", "ldb_FULL", "ldb_DROP"))],
+         _ms_triple(r.get("loader_wait_s", {}))],
         [f"derived: speedup of a {r['derived']['epochs']}-epoch schedule from the epoch times, %",
          _fmt(r["derived"]["speedup"] * 100)],
     ])
     return s
+
+
+def _ms_triple(seconds_by_side: dict[str, Any]) -> str:
+    """``a / b / c``: the median in ms of baseline FULL, LDB FULL and LDB DROP ("-" where missing)."""
+    return " / ".join(_fmt(1e3 * seconds_by_side[k]["median"], 1) if k in seconds_by_side else "-"
+                      for k in ("baseline_FULL", "ldb_FULL", "ldb_DROP"))
 
 
 def full_epoch_ratio(per_rep: dict[str, Any]) -> float | None:
