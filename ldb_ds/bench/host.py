@@ -144,6 +144,51 @@ def step_runner(engines: dict[str, Any], drop_epoch: int, x: Any, y: Any, cuda: 
     return run
 
 
+def optimizer_tensors(engine: Any) -> list[Any]:
+    """The tensors ``engine``'s torch optimizer steps in a FULL step: the parameters of its groups
+    (ZeRO-0: the model's, or DeepSpeed's fp32 copies in bf16/fp16; ZeRO-1/2: one fp32 partition per
+    group), or at ZeRO-3, whose groups are empty between steps, one fp32 partition per sub-group."""
+    from ..zero_hooks import basic_optimizer
+
+    tensors = [p for g in basic_optimizer(engine.ds_engine).param_groups for p in g["params"]]
+    return tensors or list(getattr(engine.ds_engine.optimizer, "fp32_partitioned_groups_flat", []))
+
+
+def optimizer_floor_runner(engines: dict[str, Any]) -> tuple[dict[str, int], Callable[[str], None]]:
+    """torch's own cost of stepping LDB's tensors instead of LDB off's: ``(counts, run)``.
+
+    With one param group per unit, an LDB FULL step hands the torch optimizer one tensor per
+    kept unit (ZeRO 1-3: each unit's fp32 partition) where LDB off hands it one; ldb_ds steps
+    them in one call (``functional.merged_groups``, the batched ZeRO loops), but they cannot be
+    one tensor: Adam keeps one step count per unit (a dropped unit has stepped fewer times).
+    torch's foreach kernels then run per tensor on the CPU (a loop in C++) and read each step
+    count on the host (Adam), which on a GPU is one multi-tensor launch per op. This runner
+    measures that floor apart, with no DeepSpeed and no ldb_ds around it: a fresh optimizer of
+    the cell's type and settings over clones of each side's tensors (with gradients), ``run("off")``
+    / ``run("ldb")`` one ``step()``. ``counts``: the number of tensors on each side (deterministic).
+    """
+    import torch
+
+    from ..zero_hooks import basic_optimizer
+
+    basic = basic_optimizer(engines["ldb"].ds_engine)
+    # The hyperparameters of a group as DeepSpeed built it (every unit's group has the same ones
+    # here), foreach included; the constructor's own defaults fill nothing the group has.
+    settings = {k: v for k, v in basic.param_groups[0].items() if k != "params"}
+    optimizers = {}
+    for side in ("off", "ldb"):
+        clones = [t.detach().clone() for t in optimizer_tensors(engines[side])]
+        for t in clones:
+            t.grad = torch.full_like(t, 1e-3)
+        optimizers[side] = type(basic)([{**settings, "params": clones}])
+        optimizers[side].step()  # the state (moments, step counts) exists from here on, as in the rounds
+
+    def run(side: str) -> None:
+        optimizers[side].step()
+
+    return {side: len(opt.param_groups[0]["params"]) for side, opt in optimizers.items()}, run
+
+
 def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, optimizer: str) -> dict[str, Any]:
     """Counts (one profiled step per variant) and times (interleaved rounds) of one cell."""
     import torch
@@ -169,9 +214,11 @@ def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, opti
                 run(v)
         barrier(ctx)
         counts = profiled_steps({v: run for v in VARIANTS}, cuda)
+        tensor_counts, run_floor = optimizer_floor_runner(engines)
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         cpu_rounds: dict[str, list[float]] = {v: [] for v in VARIANTS}  # per round: the mean step
+        floor_rounds: dict[str, list[float]] = {"off": [], "ldb": []}  # per round: the mean optimizer step
         for r in range(h.host_rounds):
             barrier(ctx)
             order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]  # nobody always first
@@ -182,6 +229,13 @@ def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, opti
                     times[v].append(stamps[1][0] - stamps[0][0])
                     cpu_times[v].append(stamps[1][1] - stamps[0][1])
                 cpu_rounds[v].append(sum(cpu_times[v][-h.host_steps_per_round:]) / h.host_steps_per_round)
+            for side in (("off", "ldb") if r % 2 == 0 else ("ldb", "off")):
+                synchronize()
+                t0 = time.thread_time()
+                for _ in range(h.host_steps_per_round):
+                    run_floor(side)
+                synchronize()
+                floor_rounds[side].append((time.thread_time() - t0) / h.host_steps_per_round)
         dropped_profiled = dropped[h.host_warmup]  # the profiled DROP step's (after the warm-up ones)
         groups = len(basic_optimizer(ldb.ds_engine).param_groups)
     finally:
@@ -192,7 +246,10 @@ def measure_cell(ctx: BenchContext, units: int, stage: int, precision: str, opti
             "dropped_units_profiled": dropped_profiled, "ldb_param_groups": groups, "variants": counts,
             "times": {v: _stats(t) for v, t in times.items()},
             "cpu_times": {v: _stats(t) for v, t in cpu_times.items()},
-            "paired_cpu_us_per_unit": paired_us_per_unit(cpu_rounds, units)}
+            "paired_cpu_us_per_unit": paired_us_per_unit(cpu_rounds, units),
+            "optimizer_tensors": tensor_counts,
+            "optimizer_floor_us_per_unit": _stats([(a - b) / units * 1e6
+                                                   for a, b in zip(floor_rounds["ldb"], floor_rounds["off"])])}
 
 
 def paired_us_per_unit(rounds: dict[str, list[float]], units: int) -> dict[str, dict[str, float]]:
@@ -261,7 +318,9 @@ def targets(cell: dict[str, Any], cuda: bool) -> dict[str, Any]:
     The figure judged is the paired one (:func:`paired_us_per_unit`: per round, FULL's mean step
     minus off's, median over rounds), with its resolution: the null control's (deepspeed - off)
     offset or half the pairs' quartile range, whichever is larger. A verdict closer to the target
-    than that is marked unresolved (``us_per_unit_resolved``): more rounds, or a quieter machine."""
+    than that is marked unresolved (``us_per_unit_resolved``): more rounds, or a quieter machine.
+    Where the cell measured it, torch's optimizer floor (:func:`optimizer_floor_runner`) and the
+    judged figure less it are reported beside the verdict; they do not change it."""
     v, t = cell["variants"], cell["times"]
     ds_ops = step_ops(v["deepspeed"])
     ds_waits = waits(v["deepspeed"], cuda)
@@ -283,6 +342,12 @@ def targets(cell: dict[str, Any], cuda: bool) -> dict[str, Any]:
         out["resolution_us_per_unit"] = max(abs(paired["deepspeed"]["median"]),
                                             (paired["full"]["q3"] - paired["full"]["q1"]) / 2)
         out["us_per_unit_resolved"] = abs(judged - US_PER_UNIT_TARGET) > out["resolution_us_per_unit"]
+        floor = cell.get("optimizer_floor_us_per_unit")
+        if floor and floor["n"]:
+            # Reported beside the verdict, which stays on the figure itself: what of it is torch's
+            # optimizer stepping one tensor per unit (optimizer_floor_runner), and what is left.
+            out["optimizer_floor_us_per_unit"] = floor["median"]
+            out["us_per_unit_less_optimizer_floor"] = judged - floor["median"]
     else:  # results made before the paired figure: the medians' difference
         judged = out["us_per_unit"] if cpu is None else out["cpu_us_per_unit"]
     out["us_per_unit_ok"] = judged <= US_PER_UNIT_TARGET if judged == judged else None
@@ -344,6 +409,11 @@ def host_result(ctx: BenchContext, cells: list[dict[str, Any]], fill: bool) -> d
         f"rounds ({h.host_rounds} x {h.host_steps_per_round} steps per variant): medians, and the thread CPU "
         "time's differences to off paired by round (median [IQR] over rounds; deepspeed - off is the null "
         "control, the measurement's own error).",
+        "Beside the time target, in the same rounds: torch's optimizer alone (a fresh one of the cell's type and "
+        "settings, no DeepSpeed, no ldb_ds) stepping clones of LDB FULL's tensors (one per unit at ZeRO 1-3: "
+        "per-unit Adam step counts keep them apart) against clones of LDB off's, per unit: the part of "
+        "FULL - off that is torch's per-tensor work (on the CPU its foreach kernels loop per tensor; on a GPU "
+        "they are multi-tensor launches). The verdict stays on FULL - off itself.",
     ]
     out = result(ctx, "host", {"cells": cells, "cuda": cuda, "variants": list(VARIANTS),
                                "ldb_section": {**LDB_SECTION, **ctx.opts.ldb}, "width": h.host_width,
@@ -417,11 +487,12 @@ def markdown(res: dict[str, Any]) -> str:
     if timed:
         n = max(c["units"] for c in timed)
         rows = [[c["cell"], _cpu_us_text(c, "full", n), _cpu_us_text(c, "deepspeed", n),
-                 f"{c['targets']['resolution_us_per_unit']:.1f}", _time_verdict(c["targets"])]
+                 f"{c['targets']['resolution_us_per_unit']:.1f}", _time_verdict(c["targets"]), _floor_text(c)]
                 for c in timed if c["units"] == n]
         s += (f"\n#### Time target at N = {n}: (FULL - off) / N, thread CPU time, paired by round\n\n"
               + rep.table(["cell", "FULL - off, us/unit [IQR]", "null: deepspeed - off", "resolution",
-                           f"<= {US_PER_UNIT_TARGET:g} us/unit"], rows))
+                           f"<= {US_PER_UNIT_TARGET:g} us/unit",
+                           "of which torch's optimizer over one tensor per unit [IQR]; the rest"], rows))
         met = sum(1 for c in timed if c["units"] == n and c["targets"]["us_per_unit_ok"])
         unresolved = sum(1 for c in timed if c["units"] == n and not c["targets"]["us_per_unit_resolved"])
         s += (f"\nMet in {met} of {len(rows)} cells; {unresolved} of the {len(rows)} verdicts are unresolved "
@@ -438,6 +509,16 @@ def _cpu_us_text(cell: dict[str, Any], variant: str, units: int) -> str:
     if variant in ("full", "drop") and "cpu_times" in cell:
         return f"{per_unit_us(cell['cpu_times'], variant, units):.1f}"
     return "-"
+
+
+def _floor_text(cell: dict[str, Any]) -> str:
+    """'8.1 [7.5, 8.8] (400 tensors vs 1); 1.2': the optimizer floor and FULL - off less it."""
+    floor, t = cell.get("optimizer_floor_us_per_unit"), cell["targets"]
+    if not floor or not floor["n"] or "us_per_unit_less_optimizer_floor" not in t:
+        return "-"
+    counts = cell["optimizer_tensors"]
+    return (f"{floor['median']:.1f} [{floor['q1']:.1f}, {floor['q3']:.1f}] ({counts['ldb']} tensors vs "
+            f"{counts['off']}); {t['us_per_unit_less_optimizer_floor']:.1f}")
 
 
 def _time_verdict(target: dict[str, Any]) -> str:
@@ -481,8 +562,10 @@ def scalars(res: dict[str, Any]) -> list[tuple[str, float, int]]:
         if c["targets"].get("paired_us_per_unit") is not None:
             out += [(f"{tag}/paired_us_per_unit", c["targets"]["paired_us_per_unit"], c["units"]),
                     (f"{tag}/resolution_us_per_unit", c["targets"]["resolution_us_per_unit"], c["units"])]
+        if c["targets"].get("optimizer_floor_us_per_unit") is not None:
+            out.append((f"{tag}/optimizer_floor_us_per_unit", c["targets"]["optimizer_floor_us_per_unit"], c["units"]))
     return out
 
 
 __all__ = ["VARIANTS", "STEP_OPS_SLACK", "WAITS_SLACK", "US_PER_UNIT_TARGET", "LDB_SECTION", "run_host",
-           "measure_cell", "per_unit_us", "paired_us_per_unit", "targets", "waits", "markdown", "plot", "scalars"]
+           "measure_cell", "optimizer_tensors", "optimizer_floor_runner", "per_unit_us", "paired_us_per_unit", "targets", "waits", "markdown", "plot", "scalars"]

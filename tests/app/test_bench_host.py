@@ -102,6 +102,13 @@ def test_host_work_targets(world, stage, precision, optimizer, request):
             if off["phases"][phase]["ops"] != ds["phases"][phase]["ops"]:
                 failures.append(f"LDB off, {phase} ops {off['phases'][phase]['ops']} != DeepSpeed's "
                                 f"{ds['phases'][phase]['ops']}; " + _why(cell, "off", phase))
+        # What torch's optimizer steps in a FULL step (the optimizer floor's two sides): LDB gives it
+        # one tensor per unit where LDB off gives it one, except at ZeRO-0 (the model's own tensors
+        # on both sides, a weight and a bias per unit).
+        tensors = cell["optimizer_tensors"]
+        want = {"off": 2 * units, "ldb": 2 * units} if stage == 0 else {"off": 1, "ldb": units}
+        if tensors != want:
+            failures.append(f"N={units} optimizer tensors {tensors}, expected {want}")
         if (off["syncs"], off["copies"]) != (ds["syncs"], ds["copies"]):
             failures.append(f"N={units} LDB off: (syncs, copies) {(off['syncs'], off['copies'])} != DeepSpeed's "
                             f"{(ds['syncs'], ds['copies'])}")
@@ -226,3 +233,12 @@ def test_time_target_pairs_rounds_and_states_its_resolution():
     close = host.targets(cell(6.0, 1.5), cuda=False)  # 1 us over the target, error 1.5: cannot tell
     assert close["us_per_unit_ok"] is False and close["us_per_unit_resolved"] is False
     assert host._time_verdict(close) == "unresolved (**FAIL**)" and host._time_verdict(t) == "ok"
+    # torch's optimizer floor is reported beside the verdict and leaves it as it is.
+    floored = cell(12.0, 0.5)
+    floored["optimizer_floor_us_per_unit"] = report.stats([11.0, 10.5, 11.5])
+    floored["optimizer_tensors"] = {"off": 1, "ldb": 100}
+    f = host.targets(floored, cuda=False)
+    assert f["us_per_unit_ok"] is False and abs(f["optimizer_floor_us_per_unit"] - 11.0) < 1e-9
+    assert abs(f["us_per_unit_less_optimizer_floor"] - 1.0) < 1e-6
+    floored["targets"] = f
+    assert host._floor_text(floored) == "11.0 [10.8, 11.2] (100 tensors vs 1); 1.0"
