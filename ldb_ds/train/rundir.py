@@ -88,7 +88,9 @@ class RunDir:
     def prepare(self, *, overwrite: bool, continuing: bool, is_main: bool, device: Any) -> bool:
         """Create, replace or refuse the directory; ``False`` (on every rank) when refused.
 
-        ``continuing`` (``--resume``/``--eval``) uses an existing directory as it is. Otherwise
+        ``continuing`` (``--resume``/``--eval``) uses an existing directory as it is, if ldb-train
+        created it (it holds :data:`MARKER`; an empty one is taken too), and refuses one a person
+        made, whose files it would overwrite. Otherwise
         an existing non-empty directory is replaced with ``overwrite`` and refused without it:
         a new run never mixes its files with an old one's. ``overwrite`` deletes only a directory
         that holds :data:`MARKER` (ldb-train created it) and resolves to a direct child of the
@@ -116,6 +118,17 @@ class RunDir:
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             return (f"the run directory {self.path} exists and is not a directory; remove it or choose "
                     "another --experiment")
+        marker = os.path.join(self.path, MARKER)
+        if (continuing and os.path.isdir(self.path) and os.listdir(self.path)
+                and not os.path.isfile(marker)):
+            # --resume (auto too, which starts afresh where it finds no checkpoint) and --eval use
+            # the folder as it is and write args.yaml, summary.csv, results.json, status.json and
+            # checkpoints/ into it: over a person's files of the same names, unless the folder is
+            # known to be a run's. The marker says so (ldb-train writes it into every folder it starts).
+            return (f"the run directory {self.path} was not created by ldb-train (it has no {MARKER} file), and "
+                    f"--resume/--eval would write args.yaml, summary.csv, results.json and checkpoints into it; "
+                    f"nothing was written. Choose another --experiment (--resume PATH takes a checkpoint from "
+                    f"anywhere); if it is a run of an ldb-train older than the marker, create it: touch {marker}")
         if not continuing and os.path.isdir(self.path) and os.listdir(self.path):
             if not overwrite:
                 return (f"the run directory {self.path} exists; pass --resume to continue it, --overwrite "
@@ -125,7 +138,6 @@ class RunDir:
                 return why_not
             shutil.rmtree(self.path)
         os.makedirs(self.path, exist_ok=True)
-        marker = os.path.join(self.path, MARKER)
         if not os.path.exists(marker) and (not continuing or not os.listdir(self.path)):
             # Written only into a folder this run starts (new or empty): the marker is what later
             # allows --overwrite to delete it, so it must never be added to a folder of unknown origin.

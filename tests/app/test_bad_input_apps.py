@@ -246,6 +246,20 @@ def test_overwrite_refuses_a_folder_ldb_train_did_not_create(ws):
     assert _hashes(ws) == before
 
 
+@pytest.mark.parametrize("start", [["--resume", "auto"], ["--resume", "auto", "--eval"]], ids=["resume-auto", "eval"])
+def test_resume_and_eval_refuse_a_folder_ldb_train_did_not_create(ws, start):
+    """--resume auto in a person's folder with no checkpoint would start afresh there and write its
+    args.yaml, summary.csv and results.json over theirs: refused, every file as it was."""
+    mine = ws / "runs" / "mine"
+    mine.mkdir()
+    for name, text in (("args.yaml", "mine: 1\n"), ("summary.csv", "user,csv\n"), ("results.json", '{"my": 1}')):
+        (mine / name).write_text(text)
+    before = _hashes(ws)
+    proc = _run_train(ws, "--deepspeed_config", str(ws / "ds.json"), "--experiment", "mine", *start)
+    _check(proc.returncode, proc.stderr, 2, "was not created by ldb-train", ".ldb_ds_run", "nothing was written")
+    assert _hashes(ws) == before and not (mine / ".ldb_ds_run").exists()
+
+
 def test_overwrite_never_follows_a_link_out_of_output(ws):
     os.symlink(ws / "runs" / "other", ws / "runs" / "link")
     before = _hashes(ws)
