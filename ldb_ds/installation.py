@@ -22,6 +22,7 @@ at the boundary (:meth:`Installation.run_step`), and every patch reads that obje
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -149,10 +150,37 @@ def install(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group
         # its fp16 step divides by it (every update loss_scale times too small; the GPU parity
         # test found it): with LDB on, backward scales the loss as the step expects.
         zero_hooks.install_fp16_loss_scaling(ds_engine, patches)
+        install_whole_model_exports(ds_engine, controller, patches)
     except BaseException:
         patches.remove()  # a refusal half-way leaves DeepSpeed's objects as they were
         raise
     return installation
 
 
-__all__ = ["Installation", "install", "unit_grad_bytes"]
+WHOLE_MODEL_EXPORTS = ("save_16bit_model", "module_state_dict")
+"""DeepSpeed engine methods that export the model and leave out parameters that do not require
+grad when asked (``exclude_frozen_parameters=True``); ``save_fp16_model`` calls ``save_16bit_model``."""
+
+
+def install_whole_model_exports(ds_engine: Any, controller: LDBController, patches: zero_hooks.PatchSet) -> None:
+    """Every unit trainable while DeepSpeed exports the model (:data:`WHOLE_MODEL_EXPORTS`).
+
+    Between the steps of a DROP epoch the dropped units are ``requires_grad=False`` (the mask
+    stays until the next window opens), and DeepSpeed decides what a frozen parameter is from the
+    live flag (``engine.py:4014``, ``:5664``): an export with ``exclude_frozen_parameters=True``
+    would silently lack the units the last step dropped. A parameter the user froze is in no unit
+    and stays left out. The same as ``save_checkpoint`` (``state_file.save_checkpoint``), for the
+    library's engine and an attached one alike: both call DeepSpeed's methods on this instance.
+    """
+    for name in WHOLE_MODEL_EXPORTS:
+        original = getattr(ds_engine, name)
+
+        @functools.wraps(original)
+        def export(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            with controller.all_trainable():
+                return _original(*args, **kwargs)
+
+        patches.set(f"{name} with every unit in it", zero_hooks.Kind.EXACTNESS, ds_engine, name, export)
+
+
+__all__ = ["Installation", "install", "install_whole_model_exports", "WHOLE_MODEL_EXPORTS", "unit_grad_bytes"]

@@ -13,7 +13,8 @@ Three kinds; the first two fail differently when DeepSpeed's source is not the v
 * ``OPTIMISATION``: a batched loop or norm that does what DeepSpeed's code does, faster. If the
   code it mirrors changed, it is not installed, with a warning: DeepSpeed's own code runs.
 * ``EXACTNESS``: what keeps a dropped unit untouched (the step filter, the non-finite skip, the
-  all-gather skip, the fp16 loss scaling). If the DeepSpeed callers it relies on changed,
+  all-gather skip, the fp16 loss scaling), or in a whole-model export (``installation.
+  install_whole_model_exports``, which wraps public engine methods and relies on no caller). If the DeepSpeed callers it relies on changed,
   ldb_ds refuses to run LDB (:func:`require_verified`), because a silently wrong update is worse
   than no speed-up.
 """

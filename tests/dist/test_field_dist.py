@@ -135,13 +135,22 @@ def test_own_dataloader_warns_once_when_drop_batch_is_not_followed(scaling, foll
 def test_end_of_training_releases_the_mask(tmp_path, stage):
     from tests.support.field_workers import end_of_training_case
 
-    for r in run_distributed(end_of_training_case, 2, stage, str(tmp_path), timeout=300):
+    results = run_distributed(end_of_training_case, 2, stage, str(tmp_path), timeout=300)
+    for tag in ("exports_before", "exports_after"):  # rank 0 wrote the file and read it back
+        assert results[0][tag]["file"] == results[0][tag]["parameters"], tag
+    for r in results:
         assert r["dropped"] and not all(r["flags_after_step"])  # the test drops something
         assert all(r["flags_in_eval"]) and all(r["flags_after_eval_forward"])
         # Back in training, the DROP epoch's one mask is applied again.
         assert r["dropped_after_eval"] == r["dropped"] and r["flags_after_eval_step"] == r["flags_after_step"]
         assert "middle of a gradient-accumulation window" in r["finish_mid_window"]
         assert not all(r["flags_before_finish"]) and all(r["flags_after_finish"])
+        # Exports that leave out frozen parameters still hold the units the last step dropped,
+        # with the mask applied as after finish(); the mask is back after the export.
+        assert r["flags_after_export"] == r["flags_before_finish"]
+        for exports in (r["exports_before"], r["exports_after"]):
+            assert exports["saved"] is True
+            assert exports["module_state_dict"] == exports["parameters"]
         assert not all(r["flags_mid_window"]) and all(r["flags_after_destroy"])
         assert r["ckpt_before"].keys() == r["ckpt_after"].keys()
         for name in r["ckpt_before"]:

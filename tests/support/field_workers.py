@@ -63,12 +63,24 @@ def _step(engine, rank: int, step: int) -> None:
     engine.step()
 
 
+def _exports(engine, rank: int, directory: str, tag: str) -> dict[str, Any]:
+    """The names in ``save_16bit_model`` (rank 0 writes the file) and ``module_state_dict``, both
+    with ``exclude_frozen_parameters=True``, and the model's parameter names."""
+    saved = engine.save_16bit_model(directory, f"export_{tag}.bin", exclude_frozen_parameters=True)
+    torch.distributed.barrier()  # rank 0's file is complete
+    path = os.path.join(directory, f"export_{tag}.bin")
+    return {"saved": saved, "file": sorted(torch.load(path, map_location="cpu")) if rank == 0 else None,
+            "module_state_dict": sorted(engine.module_state_dict(exclude_frozen_parameters=True)),
+            "parameters": sorted(n for n, _ in engine.module.named_parameters())}
+
+
 def end_of_training_case(rank: int, stage: int, ckpt_dir: str) -> dict[str, Any]:
     """After the last DROP step: eval()/finish()/destroy() make every unit trainable again."""
     import ldb_ds
 
     cfg = ds_config({"stage": stage, "optimizer": "sgd", "ldb": {"sampling_rate": 1, "drop_rate": 0.9,
                                                                 "resample": "epoch"}})
+    cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # else no ZeRO-3 export
     engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=cfg)
     out: dict[str, Any] = {}
     engine.set_epoch(0)
@@ -97,9 +109,14 @@ def end_of_training_case(rank: int, stage: int, ckpt_dir: str) -> dict[str, Any]
     engine.backward(output.sum() * 0)
     engine.step()
     out["flags_before_finish"] = _flags(engine)
+    # The whole-model exports between the steps of a DROP epoch, asked to leave frozen parameters
+    # out: every unit in them (the dropped ones are requires_grad=False right now), the mask after.
+    out["exports_before"] = _exports(engine, rank, ckpt_dir, "before")
+    out["flags_after_export"] = _flags(engine)
     engine.save_checkpoint(ckpt_dir, tag="before")
     engine.finish()
     out["flags_after_finish"] = _flags(engine)
+    out["exports_after"] = _exports(engine, rank, ckpt_dir, "after")
     engine.save_checkpoint(ckpt_dir, tag="after")
     engine.destroy()
 
