@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import inspect
 import os
 import warnings
 from typing import Any, Iterator, Sequence
@@ -307,8 +308,10 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
 
     ``optimizer`` may be None (config ``optimizer`` section), a callable
     ``params -> Optimizer`` or a torch optimizer instance; an instance is rebuilt
-    over the per-unit groups as ``type(opt)(groups, **opt.defaults)``, which
-    must be done before it has state. The returned dataloader (when
+    over the per-unit groups with its class and settings, which
+    must be done before it has state. ``lr_scheduler``, with LDB on, is a callable
+    ``optimizer -> scheduler`` (DeepSpeed calls it with the optimizer it steps) or None: a
+    scheduler object made beforehand is bound to another optimizer and is refused. The returned dataloader (when
     ``training_data`` is given) is a ``DistributedSampler`` loader whose batch
     size follows the LDB mode; ``num_workers``, ``persistent_workers`` and
     ``multiprocessing_context`` are passed to its ``DataLoader``. Without a context its workers
@@ -327,6 +330,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                     optimizer=optimizer, ds_kwargs=ds_kwargs)
     cfg = setup.cfg  # the section parsed once, by prepare
     if cfg.enabled:
+        _refuse_bound_scheduler(lr_scheduler)
         optimizer = _rebuild_optimizer(optimizer, setup.groups)
         model_parameters = setup.groups
     # Disabled: DeepSpeed gets exactly what the user gave, for a like-for-like baseline.
@@ -452,13 +456,47 @@ def _params_of(optimizer: Any) -> Any:
 
 
 def _rebuild_optimizer(optimizer: Any, groups: list[dict[str, Any]]) -> Any:
+    """``optimizer``'s class and settings over ``groups`` (one per unit and user group).
+
+    The constructor gets the defaults it takes as arguments; a default it does not take is one the
+    constructor sets itself (torch's ``AdamW`` puts ``decoupled_weight_decay`` into its defaults but
+    refuses it as an argument), so it goes into every group, which keeps its own values first
+    (``groups`` carry the user's group hyperparameters). A constructor with ``**kwargs`` takes all.
+    """
     if not isinstance(optimizer, torch.optim.Optimizer):
         return optimizer  # None (config section) or a callable DeepSpeed calls with our groups
     if optimizer.state:
         raise ValueError("pass ldb_ds.initialize an optimizer that has not stepped yet (it is rebuilt over "
                          "one param group per LDB unit), or a callable params -> optimizer")
-    defaults = {k: v for k, v in optimizer.defaults.items() if k not in ("params",)}
-    return type(optimizer)(groups, **defaults)
+    cls = type(optimizer)
+    takes = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if k != "params"}
+    arguments = {k: v for k, v in defaults.items() if takes_any or k in takes}
+    set_by_constructor = {k: v for k, v in defaults.items() if k not in arguments}
+    return cls([{**set_by_constructor, **g} for g in groups], **arguments)
+
+
+def _refuse_bound_scheduler(lr_scheduler: Any) -> None:
+    """An LR scheduler object, with LDB on: refused, since it drives an optimizer the engine will not step.
+
+    ldb_ds rebuilds an optimizer instance over one param group per unit (:func:`_rebuild_optimizer`),
+    and with a config section or a callable DeepSpeed builds the optimizer itself; a scheduler
+    made before ``initialize`` is bound to another optimizer object, so DeepSpeed would step it
+    and its learning rates would never reach the training (it is not an error there). A callable
+    ``optimizer -> scheduler``, which DeepSpeed calls with the optimizer it steps, or the config's
+    ``scheduler`` section work.
+    """
+    if lr_scheduler is None or callable(lr_scheduler):
+        return
+    bound = getattr(lr_scheduler, "optimizer", None)
+    raise ValueError(
+        f"ldb_ds.initialize: lr_scheduler is a {type(lr_scheduler).__name__} object"
+        + (f" bound to the {type(bound).__name__} you made" if bound is not None else "")
+        + ", but with LDB on the engine steps another optimizer (rebuilt over one param group per LDB unit), so "
+        "its learning rates would never be applied. Pass a callable that DeepSpeed calls with the engine's "
+        "optimizer, e.g. lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=30), or use "
+        "the config's 'scheduler' section")
 
 
 __all__ = ["initialize", "LDBEngine", "LDBState", "LDBUnsupportedError", "CLIENT_STATE_KEY"]

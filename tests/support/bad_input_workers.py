@@ -145,6 +145,39 @@ def _full_load_refused(directory: str, saved_section: Any) -> Any:
     return "loaded"
 
 
+def _adamw_object() -> Any:
+    """A torch AdamW object (its constructor refuses one of its own defaults, decoupled_weight_decay)."""
+    import ldb_ds
+
+    model = make_model()
+    config = ds_config(2)
+    del config["optimizer"]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05, betas=(0.8, 0.9))
+    engine, *_ = ldb_ds.initialize(model=model, optimizer=opt, config=config)
+    engine.set_epoch(0)
+    train_step(engine)
+    groups = engine.ds_engine.basic_optimizer.param_groups
+    return (type(engine.ds_engine.basic_optimizer).__name__, len(groups), [g["lr"] for g in groups],
+            [g["weight_decay"] for g in groups], all(g["betas"] == (0.8, 0.9) for g in groups),
+            all(g["decoupled_weight_decay"] for g in groups))
+
+
+def _callable_scheduler() -> Any:
+    """lr_scheduler as a callable: DeepSpeed builds it on the optimizer it steps (one group per unit)."""
+    import ldb_ds
+
+    model = make_model()
+    config = ds_config(0)
+    del config["optimizer"]
+    engine, _, _, scheduler = ldb_ds.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), config=config)
+    engine.set_epoch(0)
+    for _ in range(2):
+        train_step(engine)
+    return engine.get_lr(), scheduler.optimizer is engine.ds_engine.basic_optimizer
+
+
 ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "step_before_backward_ldb_on_zero2": _step_before_backward(2, ON),
     "step_before_backward_ldb_off_zero0": _step_before_backward(0, {"enabled": False}),
@@ -158,6 +191,8 @@ ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "tied_weights_warned": _tied_weights,
     "full_load_of_plain_checkpoint": _full_load_of("absent"),
     "full_load_of_param_granularity_checkpoint": _full_load_of({**ON, "granularity": "param"}),
+    "adamw_object_rebuilt_per_unit": _adamw_object,
+    "callable_scheduler_drives_the_engines_optimizer": _callable_scheduler,
 }
 
 

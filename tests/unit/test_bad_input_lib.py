@@ -35,6 +35,15 @@ def _initialize(**kwargs):
     return lambda: ldb_ds.initialize(**kwargs)
 
 
+def _bound_scheduler():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = ds_config()
+    del config["optimizer"]
+    return ldb_ds.initialize(model=model, optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.StepLR(opt, 1),
+                             config=config)
+
+
 def _config_file(text: str):
     def case():
         return ldb_ds.initialize(model=make_model(), config="ds.json")
@@ -90,6 +99,10 @@ BEFORE_DEEPSPEED = {
                                   ["persistent_workers must be a bool", "'yes'"]),
     "block_granularity_without_source": (_initialize(config=_with_section(granularity="block")), LDBConfigError,
                                          ["granularity = 'block' needs block_pattern", "Sequential"]),
+    # A scheduler made on the optimizer ldb_ds rebuilds would drive the old one: no LR would apply.
+    "lr_scheduler_bound_to_the_users_optimizer": (_bound_scheduler, ValueError,
+                                                  ["lr_scheduler is a StepLR object bound to the SGD you made",
+                                                   "never be applied", "lr_scheduler=lambda opt:"]),
 }
 
 
@@ -149,6 +162,9 @@ ENGINE_MISUSE = {
     "full_load_of_param_granularity_checkpoint": ("ValueError", ["granularity 'param'", "granularity 'module'",
                                                                  "load_module_only=True", "files unchanged: True",
                                                                  "weights unchanged: True"], []),
+    # Not misuse: what the refusals above point to works.
+    "adamw_object_rebuilt_per_unit": ("ok", ["('AdamW', 3, [0.01, 0.01, 0.01], [0.05, 0.05, 0.05], True, True)"], []),
+    "callable_scheduler_drives_the_engines_optimizer": ("ok", ["[0.025, 0.025, 0.025]", "True"], []),
 }
 
 
