@@ -26,12 +26,10 @@ follows one mask from the config to the optimizer step.
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import inspect
 import os
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +40,8 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 from . import refusals, state_file, zero_hooks
+from .initialize_args import (check_initialize_args, params_of, rebuild_optimizer,
+                              refuse_bound_scheduler, resolve_config, without_config_args)
 from .installation import install
 from .config import LDBConfig, load_ds_config
 from .controller import LDBState
@@ -75,6 +75,7 @@ class LDBEngine:
         self._batch_checked = True   # set False by set_epoch in DROP epochs with micro_batch scaling
         self._batch_warned = False
         self._backward_since_step = False  # step() without backward() fails deep inside DeepSpeed
+        self._resumed_epoch: int | None = None  # the epoch a checkpoint restored, until the next set_epoch
 
     # -- pass-through ---------------------------------------------------------
 
@@ -177,10 +178,29 @@ class LDBEngine:
         their own values. Returns the mode.
         """
         c = self.controller
-        mode = c.set_epoch(check_epoch(epoch, "engine.set_epoch(epoch)"))
+        epoch = check_epoch(epoch, "engine.set_epoch(epoch)")
+        if epoch == self._resumed_epoch and not c.window_open:
+            # The first set_epoch after load_checkpoint, for the epoch the checkpoint was taken in:
+            # the resumed loop (for epoch in range(saved_epoch, epochs): engine.set_epoch(epoch)).
+            # The restored mode and mask stream go on where the interrupted run was, with
+            # resample "epoch" the epoch's one mask too; starting the epoch afresh would draw
+            # another mask than the uninterrupted run drew.
+            mode = c.mode
+        else:
+            mode = c.set_epoch(epoch)
+        self._resumed_epoch = None
+        self._follow_mode(mode)
+        return mode
+
+    def _follow_mode(self, mode: Mode) -> None:
+        """The batch of ``mode`` (gradient accumulation or the returned loader's batch), the loader's
+        sampler at the controller's epoch, and the DROP-batch check of a user's own loader."""
+        c = self.controller
         factor = c.batch_factor
         if c.cfg.enabled and c.cfg.batch_scaling == "accumulation":
-            self.ds_engine.set_train_batch_size(self._base_train_batch * factor)
+            # The DROP epoch's windows start at its first micro step, whatever the FULL epoch's
+            # number of micro steps (zero_hooks.accumulation says why that needs help).
+            zero_hooks.set_accumulation_steps(self.ds_engine, self._base_train_batch * factor)
         loader = self.training_dataloader
         if loader is not None and isinstance(loader.batch_sampler, ScalableBatchSampler):
             loader.batch_sampler.factor = factor if c.cfg.batch_scaling == "micro_batch" else 1
@@ -188,7 +208,6 @@ class LDBEngine:
         # A loader of the user's own cannot follow the DROP batch: check the first batch.
         self._batch_checked = not (c.cfg.enabled and mode is Mode.DROP and c.cfg.batch_scaling == "micro_batch"
                                    and factor != 1)
-        return mode
 
     def _check_micro_batch(self, args: tuple, kwargs: dict) -> None:
         """Warn once if a DROP epoch's first micro batch is not ``micro_batch_size``.
@@ -237,6 +256,11 @@ class LDBEngine:
 
         The state comes from ``ldb_state.pt`` (or the client state of a checkpoint written before
         it) and is also returned in the client state, under ``CLIENT_STATE_KEY``.
+        Resuming: the restored mode's batch applies at once, and the next ``set_epoch`` of the
+        epoch the checkpoint was taken in continues that epoch (mode, mask stream, and with
+        ``resample: "epoch"`` its one mask) instead of starting it afresh; so the loop
+        ``for epoch in range(saved_epoch, epochs): engine.set_epoch(epoch); ...`` (skipping the
+        batches already trained) draws what the uninterrupted run drew.
         Warm start from a checkpoint with another param-group layout (plain DeepSpeed, LDB off,
         or another granularity): ``load_checkpoint(dir, load_module_only=True)`` loads the module
         weights only; optimizer, scheduler and LDB state stay fresh. A full load of such a
@@ -251,6 +275,10 @@ class LDBEngine:
             self.ds_engine, self.controller, self.ds_engine.load_checkpoint, load_dir, tag, **kwargs)
         if restored is not None:  # callers that read it from the client state (ldb-train's resume) keep working
             client_state = {**(client_state or {}), CLIENT_STATE_KEY: restored}
+            # The restored mode's batch at once (a loop that resumes without set_epoch trains the
+            # DROP batch, not the FULL one), and set_epoch of this same epoch continues it.
+            self._resumed_epoch = self.controller.epoch
+            self._follow_mode(self.controller.mode)
         return path, client_state
 
     def _refuse_other_layout(self, load_dir: str, tag: Any) -> None:
@@ -319,24 +347,24 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     threads running may prefer ``"forkserver"``, as ldb-train does (``--worker-start-method``;
     the dataset must then pickle, and persistent workers pickle it once per run, not per epoch).
     """
-    _check_initialize_args(model, optimizer, model_parameters, collate_fn, num_workers, persistent_workers)
-    ds_config = load_ds_config(_resolve_config(args, config, ds_kwargs.pop("config_params", None)))
+    check_initialize_args(model, optimizer, model_parameters, collate_fn, num_workers, persistent_workers)
+    ds_config = load_ds_config(resolve_config(args, config, ds_kwargs.pop("config_params", None)))
 
     if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):
         # model.parameters() is a generator: read it once, hand the same list to DeepSpeed.
         model_parameters = list(model_parameters)
     # The refusals visible before DeepSpeed runs, the units and one param group per (unit, user group).
-    setup = prepare(model, ds_config, model_parameters if model_parameters is not None else _params_of(optimizer),
+    setup = prepare(model, ds_config, model_parameters if model_parameters is not None else params_of(optimizer),
                     optimizer=optimizer, ds_kwargs=ds_kwargs)
     cfg = setup.cfg  # the section parsed once, by prepare
     if cfg.enabled:
-        _refuse_bound_scheduler(lr_scheduler)
-        optimizer = _rebuild_optimizer(optimizer, setup.groups)
+        refuse_bound_scheduler(lr_scheduler)
+        optimizer = rebuild_optimizer(optimizer, setup.groups)
         model_parameters = setup.groups
     # Disabled: DeepSpeed gets exactly what the user gave, for a like-for-like baseline.
 
     # DeepSpeed gets the config we validated, as a dict; args still carries local_rank & co.
-    with _without_config_args(args):
+    with without_config_args(args):
         ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
             lr_scheduler=lr_scheduler, config=ds_config, **ds_kwargs)
@@ -368,77 +396,6 @@ def _layout(section: Any) -> str:
     return f"LDB on (one param group per unit at granularity {section.get('granularity')!r}{source})"
 
 
-def _check_initialize_args(model: Any, optimizer: Any, model_parameters: Any, collate_fn: Any,
-                           num_workers: Any, persistent_workers: Any) -> None:
-    """Wrong types are refused naming the argument (DeepSpeed would convert or fail deep inside)."""
-    if model is None:
-        raise ValueError("ldb_ds.initialize needs a model")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"ldb_ds.initialize: model must be a torch.nn.Module, got {type(model).__name__}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and not callable(optimizer):
-        raise TypeError(f"ldb_ds.initialize: optimizer must be None, a torch.optim.Optimizer or a callable "
-                        f"params -> optimizer, got {type(optimizer).__name__}: {optimizer!r}")
-    if model_parameters is not None and (isinstance(model_parameters, (str, bytes, torch.Tensor, dict))
-                                         or not hasattr(model_parameters, "__iter__")):
-        raise TypeError(f"ldb_ds.initialize: model_parameters must be an iterable of tensors or of param-group "
-                        f"dicts (e.g. model.parameters()), got {type(model_parameters).__name__}")
-    if collate_fn is not None and not callable(collate_fn):
-        raise TypeError(f"ldb_ds.initialize: collate_fn must be callable or None, got {type(collate_fn).__name__}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        error = ValueError if isinstance(num_workers, int) and not isinstance(num_workers, bool) else TypeError
-        raise error(f"ldb_ds.initialize: num_workers must be an integer >= 0, got "
-                    f"{type(num_workers).__name__} {num_workers!r}")
-    if not isinstance(persistent_workers, bool):
-        raise TypeError(f"ldb_ds.initialize: persistent_workers must be a bool, got "
-                        f"{type(persistent_workers).__name__} {persistent_workers!r}")
-
-
-_CONFIG_ARGS = ("deepspeed_config", "deepscale_config")  # DeepSpeed's flag and its deprecated alias
-
-
-def _resolve_config(args: Any, config: Any, config_params: Any) -> Any:
-    """The one DeepSpeed config the caller gave: ``config``, ``config_params`` or ``args``.
-
-    DeepSpeed asserts when given two; we say which two, and how to keep one.
-    """
-    if config_params is not None:
-        warnings.warn("ldb_ds.initialize(config_params=...) is deprecated (as in deepspeed.initialize); "
-                      "pass config=...", FutureWarning, stacklevel=3)
-        if config is not None:
-            raise ValueError("ldb_ds.initialize got both config= and the deprecated config_params=; pass config= only")
-        config = config_params
-    from_args = [(name, getattr(args, name)) for name in _CONFIG_ARGS if getattr(args, name, None) is not None]
-    if len(from_args) > 1:
-        raise ValueError("args has both deepspeed_config and the deprecated deepscale_config set; keep deepspeed_config")
-    if from_args and config is not None:
-        name, value = from_args[0]
-        given = "a dict" if isinstance(config, dict) else repr(config)
-        raise ValueError(f"ldb_ds.initialize got two DeepSpeed configs: args.{name} = {value!r} (from "
-                         f"--{name} on the command line) and config = {given}. Pass one: drop config= to use "
-                         f"the command line's file, or set args.{name} = None to use config=.")
-    if from_args:
-        config = from_args[0][1]
-    if config is None:
-        raise ValueError("ldb_ds.initialize needs a DeepSpeed config: config= (a JSON path or a dict), or args "
-                         "whose deepspeed_config is set (--deepspeed_config ds.json with "
-                         "deepspeed.add_config_arguments(parser))")
-    return config
-
-
-@contextlib.contextmanager
-def _without_config_args(args: Any) -> Iterator[None]:
-    # DeepSpeed asserts when args.deepspeed_config and config= are both set, and we pass the
-    # config as the dict we read; the attributes are hidden for the call and put back after.
-    saved = {name: getattr(args, name) for name in _CONFIG_ARGS if getattr(args, name, None) is not None}
-    for name in saved:
-        setattr(args, name, None)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(args, name, value)
-
-
 def _leading_batch_size(args: tuple, kwargs: dict) -> int | None:
     """Length of the first dimension of the first tensor among the forward's inputs."""
     for value in list(args) + list(kwargs.values()):
@@ -447,56 +404,6 @@ def _leading_batch_size(args: tuple, kwargs: dict) -> int | None:
             if isinstance(item, torch.Tensor) and item.dim() > 0:
                 return int(item.shape[0])
     return None
-
-
-def _params_of(optimizer: Any) -> Any:
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return [dict(g) for g in optimizer.param_groups]
-    return None
-
-
-def _rebuild_optimizer(optimizer: Any, groups: list[dict[str, Any]]) -> Any:
-    """``optimizer``'s class and settings over ``groups`` (one per unit and user group).
-
-    The constructor gets the defaults it takes as arguments; a default it does not take is one the
-    constructor sets itself (torch's ``AdamW`` puts ``decoupled_weight_decay`` into its defaults but
-    refuses it as an argument), so it goes into every group, which keeps its own values first
-    (``groups`` carry the user's group hyperparameters). A constructor with ``**kwargs`` takes all.
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer  # None (config section) or a callable DeepSpeed calls with our groups
-    if optimizer.state:
-        raise ValueError("pass ldb_ds.initialize an optimizer that has not stepped yet (it is rebuilt over "
-                         "one param group per LDB unit), or a callable params -> optimizer")
-    cls = type(optimizer)
-    takes = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
-    defaults = {k: v for k, v in optimizer.defaults.items() if k != "params"}
-    arguments = {k: v for k, v in defaults.items() if takes_any or k in takes}
-    set_by_constructor = {k: v for k, v in defaults.items() if k not in arguments}
-    return cls([{**set_by_constructor, **g} for g in groups], **arguments)
-
-
-def _refuse_bound_scheduler(lr_scheduler: Any) -> None:
-    """An LR scheduler object, with LDB on: refused, since it drives an optimizer the engine will not step.
-
-    ldb_ds rebuilds an optimizer instance over one param group per unit (:func:`_rebuild_optimizer`),
-    and with a config section or a callable DeepSpeed builds the optimizer itself; a scheduler
-    made before ``initialize`` is bound to another optimizer object, so DeepSpeed would step it
-    and its learning rates would never reach the training (it is not an error there). A callable
-    ``optimizer -> scheduler``, which DeepSpeed calls with the optimizer it steps, or the config's
-    ``scheduler`` section work.
-    """
-    if lr_scheduler is None or callable(lr_scheduler):
-        return
-    bound = getattr(lr_scheduler, "optimizer", None)
-    raise ValueError(
-        f"ldb_ds.initialize: lr_scheduler is a {type(lr_scheduler).__name__} object"
-        + (f" bound to the {type(bound).__name__} you made" if bound is not None else "")
-        + ", but with LDB on the engine steps another optimizer (rebuilt over one param group per LDB unit), so "
-        "its learning rates would never be applied. Pass a callable that DeepSpeed calls with the engine's "
-        "optimizer, e.g. lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=30), or use "
-        "the config's 'scheduler' section")
 
 
 __all__ = ["initialize", "LDBEngine", "LDBState", "LDBUnsupportedError", "CLIENT_STATE_KEY"]

@@ -102,6 +102,12 @@ class Installation:
         applied = bool(ds_engine.was_step_applied())
         if not applied and c.cfg.enabled:
             zero_hooks.clear_stale_gradient_partitions(ds_engine)
+        if c.cfg.enabled and c.cfg.batch_scaling == "micro_batch" and c.batch_factor != 1:
+            # DeepSpeed counts train_batch_size() samples per step, applied or skipped (engine.py:3565),
+            # from its configured micro batch; a DROP step of micro_batch scaling trained batch_factor
+            # micro batches' worth per micro step. global_samples is the x-axis of DeepSpeed's
+            # Train/Samples events and is saved in checkpoints: it counts what was trained.
+            ds_engine.global_samples += (c.batch_factor - 1) * ds_engine.train_batch_size()
         c.end_step(applied=applied)
         return result
 
@@ -130,6 +136,8 @@ def install(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group
         return installation
     # Exactness first: a DeepSpeed whose optimizer callers changed could move dropped units.
     zero_hooks.require_verified("the step filter", zero_hooks.filter_callers(ds_engine))
+    if cfg.batch_scaling == "accumulation" and cfg.batch_kappa != 1:
+        zero_hooks.check_accumulation_boundary()  # set_epoch re-aligns DeepSpeed's windows
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         mask_group()  # made now, at set-up, on every rank (a collective), not in a step
     try:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 SCHEMA = "ldb_ds.bench/1"
 RENDERERS = {"step": "render", "epochs": "render", "sweep-drop-rate": "render", "sweep-sampling-rate": "render",
              "accuracy": "render", "scaling": "render", "counts": "counts", "project": "project",
-             "host": "host"}
+             "host": "host_render"}
 """The module that renders each mode."""
 PAPER = {
     # Paper, Table 3 (MobileNetV2, CIFAR-100): GPUs -> speedup (time saved, %).

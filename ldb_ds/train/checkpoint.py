@@ -222,8 +222,8 @@ def choose_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, A
 
 
 def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group: Any = None,
-         timeout_s: float | None = None) -> tuple[TrainState, dict | None]:
-    """Load ``resume``'s checkpoint into ``engine``; returns the loop's state and the LDB state saved.
+         timeout_s: float | None = None) -> TrainState:
+    """Load ``resume``'s checkpoint into ``engine`` (its LDB state too); returns the loop's state.
 
     Each rank's BatchNorm buffers come back from its own file when the world size is the same.
     A checkpoint taken in the middle of an epoch at another world size resumes at the same
@@ -233,8 +233,6 @@ def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group:
     group's timeout, so a slow conversion ends in its own message, not in a lost collective).
     """
     import torch
-
-    from ldb_ds.engine import CLIENT_STATE_KEY
 
     tag = checkpoint_fit.to_universal(resume.load_dir, resume.tag, group=group, timeout_s=timeout_s) \
         if resume.universal else resume.tag
@@ -257,7 +255,7 @@ def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group:
         resume.notes.append(f"the checkpoint was taken in the middle of epoch {state.next_epoch} at world size "
                             f"{saved_world}: resuming {state.step_in_epoch} micro steps into it; the order of the "
                             "rest of the epoch differs from the interrupted run's")
-    return state, (client or {}).get(CLIENT_STATE_KEY)
+    return state
 
 
 __all__ = ["TrainState", "ResumeError", "CheckpointError", "NonFiniteWeightsError", "weights_finite",

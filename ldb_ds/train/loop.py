@@ -100,8 +100,6 @@ class TrainContext:
     epoch_hooks: list[EpochHook] = field(default_factory=list)
     heartbeat: Any = None
     """A :class:`ldb_ds.train.faults.Heartbeat` the loop beats (epoch, micro step, phase)."""
-    ldb_resume_state: dict | None = None
-    """The LDB state of a mid-epoch checkpoint, put back after ``set_epoch`` of that epoch."""
     control_group: Any = None
     """A gloo group for host-side agreement (checkpoint manifests, stop flags, hashes)."""
     data_group: Any = None
@@ -289,11 +287,9 @@ def fit(ctx: TrainContext) -> float:
         start = state.step_in_epoch if epoch == state.next_epoch else 0
         if ctx.scheduler is not None:
             ctx.scheduler.step(epoch)
+        # After a resume, set_epoch of the checkpoint's epoch continues it (mode, mask stream, the
+        # epoch's one mask with resample "epoch"): LDBEngine.load_checkpoint, as for every user.
         mode = engine.set_epoch(epoch)
-        if start and ctx.ldb_resume_state is not None:
-            # set_epoch starts the epoch afresh; a mid-epoch checkpoint's mask stream (and the
-            # epoch's mask with resample="epoch") continues where the interrupted run was.
-            engine.load_ldb_state_dict(ctx.ldb_resume_state)
         ctx.monitor.begin_epoch(epoch, state.epoch_partial if start else None)
         steps = micro_steps(len(ctx.train_loader), engine.gradient_accumulation_steps(),
                             opts.max_steps_per_epoch)

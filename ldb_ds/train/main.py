@@ -189,11 +189,11 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     # Before resuming: the scheduler takes the base LRs from the config (see loop.py).
     scheduler = create_lr_scheduler(opts, engine.optimizer)
 
-    state, ldb_state = checkpoint.TrainState(), None
+    state = checkpoint.TrainState()
     if resume is not None:
         try:
-            state, ldb_state = checkpoint.load(engine, resume, rank=proc.rank, world_size=proc.world_size,
-                                                group=control, timeout_s=0.8 * opts.dist_timeout)
+            state = checkpoint.load(engine, resume, rank=proc.rank, world_size=proc.world_size,
+                                    group=control, timeout_s=0.8 * opts.dist_timeout)
         except checkpoint.CheckpointError as err:  # every rank: to_universal's outcome is gathered
             return end(faults.EXIT_USAGE, str(err), every_rank=True, record_status=True)
         for note in resume.notes:
@@ -236,7 +236,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     ctx = TrainContext(opts=opts, engine=engine, train_loader=train_loader,
                        eval_loader=eval_loader, monitor=monitor, run=run, rank=proc.rank,
                        input_dtype=dtype, scheduler=scheduler, state=state, heartbeat=heartbeat,
-                       ldb_resume_state=ldb_state, control_group=control, data_group=data_group,
+                       control_group=control, data_group=data_group,
                        precheck=lambda c: drop_precheck(c, (data.in_chans, data.img_size, data.img_size),
                                                         num_classes))
     agreement = faults.StopAgreement(stop_signal, control, opts.stop_check_every) if signals else None

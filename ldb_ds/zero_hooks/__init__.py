@@ -63,10 +63,15 @@ stage 3) steps the same basic optimizer over the same group dicts, on fp32 maste
 CPU memory, so the step filter covers it too (docs/design.md, section 4). The offload
 paths that step groups some other way are refused before ``deepspeed.initialize`` by
 :func:`refuse_unverified_step_paths`.
+
+With ``batch_scaling: "accumulation"`` a DROP epoch changes DeepSpeed's accumulation count;
+:func:`set_accumulation_steps` (:mod:`.accumulation`) keeps the epoch's first micro step the
+first of a window under DeepSpeed's run-long boundary rule.
 """
 
 from __future__ import annotations
 
+from .accumulation import check_accumulation_boundary, set_accumulation_steps
 from .groups import NOT_A_GRADIENT, basic_optimizer, check_group_order, zero_stage
 from .step_paths import refuse_unverified_step_paths
 from .patches import Kind, Patch, PatchSet, fallback_warning, require_verified
@@ -86,4 +91,4 @@ __all__ = ["VERIFIED_DEEPSPEED", "NOT_A_GRADIENT", "check_deepspeed_version", "d
            "require_verified", "fallback_warning", "install_batched_grad_norm", "refuse_unverified_step_paths",
            "clear_stale_gradient_partitions", "install_nonfinite_skip", "install_step_loops", "installed_step_loops",
            "allgather_partitions", "MIRRORED_SOURCES", "mirrors_verified", "source_digest", "fp16_unscaled_at_zero0",
-           "install_fp16_loss_scaling"]
+           "install_fp16_loss_scaling", "check_accumulation_boundary", "set_accumulation_steps"]

@@ -68,6 +68,10 @@ MIRRORED_SOURCES = {
     # zero0_step.install_fp16_loss_scaling: the engine's backward that leaves the loss unscaled at
     # ZeRO-0, and the fp16 wrappers' own backward whose scaling it applies instead.
     "engine.DeepSpeedEngine.backward": "b8c4368bee04391d",
+    # accumulation.set_accumulation_steps: the run-long micro-step boundary rule, and the batch-size
+    # setter that changes only the accumulation count.
+    "engine.DeepSpeedEngine.is_gradient_accumulation_boundary": "3b2d8869fe1c9ca3",
+    "engine.DeepSpeedEngine.set_train_batch_size": "b1519283d7f588c5",
     "fp16.unfused_optimizer.FP16_UnfusedOptimizer.backward": "0fa9d435f47f7f58",
     "fp16.fused_optimizer.FP16_Optimizer.backward": "6dce1e793bdca85b",
 }

@@ -31,7 +31,7 @@ ARGS = ["host", "--host-units", ",".join(map(str, UNITS)), "--host-rounds", "0",
         "--no-tensorboard", "--quiet"]
 CELLS = [(s, p, o) for s in STAGES for p in PRECISIONS for o in OPTIMIZERS]
 
-from ldb_ds.bench import host  # noqa: E402
+from ldb_ds.bench import host, host_render  # noqa: E402
 
 
 def _env() -> dict[str, str]:
@@ -232,7 +232,7 @@ def test_time_target_pairs_rounds_and_states_its_resolution():
     assert t["us_per_unit_ok"] is True and t["us_per_unit_resolved"] is True
     close = host.targets(cell(6.0, 1.5), cuda=False)  # 1 us over the target, error 1.5: cannot tell
     assert close["us_per_unit_ok"] is False and close["us_per_unit_resolved"] is False
-    assert host._time_verdict(close) == "unresolved (**FAIL**)" and host._time_verdict(t) == "ok"
+    assert host_render._time_verdict(close) == "unresolved (**FAIL**)" and host_render._time_verdict(t) == "ok"
     # torch's optimizer floor is reported beside the verdict and leaves it as it is.
     floored = cell(12.0, 0.5)
     floored["optimizer_floor_us_per_unit"] = report.stats([11.0, 10.5, 11.5])
@@ -241,4 +241,4 @@ def test_time_target_pairs_rounds_and_states_its_resolution():
     assert f["us_per_unit_ok"] is False and abs(f["optimizer_floor_us_per_unit"] - 11.0) < 1e-9
     assert abs(f["us_per_unit_less_optimizer_floor"] - 1.0) < 1e-6
     floored["targets"] = f
-    assert host._floor_text(floored) == "11.0 [10.8, 11.2] (100 tensors vs 1); 1.0"
+    assert host_render._floor_text(floored) == "11.0 [10.8, 11.2] (100 tensors vs 1); 1.0"

@@ -7,6 +7,7 @@ checks of dropped units, and gradient bytes counted at the collectives.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -307,6 +308,61 @@ def checkpoint_case(rank: int, stage: int, ckpt_dir: str) -> dict[str, Any]:
     return {"masks_a": masks_a, "masks_b": masks_b, "final_a": final_a, "final_b": final_b,
             "mask_at_save": mask_at_save, "flags_after_save": flags_after_save, "resumed_epoch": resumed_epoch,
             "counts_b": counts_b, "client_keys": sorted(client_state or {})}
+
+
+def _train_windows(engine, rank: int, world: int, epochs, masks: list, first_window: int = 0,
+                   set_first_epoch: bool = True, save: tuple[int, int, str] | None = None) -> None:
+    """3 windows per epoch; window w of epoch e trains the same data in every run. ``first_window``:
+    where the first epoch starts (a resumed one); ``set_first_epoch=False``: no set_epoch for it;
+    ``save=(epoch, window, dir)``: a checkpoint after that window."""
+    import torch.nn.functional as F
+
+    for k, epoch in enumerate(epochs):
+        if set_first_epoch or k > 0:
+            engine.set_epoch(epoch)
+        for window in range(first_window if k == 0 else 0, 3):
+            per_rank = engine.micro_batch_size
+            for micro in range(engine.gradient_accumulation_steps()):
+                x, y = window_batch(10 * epoch + window, micro, per_rank, world)
+                x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+                engine.backward(F.cross_entropy(engine(x), y))
+                engine.step()
+            masks.append((epoch, window, engine.ldb.dropped_units, engine.micro_batch_size,
+                          engine.gradient_accumulation_steps()))
+            if save is not None and (epoch, window) == save[:2]:
+                engine.save_checkpoint(save[2], tag="mid")
+
+
+def mid_epoch_resume_case(rank: int, ckpt_dir: str, variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant: 3 epochs (FULL, DROP, DROP) uninterrupted, saving after window 0 of epoch 1 (a
+    DROP epoch), against a fresh engine that loads that checkpoint and trains on as a user's resumed
+    loop does: set_epoch(1) (none with ``set_epoch: False``), windows 1-2, then epoch 2."""
+    import deepspeed.comm as dist
+
+    import ldb_ds
+
+    world = dist.get_world_size()
+    out: dict[str, Any] = {}
+    for v in variants:
+        case = {"stage": 2, "optimizer": "sgd", "ldb": {"sampling_rate": 1, "resample": v["resample"],
+                                                        "batch_scaling": v["scaling"]}}
+        name = f"{v['resample']}-{v['scaling']}" + ("" if v["set_epoch"] else "-no-set-epoch")
+        directory = os.path.join(ckpt_dir, name)
+        engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config(case))
+        masks_a: list = []
+        _train_windows(engine, rank, world, [0, 1, 2], masks_a, save=(1, 0, directory))
+        final_a = gathered_params(engine, list(engine.module.parameters()))
+        samples_a = engine.global_samples
+        engine.destroy()
+        engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config(case))
+        engine.load_checkpoint(directory, tag="mid")
+        masks_b: list = []
+        _train_windows(engine, rank, world, [1, 2], masks_b, first_window=1, set_first_epoch=v["set_epoch"])
+        final_b = gathered_params(engine, list(engine.module.parameters()))
+        engine.destroy()  # global_samples is still readable
+        out[name] = {"masks_a": masks_a, "masks_b": masks_b, "samples": (samples_a, engine.global_samples),
+                     "bitwise": all(torch.equal(a, b) for a, b in zip(final_a, final_b))}
+    return out
 
 
 def baseline_case(rank: int) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
     "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
-    "checkpoint_fit": "torch", "state_file": "torch",
+    "checkpoint_fit": "torch", "state_file": "torch", "initialize_args": "torch",
     "refusals": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
     "attach": "deepspeed",
     "engine": "deepspeed",
@@ -116,7 +116,7 @@ SHARED = "workloads"
 MAY_IMPORT = {"train": {SHARED}, "bench": {SHARED}, "integrations": set(), SHARED: set()}
 # ldb_ds.zero_hooks is a package; these are its modules (docs/design.md, section 2).
 ZERO_HOOKS_MODULES = {"__init__", "version", "groups", "step_filter", "step_paths", "norms", "views", "patches", "zero0_step",
-                      "zero12_step", "zero3_step", "step_loops"}
+                      "zero12_step", "zero3_step", "step_loops", "accumulation"}
 
 
 def _files_of(module: str) -> list[pathlib.Path]:
