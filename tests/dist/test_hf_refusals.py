@@ -1,4 +1,5 @@
-"""LDBTrainer refuses what ldb_ds.initialize refuses (ldb_ds/setup.py), one real rank.
+"""LDBTrainer refuses what ldb_ds.initialize refuses (ldb_ds/setup.py), and warns of a run that
+reaches no DROP epoch; one real rank.
 
 The Trainer reaches the core's set-up twice: ``create_optimizer`` (``plan_param_groups``, before
 ``deepspeed.initialize``, on the config with the Trainer's ``"auto"`` values filled in) and
@@ -38,3 +39,11 @@ def test_lamb_with_bf16_at_zero0_is_refused_with_the_trainers_auto_values(errors
 
 def test_batch_kappa_is_refused_under_the_trainer(errors):
     assert errors["batch_kappa"] and '"batch_kappa": 1' in errors["batch_kappa"]
+
+
+def test_a_run_without_a_drop_epoch_warns_once(errors):
+    run = errors["one_epoch"]
+    no_drop = [w for w in run["warnings"] if "LDB changes nothing" in w]
+    assert len(no_drop) == 1, run["warnings"]
+    assert "1 Trainer epoch(s)" in no_drop[0] and "first DROP epoch is epoch 1" in no_drop[0]
+    assert run["modes"] == "FULL" and run["steps"] == 8  # 64 digits at 8 per step, all FULL

@@ -1,9 +1,11 @@
 """LDBTrainer on 2 real ranks (gloo): the real transformers.Trainer, Accelerate and DeepSpeed, ZeRO 0-3.
 
 One process group runs every case (start-up dominates these tiny runs): per stage an LDBTrainer
-run over a FULL and a DROP epoch that checkpoints mid-DROP-epoch, the same run through
-``ldb_ds.initialize`` on the batches the Trainer fed each rank, and a resume from the
-checkpoint; then the DeepSpeed JSON's own optimizer with gradient accumulation, and refusals.
+run over a FULL and a DROP epoch that checkpoints at the epoch boundary and mid-DROP-epoch, the
+same run through ``ldb_ds.initialize`` on the batches the Trainer fed each rank, and a resume
+from each checkpoint; then Trainer epochs that end early (a stream with ``max_steps``,
+``should_epoch_stop``), the DeepSpeed JSON's own optimizer with gradient accumulation, and
+refusals.
 """
 
 from __future__ import annotations
@@ -97,6 +99,42 @@ def test_checkpoint_resume_continues_exactly(results, stage):
         for n in r["final"]:
             assert torch.equal(r["final"][n], resumed["final"][n]), n
         assert resumed["counts"] == r["counts"] == (8, 4)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_at_the_epoch_boundary_enters_the_drop_epoch(results, stage):
+    for rank in (0, 1):
+        r = results[rank][stage]
+        resumed = r["resumed_at_boundary"]
+        # The checkpoint's LDB state is in FULL epoch 0; the Trainer resumes at its epoch 1 (DROP).
+        assert [rec["step"] for rec in resumed["steps"]] == [5, 6, 7, 8]
+        assert [(rec["epoch"], rec["mode"]) for rec in resumed["steps"]] == [(1, "DROP")] * 4
+        assert [rec["dropped"] for rec in resumed["steps"]] == [rec["dropped"] for rec in r["steps"][4:]]
+        for n in r["final"]:
+            assert torch.equal(r["final"][n], resumed["final"][n]), n
+        assert resumed["counts"] == r["counts"] == (8, 4)  # the LDB state was read: 4 steps counted before
+
+
+def test_ldb_epochs_are_the_trainers_epochs_when_epochs_end_early(results):
+    for rank in (0, 1):
+        r = results[rank]["epochs"]
+        # Epochs of 2, 3, 2, 3, 2 steps; state.epoch lags the loop index there (0.17 at epoch 1's start).
+        assert r["trainer_epochs"] == [0] * 2 + [1] * 3 + [2] * 2 + [3] * 3 + [4] * 2
+        assert r["ldb_epochs"] == r["trainer_epochs"]
+        # sampling_rate 2: epoch e is DROP when e % 2 == 0 and e > 0.
+        assert r["modes"] == [("DROP" if e % 2 == 0 and e > 0 else "FULL") for e in r["trainer_epochs"]]
+        assert any(r["dropped"])
+        assert not any("LDB changes nothing" in w for w in r["warnings"]), r["warnings"]
+    assert results[0]["epochs"]["dropped"] == results[1]["epochs"]["dropped"]
+
+
+def test_resume_where_the_trainers_epoch_differs_from_ldbs_warns_and_follows_the_trainer(results):
+    for rank in (0, 1):
+        r = results[rank]["epochs_resumed"]
+        mismatch = [w for w in r["warnings"] if "the Trainer resumed at its epoch" in w]
+        assert len(mismatch) == 1 and "its epoch 0 but the checkpoint's LDB state is at epoch 2" in mismatch[0], \
+            r["warnings"]
+        assert r["trainer_epochs"] and r["ldb_epochs"] == r["trainer_epochs"]
 
 
 def test_checkpoint_saved_with_every_unit_trainable(results):

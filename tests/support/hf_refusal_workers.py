@@ -1,12 +1,14 @@
-"""The LDBTrainer refusals, inside one real rank (tests/dist/test_hf_refusals.py).
+"""The LDBTrainer refusals and warnings, inside one real rank (tests/dist/test_hf_refusals.py).
 
 Each case builds a real ``LDBTrainer`` over the tiny ViT of :mod:`tests.support.hf_workers`
-and calls ``train()``; the test process gets back the error each raised (or None).
+and calls ``train()``; the test process gets back the error each raised (or None), and the
+ldb_ds warnings of a run that reaches no DROP epoch.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from tests.support.hf_workers import Digits, ds_config, make_vit, training_args
@@ -39,6 +41,16 @@ def trainer_refusals(rank: int, workdir: str) -> dict[str, Any]:
             errors[name] = None
         except ValueError as err:  # LDBUnsupportedError and LDBConfigError are ValueErrors
             errors[name] = f"{type(err).__name__}: {err}"
+
+    # One epoch, so no DROP epoch (sampling_rate 1: epoch 1 is the first).
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer = LDBTrainer(model=make_vit(), args=training_args(os.path.join(workdir, "one_epoch"), ds_config(3),
+                                                                  num_train_epochs=1),
+                             train_dataset=Digits())
+        trainer.train()
+    errors["one_epoch"] = {"warnings": [str(w.message) for w in seen if "ldb_ds" in str(w.message)],
+                           "modes": trainer.ldb.mode.value, "steps": trainer.ldb.steps}
     return errors
 
 

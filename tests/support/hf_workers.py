@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ldb_ds.bench.comm_count import ReductionCounter
 from tests.support.core_workers import bitwise_equal, gathered_params, unit_snapshot
@@ -50,6 +50,17 @@ class Digits(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         x, y = self.base[i]
         return {"pixel_values": x, "labels": y}
+
+
+class DigitStream(IterableDataset):
+    """The first ``n`` digits as a stream without a length (a ``datasets`` stream): the Trainer
+    then needs ``max_steps`` and counts ``max_steps`` batches per epoch in ``state.epoch``."""
+
+    def __init__(self, n: int):
+        self.samples = Digits(n)
+
+    def __iter__(self):
+        return (self.samples[i] for i in range(len(self.samples)))
 
 
 def ds_config(stage: int, ldb: dict | None = None, optimizer_section: bool = False) -> dict[str, Any]:
@@ -141,14 +152,53 @@ def recorder(trainer, snapshots: bool = True):
 
 
 def _run_trainer(model, out: str, ds: dict, *, resume: str | None = None, snapshots: bool = True,
-                 **kw: Any) -> tuple[Any, Any]:
+                 train_dataset: Any = None, callbacks: tuple = (), **kw: Any) -> tuple[Any, Any]:
     from ldb_ds.integrations.hf import LDBTrainer
 
-    trainer = LDBTrainer(model=model, args=training_args(out, ds, **kw), train_dataset=Digits())
+    trainer = LDBTrainer(model=model, args=training_args(out, ds, **kw),
+                         train_dataset=Digits() if train_dataset is None else train_dataset)
     rec = recorder(trainer, snapshots)
     trainer.add_callback(rec)
+    for cb in callbacks:
+        trainer.add_callback(cb)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, rec
+
+
+def save_at(steps: set[int]):
+    """A TrainerCallback that has the Trainer checkpoint after the given optimizer steps."""
+    from transformers import TrainerCallback
+
+    class SaveAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in steps:
+                control.should_save = True
+
+    return SaveAt()
+
+
+def epoch_stops(stop_after: dict[int, int]):
+    """A TrainerCallback counting the Trainer's epochs (its loop index, from 0) and ending
+    epoch ``e`` after ``stop_after[e]`` optimizer steps (``control.should_epoch_stop``)."""
+    from transformers import TrainerCallback
+
+    class EpochStops(TrainerCallback):
+        def __init__(self):
+            self.epoch = -1
+            self.steps_in_epoch = 0
+            self.epoch_of_step: dict[int, int] = {}
+
+        def on_epoch_begin(self, args, state, control, **kw):
+            self.epoch += 1
+            self.steps_in_epoch = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps_in_epoch += 1
+            self.epoch_of_step[state.global_step] = self.epoch
+            if self.steps_in_epoch == stop_after.get(self.epoch):
+                control.should_epoch_stop = True
+
+    return EpochStops()
 
 
 def _ldb_initialize_run(model, trainer, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -184,17 +234,23 @@ def _ldb_initialize_run(model, trainer, batches: list[tuple[torch.Tensor, torch.
 
 
 def trainer_cases(rank: int, stages: list[int], workdir: str) -> dict[str, Any]:
-    """Per stage: an LDBTrainer run (checkpoint mid-DROP-epoch), the same through ldb_ds.initialize,
-    and a resume from the checkpoint; then the optimizer-section run and the refusals."""
+    """Per stage: an LDBTrainer run (checkpoints at the epoch boundary and mid-DROP-epoch), the
+    same through ldb_ds.initialize, and a resume from each checkpoint; then the Trainer's epochs
+    ended early, the optimizer-section run and the refusals."""
+    import warnings
+
     from ldb_ds.integrations.hf import LDBTrainer
 
-    models = {(s, k): make_vit() for s in stages for k in ("trainer", "initialize", "resume")}
+    models = {(s, k): make_vit() for s in stages for k in ("trainer", "initialize", "resume", "boundary")}
     models["dsopt"] = make_vit()
+    models["epochs"], models["epochs_resumed"] = make_vit(), make_vit()
     out: dict[str, Any] = {}
     for stage in stages:
         d = os.path.join(workdir, f"zero{stage}")
         ds = ds_config(stage)
-        trainer, rec = _run_trainer(models[(stage, "trainer")], d, ds, save_strategy="steps", save_steps=6)
+        # checkpoint-4 ends the FULL epoch 0; checkpoint-6 is inside the DROP epoch 1.
+        trainer, rec = _run_trainer(models[(stage, "trainer")], d, ds, save_strategy="steps", save_steps=6,
+                                    callbacks=(save_at({4}),))
         r: dict[str, Any] = {"steps": rec.steps, "final": final_weights(_shim(trainer), trainer.model),
                              "units": [u.name for u in trainer.ldb.units], "log_history": trainer.state.log_history,
                              "groups": len(trainer.ldb_attachment.controller.group_dicts),
@@ -215,7 +271,30 @@ def trainer_cases(rank: int, stages: list[int], workdir: str) -> dict[str, Any]:
         resumed, rec_b = _run_trainer(models[(stage, "resume")], d, ds, resume=ckpt, snapshots=False)
         r["resumed"] = {"steps": rec_b.steps, "final": final_weights(_shim(resumed), resumed.model),
                         "counts": (resumed.ldb.steps, resumed.ldb.drop_steps)}
+        resumed, rec_b = _run_trainer(models[(stage, "boundary")], d, ds, resume=os.path.join(d, "checkpoint-4"),
+                                      snapshots=False)
+        r["resumed_at_boundary"] = {"steps": rec_b.steps, "final": final_weights(_shim(resumed), resumed.model),
+                                    "counts": (resumed.ldb.steps, resumed.ldb.drop_steps)}
         out[stage] = r
+
+    # The Trainer's epochs as its loop counts them, when they end before len(dataloader) batches:
+    # a stream (state.epoch then counts max_steps batches per epoch) of 3 steps per pass, and
+    # even epochs ended after 2 steps by a callback; 5 epochs in the 12 steps. Checkpoint-6 is
+    # in epoch 2; the Trainer resumes it at its epoch 6 // 12 = 0.
+    epochs_dir, epochs_ds = os.path.join(workdir, "epochs"), ds_config(0, {"sampling_rate": 2})
+    for key, model, resume, stops in (("epochs", models["epochs"], None, epoch_stops({0: 2, 2: 2, 4: 2})),
+                                      ("epochs_resumed", models["epochs_resumed"],
+                                       os.path.join(epochs_dir, "checkpoint-6"), epoch_stops({}))):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _, epochs_rec = _run_trainer(model, epochs_dir, epochs_ds, resume=resume, snapshots=False,
+                                         train_dataset=DigitStream(3 * 2 * PER_RANK), max_steps=12,
+                                         callbacks=(stops, save_at({6})))
+        steps = epochs_rec.steps
+        out[key] = {"trainer_epochs": [stops.epoch_of_step[rec["step"]] for rec in steps],
+                    "ldb_epochs": [rec["epoch"] for rec in steps], "modes": [rec["mode"] for rec in steps],
+                    "dropped": [rec["dropped"] for rec in steps],
+                    "warnings": [str(w.message) for w in seen if "ldb_ds" in str(w.message)]}
 
     # The JSON's optimizer section (DeepSpeed builds the optimizer), with gradient accumulation.
     trainer, rec = _run_trainer(models["dsopt"], os.path.join(workdir, "dsopt"), ds_config(2, optimizer_section=True),

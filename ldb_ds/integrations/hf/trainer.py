@@ -15,7 +15,12 @@ comes in through the Trainer's public override points and callbacks, and as hook
   again on what the engine really uses (:func:`ldb_ds.setup.check_engine`: the resolved
   ``"auto"`` values, a model Accelerate compiled for ``torch_compile=True``); when resuming,
   the LDB state is read from the checkpoint.
-* ``on_epoch_begin``: the epoch's mode (FULL/DROP).
+* ``on_epoch_begin``: the epoch's mode (FULL/DROP). LDB's epoch is the index of the Trainer's
+  epoch loop (its passes over the train dataloader), counted from the ``epochs_trained`` that
+  ``_init_training_state`` returns, not ``floor(state.epoch)``: that is fractional at an epoch's
+  start when the previous pass ended early (``control.should_epoch_stop``, or an
+  ``IterableDataset`` with ``max_steps``, whose ``state.epoch`` counts ``max_steps`` batches per
+  epoch), and LDB's schedule would then lag the Trainer's by one epoch or more.
 * the engine's forward pre-hook opens a window (mask drawn on rank 0, broadcast, applied) at
   the first training forward of each accumulation window; the engine's ``step`` (which
   Accelerate calls at the Trainer's accumulation boundaries) hides the dropped groups inside
@@ -26,26 +31,30 @@ comes in through the Trainer's public override points and callbacks, and as hook
   DeepSpeed tag folder), because the Trainer's loader discards DeepSpeed's ``client_state``.
 * ``log``: LDB's figures join the Trainer's training logs (:mod:`.logs`).
 
-No private Trainer method is overridden or called. What this file relies on in the Trainer's
-own flow, checked against transformers 5.24.0 / accelerate 1.15.0 (:data:`VERIFIED_TRANSFORMERS`;
-the tests in tests/dist/test_hf_trainer.py fail if any of it changes):
+One private Trainer method is overridden, ``_init_training_state`` (see
+:meth:`LDBTrainer._init_training_state`); no other is overridden or called. What this file
+relies on in the Trainer's own flow, checked against transformers 5.24.0 / accelerate 1.15.0
+(:data:`VERIFIED_TRANSFORMERS`; line numbers from transformers 5.25.0 / accelerate 1.16.0; the
+tests in tests/dist/test_hf_trainer.py fail if any of it changes):
 
+* ``_inner_training_loop`` runs ``for epoch in range(epochs_trained, num_train_epochs)`` with
+  ``epochs_trained`` from ``_init_training_state`` (trainer.py:1627, 1673), calling
+  ``on_epoch_begin`` once per iteration;
 * ``deepspeed_init`` calls ``create_optimizer`` when the JSON has no optimizer section
-  (integrations/deepspeed.py:587), and ``_prepare_for_training`` calls ``create_optimizer``
-  again right after ``deepspeed_init`` (trainer.py:1742), which is where a ``DummyOptim`` is
+  (integrations/deepspeed.py:589), and ``_prepare_for_training`` calls ``create_optimizer``
+  again right after ``deepspeed_init`` (trainer.py:1756), which is where a ``DummyOptim`` is
   regrouped; LDBTrainer raises at ``on_train_begin`` if it saw no optimizer;
 * Accelerate calls ``engine.step()`` after ``set_gradient_accumulation_boundary`` in
   ``DeepSpeedEngineWrapper.backward`` (accelerate/utils/deepspeed.py:267-281);
 * the Trainer resumes with ``engine.load_checkpoint`` before ``on_train_begin``
-  (trainer.py:1811), when no mask is applied yet, so the LDB state is read at ``on_train_begin``;
-* checkpoints go through ``model_wrapped.save_checkpoint(output_dir)`` (trainer.py:3560), and
-  ``save_model`` at ZeRO-3 excludes parameters that do not require grad (trainer.py:4118).
+  (trainer.py:1848), when no mask is applied yet, so the LDB state is read at ``on_train_begin``;
+* checkpoints go through ``model_wrapped.save_checkpoint(output_dir)`` (trainer.py:3605), and
+  ``save_model`` at ZeRO-3 excludes parameters that do not require grad (trainer.py:4164).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from typing import Any
@@ -60,6 +69,7 @@ from ...attach import Attachment
 from ...config import LDBConfig
 from ...controller import LDBState
 from ...process import release_shm_segment
+from ...schedule import first_drop_epoch
 from .logs import LogWindow
 from .plan import LDBPlan, check_supported, plan_param_groups, split_optimizer_in_place
 
@@ -92,9 +102,16 @@ class LDBTrainer(Trainer):
         self.ldb_attachment: Attachment | None = None
         self._ldb_resume_dir: str | None = None
         self._ldb_resumed = False
+        self._ldb_next_epoch: int | None = None  # the Trainer's next epoch-loop index (_init_training_state)
         self._ldb_window = LogWindow()
         if self.ldb_config.enabled:
             _warn_if_unverified()
+            if not callable(getattr(Trainer, "_init_training_state", None)):
+                raise RuntimeError(
+                    "LDBTrainer takes LDB's epoch from the Trainer's epoch loop, through "
+                    f"Trainer._init_training_state, which transformers {_transformers_version()} does not "
+                    f"have; it was checked on transformers {VERIFIED_TRANSFORMERS[0]} to "
+                    f"{VERIFIED_TRANSFORMERS[1]}")
             self.add_callback(_LDBCallback(self))
 
     @property
@@ -141,7 +158,26 @@ class LDBTrainer(Trainer):
         if resume is True:
             resume = get_last_checkpoint(self.args.output_dir)
         self._ldb_resume_dir = resume or None
+        self._ldb_next_epoch = None  # set again by this run's _init_training_state
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        """The Trainer's own, recording its ``epochs_trained``: the index of the first epoch it runs.
+
+        ``_inner_training_loop`` runs ``for epoch in range(epochs_trained, num_train_epochs)`` and
+        calls ``on_epoch_begin`` once per iteration, but hands callbacks only ``state.epoch``,
+        which is fractional at an epoch's start whenever the previous pass ended before
+        ``len(dataloader)`` batches (``control.should_epoch_stop``; an ``IterableDataset`` with
+        ``max_steps``). So LDB's epoch is counted from this value, one per ``on_epoch_begin``.
+
+        This is a private Trainer method (checked on :data:`VERIFIED_TRANSFORMERS`). On a
+        transformers without it, ``LDBTrainer()`` raises, and if a transformers has it but no
+        longer calls it before the epoch loop, the first ``on_epoch_begin`` raises: a wrong
+        FULL/DROP schedule would train silently, so there is no fallback to ``state.epoch``.
+        """
+        epochs_trained, steps_trained_in_current_epoch = super()._init_training_state(*args, **kwargs)
+        self._ldb_next_epoch = int(epochs_trained)
+        return epochs_trained, steps_trained_in_current_epoch
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # The Trainer's ZeRO-3 save keeps only parameters that require grad: all of them here.
@@ -185,13 +221,39 @@ class LDBTrainer(Trainer):
             # DeepSpeed's 'latest' tag of the Trainer's checkpoint folder, as the engine just loaded.
             self._ldb_resumed = self.ldb_attachment.load_state(self._ldb_resume_dir)
 
-    def _ldb_epoch_begin(self, epoch: int) -> None:
+    def _ldb_warn_if_no_drop_epoch(self, num_train_epochs: int) -> None:
+        first_drop = first_drop_epoch(self.ldb_config)
+        if num_train_epochs <= first_drop:
+            warnings.warn(
+                f"ldb_ds: this run has {num_train_epochs} Trainer epoch(s) and LDB's first DROP epoch is epoch "
+                f"{first_drop} (sampling_rate {self.ldb_config.sampling_rate}; epochs count from 0), so every "
+                f"step is FULL and LDB changes nothing in this run. LDB's epochs are the Trainer's passes over "
+                f"the train dataloader: raise num_train_epochs (or max_steps) to reach epoch {first_drop}",
+                RuntimeWarning, stacklevel=2)
+
+    def _ldb_epoch_begin(self) -> None:
+        epoch = self._ldb_next_epoch
+        if epoch is None:
+            raise RuntimeError(
+                "LDBTrainer: the Trainer started an epoch without calling _init_training_state, so LDB "
+                f"does not know the Trainer's epoch index; transformers {_transformers_version()} differs "
+                f"from the ones LDBTrainer was checked on ({VERIFIED_TRANSFORMERS[0]} to "
+                f"{VERIFIED_TRANSFORMERS[1]})")
+        self._ldb_next_epoch = epoch + 1
         c = self.ldb_attachment.controller
-        if self._ldb_resumed and c.epoch == epoch:
+        resumed, self._ldb_resumed = self._ldb_resumed, False
+        if resumed and c.epoch == epoch:
             # Resumed inside this epoch: keep the restored mode, mask stream and epoch mask.
-            self._ldb_resumed = False
             return
-        self._ldb_resumed = False
+        if resumed and c.epoch != epoch - 1:
+            # Not the next epoch either: the Trainer derives its resumed epoch from global_step
+            # and the steps per epoch, which does not hold when epochs ended early.
+            warnings.warn(
+                f"ldb_ds: the Trainer resumed at its epoch {epoch} but the checkpoint's LDB state is at epoch "
+                f"{c.epoch}; the Trainer computes the resumed epoch as global_step // steps per epoch, which "
+                "does not match the run's epochs when they ended early (control.should_epoch_stop, an "
+                "IterableDataset with max_steps). LDB follows the Trainer: this run continues with epoch "
+                f"{epoch}'s mode", RuntimeWarning, stacklevel=2)
         c.set_epoch(epoch)
 
 
@@ -208,11 +270,11 @@ class _LDBCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._ldb_attach()
+        self.trainer._ldb_warn_if_no_drop_epoch(state.num_train_epochs)
         self._mark = self._now()
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # state.epoch is epoch + fraction done (exactly e.0 at the end of epoch e - 1).
-        self.trainer._ldb_epoch_begin(int(math.floor((state.epoch or 0.0) + 1e-9)))
+        self.trainer._ldb_epoch_begin()
         self._mark = self._now()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -240,6 +302,12 @@ def _batch_size(inputs: Any) -> int:
         if torch.is_tensor(v) and v.dim() > 0:
             return int(v.shape[0])
     return 0
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _warn_if_unverified() -> None:
