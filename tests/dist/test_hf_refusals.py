@@ -1,5 +1,5 @@
-"""LDBTrainer refuses what ldb_ds.initialize refuses (ldb_ds/setup.py), and warns of a run that
-reaches no DROP epoch; one real rank.
+"""LDBTrainer refuses what ldb_ds.initialize refuses (ldb_ds/setup.py), and says what went wrong
+where the Trainer's own flow is the cause; one real rank.
 
 The Trainer reaches the core's set-up twice: ``create_optimizer`` (``plan_param_groups``, before
 ``deepspeed.initialize``, on the config with the Trainer's ``"auto"`` values filled in) and
@@ -41,9 +41,18 @@ def test_batch_kappa_is_refused_under_the_trainer(errors):
     assert errors["batch_kappa"] and '"batch_kappa": 1' in errors["batch_kappa"]
 
 
+def test_evaluate_before_train_at_zero3_names_the_inference_engine(errors):
+    # Not ldb_ds's "needs an optimizer: give one in the DeepSpeed config", which would not help.
+    err = errors["eval_first_zero3"]
+    assert err and err.startswith("RuntimeError") and "needs an optimizer" not in err, err
+    assert "evaluate()" in err and "inference-only DeepSpeed engine" in err and "Call trainer.train() first" in err
+
+
 def test_a_run_without_a_drop_epoch_warns_once(errors):
     run = errors["one_epoch"]
     no_drop = [w for w in run["warnings"] if "LDB changes nothing" in w]
     assert len(no_drop) == 1, run["warnings"]
     assert "1 Trainer epoch(s)" in no_drop[0] and "first DROP epoch is epoch 1" in no_drop[0]
     assert run["modes"] == "FULL" and run["steps"] == 8  # 64 digits at 8 per step, all FULL
+    # eval_on_start (the eval-first error's advice) evaluates at ZeRO-3 with LDB on.
+    assert len(run["eval_on_start"]) == 1 and run["eval_on_start"][0]["step"] == 0

@@ -42,14 +42,27 @@ def trainer_refusals(rank: int, workdir: str) -> dict[str, Any]:
         except ValueError as err:  # LDBUnsupportedError and LDBConfigError are ValueErrors
             errors[name] = f"{type(err).__name__}: {err}"
 
-    # One epoch, so no DROP epoch (sampling_rate 1: epoch 1 is the first).
+    # evaluate() before train() at ZeRO-3: the Trainer builds an inference engine and trains on it.
+    trainer = LDBTrainer(model=make_vit(), args=training_args(os.path.join(workdir, "eval_first"), ds_config(3),
+                                                              max_steps=1),
+                         train_dataset=Digits(), eval_dataset=Digits(16))
+    trainer.evaluate()
+    try:
+        trainer.train()
+        errors["eval_first_zero3"] = None
+    except RuntimeError as err:
+        errors["eval_first_zero3"] = f"{type(err).__name__}: {err}"
+
+    # One epoch, so no DROP epoch (sampling_rate 1: epoch 1 is the first), and an evaluation on
+    # the training engine before the first step: what the eval-first error advises.
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         trainer = LDBTrainer(model=make_vit(), args=training_args(os.path.join(workdir, "one_epoch"), ds_config(3),
-                                                                  num_train_epochs=1),
-                             train_dataset=Digits())
+                                                                  num_train_epochs=1, eval_on_start=True),
+                             train_dataset=Digits(), eval_dataset=Digits(16))
         trainer.train()
     errors["one_epoch"] = {"warnings": [str(w.message) for w in seen if "ldb_ds" in str(w.message)],
+                           "eval_on_start": [h for h in trainer.state.log_history if "eval_loss" in h],
                            "modes": trainer.ldb.mode.value, "steps": trainer.ldb.steps}
     return errors
 

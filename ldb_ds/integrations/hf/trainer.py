@@ -49,7 +49,9 @@ tests in tests/dist/test_hf_trainer.py fail if any of it changes):
 * the Trainer resumes with ``engine.load_checkpoint`` before ``on_train_begin``
   (trainer.py:1848), when no mask is applied yet, so the LDB state is read at ``on_train_begin``;
 * checkpoints go through ``model_wrapped.save_checkpoint(output_dir)`` (trainer.py:3605), and
-  ``save_model`` at ZeRO-3 excludes parameters that do not require grad (trainer.py:4164).
+  ``save_model`` at ZeRO-3 excludes parameters that do not require grad (trainer.py:4164);
+* ``evaluate()`` before ``train()`` at ZeRO-3 builds an engine without an optimizer
+  (``deepspeed_init(..., inference=True)``, trainer.py:2967) that ``train()`` then reuses.
 """
 
 from __future__ import annotations
@@ -207,6 +209,15 @@ class LDBTrainer(Trainer):
         if not isinstance(engine, deepspeed.DeepSpeedEngine):
             raise RuntimeError(f"LDBTrainer expected a DeepSpeed engine in trainer.model_wrapped, got "
                                f"{type(engine).__name__}")
+        if getattr(engine, "basic_optimizer", None) is None and engine.zero_optimization_stage() == 3:
+            # Not a missing optimizer section (what ldb_ds's own check would say): evaluate() or
+            # predict() before train() built a ZeRO-3 inference engine, and train() reuses it.
+            raise RuntimeError(
+                "LDBTrainer: the DeepSpeed engine the Trainer trains with has no optimizer: at ZeRO-3, "
+                "trainer.evaluate() (or predict()) before trainer.train() builds an inference-only DeepSpeed "
+                "engine (transformers' deepspeed_init(inference=True)) and train() then reuses it; the plain "
+                "Trainer cannot train on it either. Call trainer.train() first; to evaluate before the first "
+                "step, use TrainingArguments(eval_on_start=True), which evaluates on the training engine")
         if self.ldb_plan is None:
             raise RuntimeError("LDBTrainer did not see the Trainer create the optimizer (create_optimizer), so "
                                "DeepSpeed's param groups are not one per LDB unit; this transformers version "
