@@ -1,4 +1,5 @@
-"""The Hugging Face integration's transformers-free parts, one process: plan, refusals, log window."""
+"""The Hugging Face integration's transformers-free parts, one process: plan, refusals, log window;
+and LDBTrainer's verified transformers range."""
 
 from __future__ import annotations
 
@@ -118,3 +119,14 @@ def test_the_accelerate_recipe_imports_no_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_verified_transformers_range_takes_every_patch_of_its_upper_minor():
+    pytest.importorskip("transformers", reason="LDBTrainer needs transformers: pip install 'ldb_ds[hf]'")
+    from ldb_ds.integrations.hf.trainer import VERIFIED_TRANSFORMERS, _is_verified_transformers
+
+    assert VERIFIED_TRANSFORMERS == ("5.24.0", "5.25")
+    for version in ("5.24.0", "5.24.2", "5.25.0", "5.25.7", "5.25.0rc1"):
+        assert _is_verified_transformers(version), version
+    for version in ("5.23.9", "5.26.0", "5.26.0.dev0", "6.0.0"):
+        assert not _is_verified_transformers(version), version

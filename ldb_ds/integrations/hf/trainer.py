@@ -33,9 +33,9 @@ comes in through the Trainer's public override points and callbacks, and as hook
 
 One private Trainer method is overridden, ``_init_training_state`` (see
 :meth:`LDBTrainer._init_training_state`); no other is overridden or called. What this file
-relies on in the Trainer's own flow, checked against transformers 5.24.0 / accelerate 1.15.0
-(:data:`VERIFIED_TRANSFORMERS`; line numbers from transformers 5.25.0 / accelerate 1.16.0; the
-tests in tests/dist/test_hf_trainer.py fail if any of it changes):
+relies on in the Trainer's own flow, checked against transformers 5.24.0 / accelerate 1.15.0 and
+transformers 5.25.0 / accelerate 1.16.0 (:data:`VERIFIED_TRANSFORMERS`; line numbers from 5.25.0
+/ 1.16.0; the tests in tests/dist/test_hf_trainer.py fail if any of it changes):
 
 * ``_inner_training_loop`` runs ``for epoch in range(epochs_trained, num_train_epochs)`` with
   ``epochs_trained`` from ``_init_training_state`` (trainer.py:1627, 1673), calling
@@ -75,8 +75,13 @@ from ...schedule import first_drop_epoch
 from .logs import LogWindow
 from .plan import LDBPlan, check_supported, plan_param_groups, split_optimizer_in_place
 
-VERIFIED_TRANSFORMERS = ("5.24.0", "5.24.0")
-"""transformers releases the flow above was checked against (inclusive)."""
+VERIFIED_TRANSFORMERS = ("5.24.0", "5.25")
+"""transformers releases the flow above was checked against, inclusive: 5.24.0 to every 5.25.x.
+
+The upper bound is compared on its own components only (``release[:2] <= (5, 25)``), so any
+5.25 patch release is in range and 5.26.0 is not; the flow was run on 5.24.0 and 5.25.0, and
+patch releases are taken to keep it. A version outside the range warns (:func:`_warn_if_unverified`).
+"""
 
 
 class LDBTrainer(Trainer):
@@ -112,8 +117,7 @@ class LDBTrainer(Trainer):
                 raise RuntimeError(
                     "LDBTrainer takes LDB's epoch from the Trainer's epoch loop, through "
                     f"Trainer._init_training_state, which transformers {_transformers_version()} does not "
-                    f"have; it was checked on transformers {VERIFIED_TRANSFORMERS[0]} to "
-                    f"{VERIFIED_TRANSFORMERS[1]}")
+                    f"have; it was checked on {_verified_range()}")
             self.add_callback(_LDBCallback(self))
 
     @property
@@ -221,7 +225,7 @@ class LDBTrainer(Trainer):
         if self.ldb_plan is None:
             raise RuntimeError("LDBTrainer did not see the Trainer create the optimizer (create_optimizer), so "
                                "DeepSpeed's param groups are not one per LDB unit; this transformers version "
-                               f"differs from the ones LDBTrainer was checked on ({VERIFIED_TRANSFORMERS})")
+                               f"differs from the ones LDBTrainer was checked on ({_verified_range()})")
         self.ldb_attachment = self.ldb_plan.attach(engine)
         # DeepSpeed's communication backend exists from here on (the Trainer's deepspeed.initialize);
         # on the CPU accelerator it would leave its /dev/shm segment behind (see the function).
@@ -248,8 +252,7 @@ class LDBTrainer(Trainer):
             raise RuntimeError(
                 "LDBTrainer: the Trainer started an epoch without calling _init_training_state, so LDB "
                 f"does not know the Trainer's epoch index; transformers {_transformers_version()} differs "
-                f"from the ones LDBTrainer was checked on ({VERIFIED_TRANSFORMERS[0]} to "
-                f"{VERIFIED_TRANSFORMERS[1]})")
+                f"from the ones LDBTrainer was checked on ({_verified_range()})")
         self._ldb_next_epoch = epoch + 1
         c = self.ldb_attachment.controller
         resumed, self._ldb_resumed = self._ldb_resumed, False
@@ -321,15 +324,27 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _warn_if_unverified() -> None:
-    import transformers
+def _verified_range() -> str:
+    low, high = VERIFIED_TRANSFORMERS
+    return f"transformers {low} to {high}.x"
+
+
+def _is_verified_transformers(version: str) -> bool:
+    """``version`` within :data:`VERIFIED_TRANSFORMERS`: the upper bound compared on its own components."""
     from packaging.version import Version
 
     low, high = (Version(v).release for v in VERIFIED_TRANSFORMERS)
-    if not low <= Version(transformers.__version__).release[:3] <= high:
+    release = Version(version).release
+    return low <= release[:3] and release[:len(high)] <= high
+
+
+def _warn_if_unverified() -> None:
+    import transformers
+
+    if not _is_verified_transformers(transformers.__version__):
         warnings.warn(f"ldb_ds: transformers {transformers.__version__} is outside the range LDBTrainer was checked "
-                      f"on ({VERIFIED_TRANSFORMERS[0]} to {VERIFIED_TRANSFORMERS[1]}); run tests/dist/"
-                      "test_hf_trainer.py before trusting results", RuntimeWarning, stacklevel=3)
+                      f"on ({_verified_range()}); run tests/dist/test_hf_trainer.py before trusting results",
+                      RuntimeWarning, stacklevel=3)
 
 
 __all__ = ["LDBTrainer", "VERIFIED_TRANSFORMERS"]
