@@ -225,7 +225,8 @@ def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group:
          timeout_s: float | None = None) -> TrainState:
     """Load ``resume``'s checkpoint into ``engine`` (its LDB state too); returns the loop's state.
 
-    Each rank's BatchNorm buffers come back from its own file when the world size is the same.
+    Each rank's BatchNorm buffers come back from its own file when the world size is the same, and
+    from saved rank ``rank % saved world size``'s at another world size.
     A checkpoint taken in the middle of an epoch at another world size resumes at the same
     number of samples into the epoch (rounded down): the order of the rest of that epoch then
     differs from the interrupted run's. ``group``: the gloo group the ranks wait on while rank 0
@@ -242,15 +243,18 @@ def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group:
     state = TrainState.from_client_state(client)
     state.last_tag = resume.tag
     saved_world = int(resume.manifest.get("run", {}).get("world_size", world_size))
-    if saved_world == world_size:
-        own = checkpointing.load_rank_state(resume.load_dir, resume.tag, rank)
-        if own is not None:
-            named = dict(engine.module.named_buffers())
-            with torch.no_grad():
-                for name, value in own["buffers"].items():
-                    if name in named:
-                        named[name].copy_(value)
-    elif state.step_in_epoch:
+    # The module's buffers (BatchNorm's running statistics) from the rank files: each rank's own at
+    # the same world size; at another one, saved rank (rank mod saved world size)'s. DeepSpeed's
+    # universal load restores parameters and optimizer state only, so without this a resume at
+    # another world size would evaluate and train on again with freshly initialised statistics.
+    own = checkpointing.load_rank_state(resume.load_dir, resume.tag, rank % saved_world)
+    if own is not None:
+        named = dict(engine.module.named_buffers())
+        with torch.no_grad():
+            for name, value in own["buffers"].items():
+                if name in named:
+                    named[name].copy_(value)
+    if saved_world != world_size and state.step_in_epoch:
         state.step_in_epoch = state.step_in_epoch * saved_world // world_size
         resume.notes.append(f"the checkpoint was taken in the middle of epoch {state.next_epoch} at world size "
                             f"{saved_world}: resuming {state.step_in_epoch} micro steps into it; the order of the "

@@ -119,6 +119,24 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     assert f"eval: top1 {results['final_top1']:.2f}%" in again.stdout, tu.explain(again)
 
 
+def test_eval_at_another_world_size_keeps_batchnorm_statistics(tmp_path):
+    """A 2-rank ZeRO-2 AdamW run evaluated at world size 1 (DeepSpeed's universal checkpoint, which
+    restores parameters and optimizer state only): the BatchNorm statistics come from the rank
+    files, so the evaluation is the run's own (it read the initial statistics before)."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero2_ldb.json",
+                          optimizer={"type": "AdamW", "params": {"lr": 0.001, "weight_decay": 0.01}})
+    common = ["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "1", "--max-steps-per-epoch", "3",
+              "--no-progress", "--output", str(tmp_path), "--experiment", "bn"]
+    trained = tu.run_deepspeed(common)
+    assert trained.returncode == 0, tu.explain(trained)
+    with open(tmp_path / "bn" / "summary.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    alone = tu.run([sys.executable, "-m", "ldb_ds.train", *common, "--resume", "--eval"])
+    assert alone.returncode == 0, tu.explain(alone)
+    assert "universal checkpoint" in alone.stdout, tu.explain(alone)
+    assert f"eval: top1 {float(row['eval_top1']):.2f}%" in alone.stdout, (row, tu.explain(alone))
+
+
 def _final_module_state(run_dir, tag):
     state = torch.load(os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt"),
                        map_location="cpu", weights_only=False)
