@@ -54,10 +54,12 @@ def run_report(opts: BenchOptions) -> None:
     """Re-render Markdown, PNG (and TensorBoard) files from every result JSON in the directories."""
     for d in opts.report_dirs or [opts.output.out]:
         for name in sorted(os.listdir(d)):
-            if name.endswith(".json"):
+            path = os.path.join(d, name)
+            if name.endswith(".json") and os.path.isfile(path):
                 try:
-                    res = rep.read_json(os.path.join(d, name))
-                except ValueError:
+                    res = rep.read_json(path)
+                except (ValueError, OSError) as err:  # another JSON file, or an unreadable one: said, skipped
+                    print(f"[bench] skipped {path}: {err}")
                     continue
                 paths = rep.write_all(res, d, name[:-5], tensorboard=not opts.output.no_tensorboard)
                 print(f"[bench] re-rendered {', '.join(paths.values())}")

@@ -68,8 +68,11 @@ def write_json(result: dict[str, Any], path: str) -> str:
 
 
 def read_json(path: str) -> dict[str, Any]:
+    """A benchmark result; ``ValueError`` naming ``path`` for anything else (another JSON, not JSON)."""
     with open(path) as f:
         result = json.load(f)
+    if not isinstance(result, dict):
+        raise ValueError(f"{path} is not a benchmark result (a JSON {type(result).__name__}, not an object)")
     if result.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a benchmark result (schema {result.get('schema')!r}, "
                          f"expected {SCHEMA!r})")

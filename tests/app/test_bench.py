@@ -151,13 +151,20 @@ def test_mode_writes_well_formed_outputs(ws1_results, mode):
             assert full["grad_bytes"] == base["grad_bytes"] > drop["grad_bytes"] > 0
 
 
-def test_report_rerenders_from_json(ws1_results, tmp_path):
+def test_report_rerenders_from_json(ws1_results, tmp_path, capsys):
     import shutil
 
     shutil.copy(os.path.join(ws1_results, "step.json"), tmp_path / "step.json")
+    # Other JSON beside it (a list, not JSON at all, a folder named like one): said and skipped.
+    (tmp_path / "a_list.json").write_text("[1, 2, 3]")
+    (tmp_path / "notes.json").write_text("not json")
+    (tmp_path / "folder.json").mkdir()
     assert dispatch.main(["report", str(tmp_path), "--no-tensorboard"]) == 0
     assert (tmp_path / "step.md").read_text() == open(os.path.join(ws1_results, "step.md")).read()
     assert (tmp_path / "step.png").exists()
+    out = capsys.readouterr().out
+    assert "a_list.json is not a benchmark result (a JSON list, not an object)" in out
+    assert "skipped" in out and "notes.json" in out and "folder.json" not in out
 
 
 def test_scaling_world_sizes_1_and_2_through_deepspeed_launcher(tmp_path):
