@@ -107,6 +107,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
                        is_main=proc.is_main, device=proc.device):
         return end(faults.EXIT_USAGE)  # prepare() printed why
     end.run = run
+    end.evaluation_only = bool(opts.eval)
     ds_config = resolve_ds_config(ds_config_in, opts)
     if "gradient_clipping" not in ds_config:
         # DeepSpeed 0.19.8 clips at 1.0 unless told otherwise; say so instead of hiding it.
@@ -301,10 +302,23 @@ class _RunEnd:
         """The run directory, once prepared (``status.json`` needs it)."""
         self.engine: Any = None
         """The engine, once built (destroyed before the process group)."""
+        self.evaluation_only = False
+        """``--eval``: no training, so nothing is recorded in ``status.json``."""
         self.loaders: list[Any] = []
         """DataLoaders with persistent workers, shut down at the end (the process leaves with
         ``os._exit``, which runs no finalizer: left alone, a worker would outlive its rank for up
         to the DataLoader's 5 s liveness check, holding the launcher's output pipe open)."""
+
+    def _may_record(self) -> bool:
+        """Whether this start's failure goes into ``status.json``, the record of the run's training.
+
+        Not from ``--eval`` (it trains nothing), and not over a ``completed`` run by a start that
+        failed before training (a mistyped ``--resume`` tag): a scheduler reading the file would
+        take a finished run for a broken one. The line printed says what failed either way.
+        """
+        if self.evaluation_only:
+            return False
+        return self.run.read_status() != "completed"
 
     def __call__(self, code: int, line: str = "", *, every_rank: bool = False, record_status: bool = False,
                  status_message: str | None = None, **status_extra: Any) -> int:
@@ -320,7 +334,7 @@ class _RunEnd:
                 log(line)
             else:
                 error(line)
-        if record_status and self.is_main:
+        if record_status and self.is_main and self._may_record():
             with contextlib.suppress(OSError):
                 self.run.write_status("preempted" if preempted else "failed", code,
                                       line if status_message is None else status_message, **status_extra)

@@ -197,6 +197,15 @@ class RunDir:
         with open(self.results_json, "w") as f:
             json.dump(results, f, indent=2)
 
+    def read_status(self) -> str | None:
+        """The ``status`` recorded in ``status.json``, or ``None`` (no file, or not readable as one)."""
+        try:
+            with open(self.status_json) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return data.get("status") if isinstance(data, dict) else None
+
     def write_status(self, status: str, exit_code: int | None = None, message: str = "",
                      **extra: Any) -> None:
         """``status.json``, replaced atomically: ``running``, ``completed``, ``preempted`` or ``failed``.

@@ -260,6 +260,22 @@ def test_resume_and_eval_refuse_a_folder_ldb_train_did_not_create(ws, start):
     assert _hashes(ws) == before and not (mine / ".ldb_ds_run").exists()
 
 
+@pytest.mark.parametrize("start", [["--resume", "epoch9"], ["--resume", "epoch9", "--eval"]], ids=["resume", "eval"])
+def test_a_failed_start_keeps_a_completed_runs_status(ws, start):
+    """A mistyped --resume tag on a finished run: exit 2 naming it; status.json still says completed
+    (a scheduler reading it must not take a finished run for a broken one)."""
+    done = ws / "runs" / "done"
+    (done / "checkpoints").mkdir(parents=True)
+    (done / ".ldb_ds_run").write_text("x")
+    (done / "status.json").write_text(json.dumps({"status": "completed", "exit_code": 0, "message": ""}))
+    before = _hashes(ws)
+    proc = _run_train(ws, "--deepspeed_config", str(ws / "ds.json"), "--experiment", "done", *start)
+    _check(proc.returncode, proc.stderr, 2, "epoch9")
+    assert json.loads((done / "status.json").read_text())["status"] == "completed"
+    status_files = {k: v for k, v in before.items() if k.endswith("status.json")}
+    assert {k: v for k, v in _hashes(ws).items() if k.endswith("status.json")} == status_files
+
+
 def test_overwrite_never_follows_a_link_out_of_output(ws):
     os.symlink(ws / "runs" / "other", ws / "runs" / "link")
     before = _hashes(ws)
