@@ -31,7 +31,7 @@ LDB_STRUCTURE_KEYS = ("enabled", "granularity", "keep_first", "keep_last")
 
 
 def check_compatible(manifest: Mapping[str, Any], current: Mapping[str, Any], *, where: str,
-                     allow_ldb_change: bool = True) -> dict[str, Any]:
+                     allow_ldb_change: bool = True, weights_only: bool = False) -> dict[str, Any]:
     """Compare a tag's run (``manifest["run"]``) with ``current`` (:func:`ldb_ds.checkpointing.describe_run`).
 
     Returns ``{"universal": bool, "notes": [...]}``: ``universal`` when the checkpoint must go
@@ -39,7 +39,10 @@ def check_compatible(manifest: Mapping[str, Any], current: Mapping[str, Any], *,
     :class:`CheckpointError` for what cannot be loaded: another model, another unit structure,
     another ZeRO stage, or another world size with partitioned non-Adam optimizer state.
     ``allow_ldb_change``: schedule keys of the ``layer_drop_back`` section may differ (noted);
-    with ``False`` any difference is an error.
+    with ``False`` any difference is an error. ``weights_only`` (an evaluation): the optimizer
+    state is not wanted, so at ZeRO 1-2, whose module file holds the whole model on every world
+    size, another world size needs no conversion (``"weights_only"`` in the verdict: load with
+    ``load_module_only=True``); ZeRO-3 keeps its weights in the partitions and still converts.
     """
     run = manifest.get("run") or {}
     notes: list[str] = []
@@ -69,6 +72,10 @@ def check_compatible(manifest: Mapping[str, Any], current: Mapping[str, Any], *,
     if old_w != new_w:
         if old_z == 0:
             notes.append(f"world size {old_w} -> {new_w}: a ZeRO-0 checkpoint loads as it is")
+        elif weights_only and old_z in (1, 2):
+            notes.append(f"world size {old_w} -> {new_w}: evaluating, so only the module's weights are loaded "
+                         f"(a ZeRO-{old_z} checkpoint holds them whole)")
+            return {"universal": False, "weights_only": True, "notes": notes}
         else:
             name = str(run.get("optimizer") or "unknown")
             if not any(a in name.lower() for a in ADAM_FAMILY):
@@ -79,7 +86,7 @@ def check_compatible(manifest: Mapping[str, Any], current: Mapping[str, Any], *,
                     f"Resume at world size {old_w}, or save from a ZeRO-0 run")
             universal = True
             notes.append(f"world size {old_w} -> {new_w}: converting to DeepSpeed's universal checkpoint")
-    return {"universal": universal, "notes": notes}
+    return {"universal": universal, "weights_only": False, "notes": notes}
 
 
 def to_universal(save_dir: str, tag: str, *, group: Any = None, timeout_s: float | None = None) -> str:

@@ -171,6 +171,8 @@ class ResumePoint:
     manifest: dict[str, Any]
     universal: bool = False
     notes: list[str] = field(default_factory=list)
+    weights_only: bool = False
+    """``--eval`` at another world size from a ZeRO 1-2 checkpoint: the module's weights only."""
 
     @property
     def where(self) -> str:
@@ -217,8 +219,8 @@ def choose_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, A
         manifest = checkpointing.verify(load_dir, tag, group=group)
     mid_epoch = int(manifest.get("meta", {}).get("step_in_epoch", 0)) > 0
     verdict = checkpoint_fit.check_compatible(manifest, current, where=f"checkpoint {os.path.join(load_dir, tag)}",
-                                             allow_ldb_change=not mid_epoch)
-    return ResumePoint(load_dir, tag, manifest, verdict["universal"], verdict["notes"])
+                                             allow_ldb_change=not mid_epoch, weights_only=bool(opts.eval))
+    return ResumePoint(load_dir, tag, manifest, verdict["universal"], verdict["notes"], verdict["weights_only"])
 
 
 def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group: Any = None,
@@ -237,7 +239,7 @@ def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group:
 
     tag = checkpoint_fit.to_universal(resume.load_dir, resume.tag, group=group, timeout_s=timeout_s) \
         if resume.universal else resume.tag
-    path, client = engine.load_checkpoint(resume.load_dir, tag=tag)
+    path, client = engine.load_checkpoint(resume.load_dir, tag=tag, load_module_only=resume.weights_only)
     if path is None:
         raise ResumeError(f"DeepSpeed could not load {os.path.join(resume.load_dir, tag)}")
     state = TrainState.from_client_state(client)

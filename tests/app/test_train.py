@@ -117,13 +117,18 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     again = tu.run_deepspeed(["-c", str(run_dir / "args.yaml"), "--resume", "--eval"])
     assert again.returncode == 0, tu.explain(again)
     assert f"eval: top1 {results['final_top1']:.2f}%" in again.stdout, tu.explain(again)
+    # The same in one process (docs/training.md's replay command): SGD at ZeRO-2, the weights only.
+    alone = tu.run([sys.executable, "-m", "ldb_ds.train", "-c", str(run_dir / "args.yaml"), "--resume", "--eval"])
+    assert alone.returncode == 0, tu.explain(alone)
+    assert "only the module's weights" in alone.stdout, tu.explain(alone)
+    assert f"eval: top1 {results['final_top1']:.2f}%" in alone.stdout, tu.explain(alone)
 
 
 def test_eval_at_another_world_size_keeps_batchnorm_statistics(tmp_path):
-    """A 2-rank ZeRO-2 AdamW run evaluated at world size 1 (DeepSpeed's universal checkpoint, which
+    """A 2-rank ZeRO-3 AdamW run evaluated at world size 1 (DeepSpeed's universal checkpoint, which
     restores parameters and optimizer state only): the BatchNorm statistics come from the rank
     files, so the evaluation is the run's own (it read the initial statistics before)."""
-    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero2_ldb.json",
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero3_ldb.json",
                           optimizer={"type": "AdamW", "params": {"lr": 0.001, "weight_decay": 0.01}})
     common = ["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "1", "--max-steps-per-epoch", "3",
               "--no-progress", "--output", str(tmp_path), "--experiment", "bn"]

@@ -79,13 +79,20 @@ def _run(world=2, stage=2, optimizer="AdamW", **ldb):
 
 def test_compatibility_rules():
     same = check_compatible({"run": _run()}, _run(), where="ckpt")
-    assert same == {"universal": False, "notes": []}
+    assert same == {"universal": False, "weights_only": False, "notes": []}
     assert check_compatible({"run": _run(world=4)}, _run(), where="ckpt")["universal"]
     zero0 = check_compatible({"run": _run(world=4, stage=0, optimizer="SGD")}, _run(stage=0, optimizer="SGD"),
                              where="ckpt")
     assert not zero0["universal"] and "ZeRO-0 checkpoint loads as it is" in zero0["notes"][0]
     with pytest.raises(CheckpointError, match="optimizer SGD.*Adam-family.*Resume at world size 4"):
         check_compatible({"run": _run(world=4, optimizer="SGD")}, _run(optimizer="SGD"), where="ckpt")
+    # An evaluation wants the weights only: a ZeRO-1/2 module file holds them whole at any world size.
+    evaluated = check_compatible({"run": _run(world=4, optimizer="SGD")}, _run(optimizer="SGD"), where="ckpt",
+                                 weights_only=True)
+    assert evaluated["weights_only"] and not evaluated["universal"] and "weights" in evaluated["notes"][0]
+    with pytest.raises(CheckpointError, match="optimizer SGD"):  # ZeRO-3 keeps its weights in the partitions
+        check_compatible({"run": _run(world=4, stage=3, optimizer="SGD")}, _run(stage=3, optimizer="SGD"),
+                         where="ckpt", weights_only=True)
     with pytest.raises(CheckpointError, match="ZeRO stage 1, this run uses stage 2"):
         check_compatible({"run": _run(stage=1)}, _run(), where="ckpt")
     other = describe_run(nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)), world_size=2, zero_stage=2,
