@@ -149,10 +149,19 @@ class LDBController:
     # -- mode -----------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> Mode:
-        """Enter the mode of ``epoch``; all units trainable until the first window opens."""
-        if self.window_open:
-            raise RuntimeError("set_epoch() called in the middle of a gradient-accumulation window; "
-                               "call it before the first forward of the epoch")
+        """Enter the mode of ``epoch``; all units trainable until the first window opens.
+
+        With LDB on, refused inside an accumulation window: a mask covers whole windows, so an
+        epoch ends at a window boundary (the loader ``ldb_ds.initialize`` returns yields whole
+        windows only). With LDB off a window may run on into the next epoch, as in DeepSpeed.
+        """
+        if self.window_open and self.cfg.enabled:
+            raise RuntimeError("set_epoch() called in the middle of a gradient-accumulation window: the epoch's "
+                               "micro batches were not a multiple of gradient_accumulation_steps (or a forward "
+                               "came before set_epoch). A DROP mask covers whole windows, so each epoch must end "
+                               "at a window boundary: train floor(batches / gradient_accumulation_steps) * "
+                               "gradient_accumulation_steps micro batches per epoch (the loader "
+                               "ldb_ds.initialize returns does), and call set_epoch before the epoch's first forward")
         self.epoch = int(epoch)
         self.mode = epoch_mode(self.epoch, self.cfg)
         self.epoch_mask = None
@@ -242,7 +251,12 @@ class LDBController:
 
     def _set_dropped(self, dropped: Sequence[bool]) -> None:
         self.dropped = list(dropped)
-        apply_mask(self.units, self.dropped)
+        # With LDB off the flags are the user's (plain DeepSpeed behind the same API): a layer
+        # frozen after initialize must stay frozen through set_epoch, checkpoints and eval().
+        # With LDB on, ldb_ds owns its units' requires_grad (a parameter the user froze before
+        # initialize is in no unit).
+        if self.cfg.enabled:
+            apply_mask(self.units, self.dropped)
 
     # -- whole-model states ---------------------------------------------------
 

@@ -106,12 +106,16 @@ class LDBEngine:
         return result
 
     def step(self, **kwargs: Any) -> Any:
-        """DeepSpeed's ``step()`` with LDB's step protocol; needs an ``engine.backward(loss)`` since the last one.
+        """DeepSpeed's ``step()`` with LDB's step protocol; needs a backward since the last one.
 
-        Without it DeepSpeed fails inside its optimizer wrappers (an ``IndexError`` at ZeRO-0, a
-        ``KeyError`` at ZeRO 1-3, LDB on or off), so it is refused here with what to do.
+        Without one DeepSpeed fails inside its optimizer wrappers (an ``IndexError`` at ZeRO-0, a
+        ``KeyError`` at ZeRO 1-3, LDB on or off), so it is refused here with what to do. The
+        backward is ``engine.backward(loss)``, or at ZeRO 1-3 DeepSpeed 0.19.8's torch-style
+        ``loss.backward()`` (its hooks run DeepSpeed's backward; ZeRO-0 refuses it itself): that is
+        assumed when a training forward went through the engine since the last step.
         """
-        if not self._backward_since_step:
+        torch_style = self.controller.window_open and zero_hooks.zero_stage(self.ds_engine) > 0
+        if not self._backward_since_step and not torch_style:
             raise RuntimeError("ldb_ds: engine.step() was called with no engine.backward(loss) since the last "
                                "step(); call engine.backward(loss) first (each micro step: loss = "
                                "criterion(engine(x), y); engine.backward(loss); engine.step()).")
@@ -204,6 +208,9 @@ class LDBEngine:
         loader = self.training_dataloader
         if loader is not None and isinstance(loader.batch_sampler, ScalableBatchSampler):
             loader.batch_sampler.factor = factor if c.cfg.batch_scaling == "micro_batch" else 1
+            # Whole accumulation windows per epoch with LDB on (a mask covers a window; set_epoch
+            # refuses to start an epoch inside one); with LDB off every batch, as DeepSpeed's.
+            loader.batch_sampler.window = self.ds_engine.gradient_accumulation_steps() if c.cfg.enabled else 1
             loader.batch_sampler.sampler.set_epoch(c.epoch)
         # A loader of the user's own cannot follow the DROP batch: check the first batch.
         self._batch_checked = not (c.cfg.enabled and mode is Mode.DROP and c.cfg.batch_scaling == "micro_batch"

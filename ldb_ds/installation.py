@@ -34,6 +34,7 @@ from deepspeed.accelerator import get_accelerator
 from . import zero_hooks
 from .config import LDBConfig
 from .controller import LDBController, mask_group
+from .schedule import Mode
 from .units import Unit, param_numel
 
 
@@ -85,6 +86,16 @@ class Installation:
         if not ds_engine.is_gradient_accumulation_boundary() and ds_engine.managed_gradient_accumulation():
             return step_fn(**kwargs)
         if c.cfg.enabled:
+            if c.mode is Mode.DROP and not c.window_open:
+                # The window opens (mask drawn, broadcast, applied) at the engine's training forward;
+                # a DROP step without one trained every unit, and would apply the DROP learning rate
+                # and batch as if units had been dropped.
+                raise RuntimeError(
+                    "ldb_ds: a DROP-epoch step whose forward drew no mask: the forward did not go through "
+                    "the engine in training mode (engine.module(x) or the model called directly, or the "
+                    "module in eval mode), so no unit was dropped. Call engine(x) after engine.train(); "
+                    "for frozen BatchNorm or dropout-free training, set those submodules' eval() yourself "
+                    "and keep the engine in training mode")
             c.refresh_group_dicts(zero_hooks.basic_optimizer(ds_engine).param_groups)
             step = c.begin_step()
             try:

@@ -40,6 +40,10 @@ class ScalableBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.factor = 1
         self.start_batch = 0
+        self.window = 1
+        """Micro batches per accumulation window (set by ``engine.set_epoch`` with LDB on): an epoch
+        yields whole windows only, since a DROP mask covers a whole window and the epoch's mode ends
+        with it; the last ``len % window`` batches of an epoch are left out (fewer than a window)."""
 
     @property
     def batch_size(self) -> int:
@@ -48,19 +52,24 @@ class ScalableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         # Read and reset here, in the process that iterates the batch sampler (the DataLoader's
         # main process, also with workers): a resume skips once, the next epoch starts at 0.
-        skip, self.start_batch = self.start_batch * self.batch_size, 0
+        start, self.start_batch = self.start_batch, 0
+        left = len(self) - start  # whole windows only (len() counts them)
         batch: list[int] = []
-        for index in itertools.islice(iter(self.sampler), skip, None):
+        for index in itertools.islice(iter(self.sampler), start * self.batch_size, None):
+            if left <= 0:
+                return
             batch.append(index)
             if len(batch) == self.batch_size:
                 yield batch
                 batch = []
-        if batch and not self.drop_last:
+                left -= 1
+        if batch and not self.drop_last and left > 0:
             yield batch
 
     def __len__(self) -> int:
         n = len(self.sampler)  # type: ignore[arg-type]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches - batches % self.window
 
 
 def build_dataloader(dataset: Dataset, *, dp_rank: int, dp_world_size: int, micro_batch_size: int,

@@ -116,11 +116,18 @@ def build_units(model: nn.Module, granularity: str, trainable: Iterable[nn.Param
     return [Unit(name, tuple(names), tuple(by_name[n] for n in names)) for name, names in groups]
 
 
+_PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.")
+
+
 def _group_by_owning_module(model: nn.Module, names: Sequence[str]) -> list[tuple[str, list[str]]]:
-    # "model.layer1.0.conv1.weight" is owned by module "layer1.0.conv1".
+    # "model.layer1.0.conv1.weight" is owned by module "layer1.0.conv1". A parametrized tensor
+    # (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal) lives in a submodule,
+    # "layer.parametrizations.weight.original0", but is the layer's weight: the layer owns it, so
+    # a weight-normed Linear is one unit with its bias, as a plain one is.
     order: dict[str, list[str]] = {}
     for n in names:
-        owner = n.rpartition(".")[0]
+        parametrized = _PARAMETRIZED.match(n)
+        owner = (parametrized.group(1) or "") if parametrized else n.rpartition(".")[0]
         order.setdefault(owner, []).append(n)
     return [(owner or "<root>", members) for owner, members in order.items()]
 

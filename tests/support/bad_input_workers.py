@@ -178,6 +178,66 @@ def _callable_scheduler() -> Any:
     return engine.get_lr(), scheduler.optimizer is engine.ds_engine.basic_optimizer
 
 
+def _module_called_directly() -> Any:
+    """A DROP step whose forward bypassed the engine (``engine.module(x)``): no mask was drawn."""
+    engine = _engine(2)
+    engine.set_epoch(1)
+    x = torch.randn(MICRO_BATCH * engine.ldb.batch_factor, IN_DIM)
+    engine.backward(engine.module(x).pow(2).mean())
+    return engine.step()
+
+
+def _torch_style_backward() -> Any:
+    """DeepSpeed 0.19.8's ``loss.backward(); engine.step()`` at ZeRO-2, in a DROP epoch."""
+    engine = _engine(2, {**ON, "drop_rate": 0.99})  # the middle unit is dropped
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    engine.set_epoch(1)
+    x = torch.randn(MICRO_BATCH * engine.ldb.batch_factor, IN_DIM)
+    engine(x).pow(2).mean().backward()
+    engine.step()
+    dropped = {n for i in engine.ldb.dropped_units for n in engine.ldb.units[i].param_names}
+    moved = {n for n, p in engine.module.named_parameters() if not torch.equal(p, before[n])}
+    return engine.ds_engine.global_steps, bool(dropped), moved.isdisjoint(dropped), bool(moved)
+
+
+def _user_freeze_with_ldb_off() -> Any:
+    """LDB off: a layer frozen after initialize stays frozen (and unchanged) through set_epoch,
+    steps and a checkpoint, as in plain DeepSpeed."""
+    engine = _engine(1, {"enabled": False})
+    frozen = engine.module[2]
+    frozen.requires_grad_(False)
+    before = frozen.weight.detach().clone()
+    with tempfile.TemporaryDirectory(prefix="ldb_freeze_") as directory:
+        for epoch in range(2):
+            engine.set_epoch(epoch)
+            train_step(engine)
+            engine.save_checkpoint(directory, tag=f"e{epoch}")
+    return frozen.weight.requires_grad, torch.equal(frozen.weight, before)
+
+
+def _partial_window_with_ldb_off() -> Any:
+    """LDB off, 2 micro steps per window, an epoch of 3: the next set_epoch goes on (DeepSpeed
+    carries the window over); with LDB on the same is refused, naming the fix."""
+    out = []
+    for ldb in ({"enabled": False}, ON):
+        config = ds_config(0, ldb)
+        config["gradient_accumulation_steps"] = 2
+        import ldb_ds
+
+        engine, *_ = ldb_ds.initialize(model=make_model(), config=config)
+        engine.set_epoch(0)
+        for _ in range(3):
+            x = torch.randn(MICRO_BATCH, IN_DIM)
+            engine.backward(engine(x).pow(2).mean())
+            engine.step()
+        try:
+            engine.set_epoch(1)
+            out.append("went on")
+        except RuntimeError as err:
+            out.append(str(err))
+    return out
+
+
 ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "step_before_backward_ldb_on_zero2": _step_before_backward(2, ON),
     "step_before_backward_ldb_off_zero0": _step_before_backward(0, {"enabled": False}),
@@ -193,6 +253,10 @@ ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "full_load_of_param_granularity_checkpoint": _full_load_of({**ON, "granularity": "param"}),
     "adamw_object_rebuilt_per_unit": _adamw_object,
     "callable_scheduler_drives_the_engines_optimizer": _callable_scheduler,
+    "module_called_directly_in_a_drop_epoch": _module_called_directly,
+    "torch_style_backward_at_zero2": _torch_style_backward,
+    "user_freeze_kept_with_ldb_off": _user_freeze_with_ldb_off,
+    "partial_window_at_epoch_end": _partial_window_with_ldb_off,
 }
 
 

@@ -165,6 +165,16 @@ ENGINE_MISUSE = {
     # Not misuse: what the refusals above point to works.
     "adamw_object_rebuilt_per_unit": ("ok", ["('AdamW', 3, [0.01, 0.01, 0.01], [0.05, 0.05, 0.05], True, True)"], []),
     "callable_scheduler_drives_the_engines_optimizer": ("ok", ["[0.025, 0.025, 0.025]", "True"], []),
+    # A DROP step must have dropped: a forward that bypassed the engine drew no mask.
+    "module_called_directly_in_a_drop_epoch": ("RuntimeError", ["DROP-epoch step whose forward drew no mask",
+                                                               "engine.module(x)", "engine.train()"], []),
+    # DeepSpeed's torch-style backward at ZeRO 1-3 is a backward: the step runs, dropped units stay.
+    "torch_style_backward_at_zero2": ("ok", ["(1, True, True, True)"], []),
+    # LDB off: the requires_grad flags are the user's, as in plain DeepSpeed.
+    "user_freeze_kept_with_ldb_off": ("ok", ["(False, True)"], []),
+    # LDB off: a window runs on into the next epoch (DeepSpeed's way); LDB on: refused, with the fix.
+    "partial_window_at_epoch_end": ("ok", ["'went on'", "not a multiple of gradient_accumulation_steps",
+                                           "the loader ldb_ds.initialize returns does"], []),
 }
 
 

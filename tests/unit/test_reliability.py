@@ -41,6 +41,21 @@ def test_sampler_start_batch_resumes_exactly_and_once(factor):
     assert len(s) == len(whole)
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_yields_whole_accumulation_windows(drop_last):
+    """With a window of 3 micro batches an epoch of 13 (or 14, the last one short) yields 12: the
+    epoch ends at a window boundary; a resumed epoch skips inside it and stops at the same place."""
+    base = DistributedSampler(range(110), num_replicas=2, rank=0, shuffle=True, seed=5)  # 55 samples
+    s = ScalableBatchSampler(base, 4, drop_last=drop_last)
+    everything = list(s)
+    s.window = 3
+    whole = list(s)
+    assert len(everything) == (13 if drop_last else 14) and len(whole) == len(s) == 12
+    assert whole == everything[:12]
+    s.start_batch = 5
+    assert list(s) == whole[5:]
+
+
 def _controller(**ldb):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])

@@ -66,6 +66,23 @@ def test_vit_module_units_start_with_tokens(models):
     assert units[-1].name == "head"
 
 
+def test_parametrized_layers_are_one_module_unit():
+    """weight_norm / spectral_norm keep a layer's weight in a ``parametrizations`` submodule: the
+    layer still owns it, so weight and bias are one unit and keep_last keeps the whole last layer."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(parametrizations.weight_norm(torch.nn.Linear(4, 4)), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 4), parametrizations.spectral_norm(torch.nn.Linear(4, 2)))
+    units = build_units(model, "module")
+    assert [u.name for u in units] == ["0", "2", "3"]
+    assert sorted(units[0].param_names) == ["0.bias", "0.parametrizations.weight.original0",
+                                            "0.parametrizations.weight.original1"]
+    assert sorted(units[2].param_names) == ["3.bias", "3.parametrizations.weight.original"]
+    root = parametrizations.weight_norm(torch.nn.Linear(3, 3))  # the model itself parametrized
+    assert [u.name for u in build_units(root, "module")] == ["<root>"]
+
+
 def test_block_needs_group_matcher():
     with pytest.raises(LDBConfigError, match="group_matcher"):
         build_units(torchvision.models.resnet18(num_classes=10), "block")
