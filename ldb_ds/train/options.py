@@ -177,7 +177,9 @@ class TrainOptions:
         None, "auto: resume from the newest valid checkpoint of this run, or start afresh if there is "
         "none (the same command can be requeued forever); a tag of this run (epoch3, step120); a tag "
         "directory; or a checkpoint directory. A tag that fails its manifest is an error naming the "
-        "file; auto falls back to the previous valid tag", scope="invocation", nargs="?",
+        "file; auto falls back to the previous valid tag. An existing run directory must be "
+        "ldb-train's (it holds the .ldb_ds_run marker): a folder a person made is refused, with --eval "
+        "too, since its files would be overwritten", scope="invocation", nargs="?",
         const="auto", metavar="auto|TAG|DIR")
     stop_after_epoch: Optional[int] = _out(
         None, "end the run after this epoch, as if interrupted (the schedule still spans "
