@@ -75,6 +75,8 @@ class LDBEngine:
         self._batch_checked = True   # set False by set_epoch in DROP epochs with micro_batch scaling
         self._batch_warned = False
         self._backward_since_step = False  # step() without backward() fails deep inside DeepSpeed
+        # DeepSpeed runs a torch-style loss.backward() through its hooks at ZeRO 1-3 (ZeRO-0 refuses it).
+        self._torch_style_backward = zero_hooks.zero_stage(ds_engine) > 0
         self._resumed_epoch: int | None = None  # the epoch a checkpoint restored, until the next set_epoch
 
     # -- pass-through ---------------------------------------------------------
@@ -114,8 +116,7 @@ class LDBEngine:
         ``loss.backward()`` (its hooks run DeepSpeed's backward; ZeRO-0 refuses it itself): that is
         assumed when a training forward went through the engine since the last step.
         """
-        torch_style = self.controller.window_open and zero_hooks.zero_stage(self.ds_engine) > 0
-        if not self._backward_since_step and not torch_style:
+        if not self._backward_since_step and not (self._torch_style_backward and self.controller.window_open):
             raise RuntimeError("ldb_ds: engine.step() was called with no engine.backward(loss) since the last "
                                "step(); call engine.backward(loss) first (each micro step: loss = "
                                "criterion(engine(x), y); engine.backward(loss); engine.step()).")

@@ -19,7 +19,6 @@ from :mod:`ldb_ds.workloads`. See docs/training.md.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -318,7 +317,7 @@ class _RunEnd:
         """
         if self.evaluation_only:
             return False
-        return self.run.read_status() != "completed"
+        return self.run.read_status().get("status") != "completed"
 
     def __call__(self, code: int, line: str = "", *, every_rank: bool = False, record_status: bool = False,
                  status_message: str | None = None, **status_extra: Any) -> int:
@@ -389,9 +388,8 @@ def _peer_failure(run: Any, since: float, wait_s: float = 3.0) -> int | None:
     """
     deadline = time.monotonic() + wait_s
     while True:
-        with contextlib.suppress(OSError, ValueError):
-            with open(run.status_json) as f:
-                status = json.load(f)
+        status = run.read_status()
+        with contextlib.suppress(TypeError, ValueError):
             if status.get("status") == "failed" and status.get("exit_code") and \
                     float(status.get("time", since)) >= since:
                 return int(status["exit_code"])

@@ -197,14 +197,15 @@ class RunDir:
         with open(self.results_json, "w") as f:
             json.dump(results, f, indent=2)
 
-    def read_status(self) -> str | None:
-        """The ``status`` recorded in ``status.json``, or ``None`` (no file, or not readable as one)."""
+    def read_status(self) -> dict[str, Any]:
+        """The record in ``status.json`` (``status``, ``exit_code``, ``time``, ...); ``{}`` when there is
+        none or it cannot be read as one (a rank may be replacing it right now)."""
         try:
             with open(self.status_json) as f:
                 data = json.load(f)
         except (OSError, ValueError):
-            return None
-        return data.get("status") if isinstance(data, dict) else None
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def write_status(self, status: str, exit_code: int | None = None, message: str = "",
                      **extra: Any) -> None:
