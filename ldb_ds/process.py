@@ -132,18 +132,22 @@ def release_shm_segment() -> bool:
     afternoon. Each rank opens and maps every other rank's segment inside
     ``init_distributed`` (``shm_initialize`` waits for all of them), and a mapping outlives
     the name, so after a barrier the names can go: nothing opens them again. Returns
-    whether a segment was released.
+    whether a segment was released. A collective: every rank calls it (calling it again is
+    harmless, one more barrier).
     """
     import deepspeed.comm as dist
 
-    path = shm_segment_path()
-    if not os.path.exists(path):  # GPU accelerator, ranks on several hosts, or no shm op
+    # Whether to take the barrier is decided by what every rank shares: the backend built the
+    # shm op from the same DeepSpeed install. Never by this rank's own file being there: a rank
+    # that skipped the barrier on a local fact (a segment already gone) would leave its peers in
+    # the barrier while it entered the next collective: a hang, seen once in CI.
+    if getattr(dist.comm.cdb, "shm_comm_op", None) is None:  # GPU accelerator, or no shm op built
         return False
     if dist.get_world_size() > 1:
         dist.barrier()  # every rank has mapped every segment: the names are no longer needed
     try:
-        os.unlink(path)
-    except FileNotFoundError:
+        os.unlink(shm_segment_path())
+    except FileNotFoundError:  # released before, or ranks on several hosts
         return False
     return True
 
