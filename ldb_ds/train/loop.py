@@ -328,7 +328,7 @@ def fit(ctx: TrainContext) -> float:
         log(f"epoch {epoch} [{mode.value}] loss {ep['train_loss']:.4f} | "
             + (f"eval top1 {res['top1']:.2f}% loss {res['loss']:.4f} | " if res else "")
             + f"{ep['epoch_s']:.1f} s, {ep['samples_per_sec']:.1f} samples/s, {ep['steps']} "
-              f"steps, kept params {ctx.monitor.last.get('kept_param_fraction', 1.0):.3f}")
+              f"steps, kept params {ep['kept_param_fraction']:.3f}")
         if ctx.rank == 0:  # before the checkpoint: a resume trims rows it trains again
             ctx.run.append_summary(
                 epoch, {"loss": ep["train_loss"], "epoch_s": ep["epoch_s"],

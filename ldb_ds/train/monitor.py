@@ -68,6 +68,7 @@ class _Epoch:
     loss_sum: torch.Tensor | None = None
     grad_bytes: int = 0
     grad_bytes_saved: int = 0
+    kept_param_sum: float = 0.0  # the steps' kept parameter fractions, summed
 
 
 class TrainMonitor:
@@ -153,7 +154,9 @@ class TrainMonitor:
                               samples_global=int(partial["samples_global"]), train_s=float(partial["train_s"]),
                               loss_sum=None if loss is None else loss.to(self.accel.current_device_name()),
                               grad_bytes=int(partial["grad_bytes"]),
-                              grad_bytes_saved=int(partial["grad_bytes_saved"]))
+                              grad_bytes_saved=int(partial["grad_bytes_saved"]),
+                              # absent from checkpoints written before the field: count those steps as kept
+                              kept_param_sum=float(partial.get("kept_param_sum", partial["steps"])))
         self._win = _Window()
         self._last_end = self._now()
         self._step_start = None
@@ -166,7 +169,8 @@ class TrainMonitor:
         return {"steps": ep.steps, "samples_global": ep.samples_global, "train_s": ep.train_s,
                 "elapsed_s": time.perf_counter() - ep.start,
                 "loss_sum": None if ep.loss_sum is None else ep.loss_sum.detach().cpu().clone(),
-                "grad_bytes": ep.grad_bytes, "grad_bytes_saved": ep.grad_bytes_saved}
+                "grad_bytes": ep.grad_bytes, "grad_bytes_saved": ep.grad_bytes_saved,
+                "kept_param_sum": ep.kept_param_sum}
 
     # -- per step -----------------------------------------------------------------------------
 
@@ -206,6 +210,7 @@ class TrainMonitor:
         ep.train_s += step_s
         ep.grad_bytes += ldb["grad_bytes"]
         ep.grad_bytes_saved += ldb["grad_bytes_saved"]
+        ep.kept_param_sum += ldb["kept_param_fraction"]
         ep.loss_sum = detached if ep.loss_sum is None else ep.loss_sum + detached
 
         if self.mask_log is not None:
@@ -270,6 +275,8 @@ class TrainMonitor:
             "samples_per_sec": ep.samples_global / ep.train_s if ep.train_s > 0 else 0.0,
             "mode": ldb["mode"],
             "grad_bytes": ep.grad_bytes, "grad_bytes_saved": ep.grad_bytes_saved,
+            # The epoch's own mean (a resumed epoch included), not the last log window's.
+            "kept_param_fraction": ep.kept_param_sum / ep.steps if ep.steps else ldb["kept_param_fraction"],
         }
         events = [
             ("Time/epoch_s", epoch_s, x),

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -102,6 +103,10 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     assert all(kept[x] < 1.0 for x in drop)
     assert sum(kept[x] for x in drop) / len(drop) < 0.95
     assert all(saved[x] > 0 for x in drop)
+    # The epoch line reports the epoch's own mean kept fraction (not the last log window's).
+    lines = {int(m[1]): float(m[2]) for m in re.finditer(r"epoch (\d) \[\w+\] .* kept params ([\d.]+)", proc.stdout)}
+    assert lines[0] == lines[1] == 1.0, tu.explain(proc)
+    assert lines[2] == pytest.approx(sum(kept[x] for x in drop) / len(drop), abs=6e-4), tu.explain(proc)
     # DROP epochs double the micro batch (batch_kappa=2; the last batch of an epoch may be
     # smaller) and the LR factor is kappa=2.
     assert max(micro[x] for x in full) == 32.0 and max(micro[x] for x in drop) == 64.0
