@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -278,7 +279,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         run.write_status("completed", faults.EXIT_OK, "", checkpoint=state.last_tag)
         log(f"done: {run_s:.1f} s in this process; final top1 "
             f"{final.get('eval_top1', float('nan')):.2f}%; weights SHA-256 {digest['params'][:16]}... "
-            f"TensorBoard: tensorboard --logdir {opts.output}")
+            f"TensorBoard: tensorboard --logdir {shlex.quote(str(opts.output))}")  # pasteable as is
     return end(faults.EXIT_OK)
 
 

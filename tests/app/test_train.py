@@ -49,10 +49,11 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero2_ldb.json",
                           train={"model": MODEL, "epochs": 7, "log_every": 1,
                                  "no_progress": True})
-    out = tmp_path / "runs"
+    out = tmp_path / "my runs"  # a space: the launcher passes it through, the closing hint quotes it
     proc = tu.run_deepspeed(["--deepspeed_config", cfg, "--epochs", "3", "--output", str(out),
                              "--experiment", "e2e"], timeout=400)
     assert proc.returncode == 0, tu.explain(proc)
+    assert f"tensorboard --logdir '{out}'" in proc.stdout, tu.explain(proc)
     run_dir = out / "e2e"
 
     results = json.loads((run_dir / "results.json").read_text())
