@@ -30,7 +30,7 @@ from . import report as rep
 from .alphabeta import GATHERS, REDUCTIONS
 from .comm_count import ONE_LAUNCH, CollectiveCounter, ReductionCounter
 from ..schedule import first_drop_epoch
-from .harness import BenchContext, barrier, ds_config, make_model, result
+from .harness import BenchContext, barrier, drop_steps_at_the_full_batch, ds_config, make_model, result
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -212,7 +212,8 @@ def run_counts(ctx: BenchContext) -> dict[str, Any]:
     c = ctx.opts.counts
     models = list(c.count_models) or [ctx.opts.run.model]
     stages = list(c.count_stages)
-    tables = [count_model(ctx, m, s) for m in models for s in stages]
+    with drop_steps_at_the_full_batch():  # DROP steps counted at the FULL step's batch
+        tables = [count_model(ctx, m, s) for m in models for s in stages]
     seen = sorted({k for t in tables for row in t["rows"].values() for k in row["collectives"]})
     notes = ["Coalesced and list-form collectives count as ONE call each: "
              + "; ".join(f"{k}: {v}" for k, v in ONE_LAUNCH.items())

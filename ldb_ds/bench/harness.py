@@ -6,6 +6,7 @@ threads, process group, device), exactly as the training app and the tests do.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
@@ -14,8 +15,9 @@ import shlex
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..process import Process, init_process, synchronize
 from . import report as rep
@@ -88,6 +90,18 @@ def timed_step(forward_loss: Callable[[], Any], backward: Callable[[Any], Any],
 
 
 # --------------------------------------------------------------------------- configs and models
+
+
+@contextlib.contextmanager
+def drop_steps_at_the_full_batch() -> Iterator[None]:
+    """Silence the engine's warning that a DROP epoch got the FULL epoch's micro batch.
+
+    For the measurements that do so on purpose (a DROP step against a FULL one at the same batch:
+    ``step``, ``counts``); ``epochs`` trains DROP epochs at their own batch and keeps the warning.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"ldb_ds: DROP epoch \d+ with batch_scaling", category=UserWarning)
+        yield
 
 
 def ldb_section(opts: BenchOptions, enabled: bool, **override: Any) -> dict[str, Any]:
@@ -232,5 +246,5 @@ def result(ctx: BenchContext, mode: str, results: dict[str, Any], engine: Any = 
     return {"schema": rep.SCHEMA, "mode": mode, "conditions": cond, "results": results, "notes": all_notes}
 
 
-__all__ = ["SHARED_NOTE", "BenchContext", "setup", "barrier", "timed_step", "ldb_section", "ds_config",
-           "make_model", "make_engine", "close_engine", "conditions", "result", "cpu_model", "command_line"]
+__all__ = ["SHARED_NOTE", "BenchContext", "setup", "barrier", "timed_step", "drop_steps_at_the_full_batch",
+           "ldb_section", "ds_config", "make_model", "make_engine", "close_engine", "conditions", "result", "cpu_model", "command_line"]

@@ -17,7 +17,8 @@ from typing import Any
 from ..process import input_dtype
 from . import report as rep
 from .costs import profile_table, weight_grad_costs
-from .harness import BenchContext, barrier, make_engine, make_model, result, timed_step
+from .harness import (BenchContext, barrier, drop_steps_at_the_full_batch, make_engine, make_model, result,
+                      timed_step)
 
 VARIANTS = ("baseline", "ldb_full", "ldb_drop", "oracle_drop", "oracle_full", "ldb_drop_kb")
 LDB_VARIANTS = ("ldb_full", "ldb_drop", "ldb_drop_kb")
@@ -253,6 +254,10 @@ class StepBenchmark:
         return out
 
     def run(self) -> dict[str, Any]:
+        with drop_steps_at_the_full_batch():  # what a DROP step saves at the same batch
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         ctx, o = self.ctx, self.ctx.opts.step
         self.run_rounds()
         variants = self.variant_stats()
