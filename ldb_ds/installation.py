@@ -34,6 +34,7 @@ from deepspeed.accelerator import get_accelerator
 from . import zero_hooks
 from .config import LDBConfig
 from .controller import LDBController, mask_group
+from .process import release_shm_segment
 from .schedule import Mode
 from .units import Unit, param_numel
 
@@ -138,6 +139,11 @@ def install(ds_engine: Any, cfg: LDBConfig, units: Sequence[Unit], unit_of_group
                                device=get_accelerator().current_device_name())
     patches = zero_hooks.PatchSet()
     installation = Installation(ds_engine, controller, patches)
+    # DeepSpeed's communication backend exists by now, and on the CPU accelerator it would leave a
+    # 69 MB /dev/shm segment per rank behind until reboot (see the function). Released here, at
+    # set-up, so that every entry point (initialize, attach, a user's own script) does it, LDB on
+    # or off. A collective: every rank installs, as every rank ran deepspeed.initialize.
+    release_shm_segment()
     if not cfg.enabled:
         if zero_hooks.fp16_unscaled_at_zero0(ds_engine):
             warnings.warn("ldb_ds: fp16 at ZeRO stage 0 with DeepSpeed 0.19.8 never scales the loss but divides the "

@@ -70,7 +70,6 @@ from deepspeed.accelerator import get_accelerator
 from ...attach import Attachment
 from ...config import LDBConfig
 from ...controller import LDBState
-from ...process import release_shm_segment
 from ...schedule import first_drop_epoch
 from .logs import LogWindow
 from .plan import LDBPlan, check_supported, plan_param_groups, split_optimizer_in_place
@@ -226,10 +225,7 @@ class LDBTrainer(Trainer):
             raise RuntimeError("LDBTrainer did not see the Trainer create the optimizer (create_optimizer), so "
                                "DeepSpeed's param groups are not one per LDB unit; this transformers version "
                                f"differs from the ones LDBTrainer was checked on ({_verified_range()})")
-        self.ldb_attachment = self.ldb_plan.attach(engine)
-        # DeepSpeed's communication backend exists from here on (the Trainer's deepspeed.initialize);
-        # on the CPU accelerator it would leave its /dev/shm segment behind (see the function).
-        release_shm_segment()
+        self.ldb_attachment = self.ldb_plan.attach(engine)  # also releases DeepSpeed's /dev/shm segment
         self._ldb_window = LogWindow()
         self._ldb_resumed = False
         if self._ldb_resume_dir is not None:
