@@ -100,9 +100,12 @@ def to_universal(save_dir: str, tag: str, *, group: Any = None, timeout_s: float
     out_dir = os.path.join(save_dir, out_tag)
     error = ""
     if group_rank(group) == 0:
+        # Rank 0 alone runs this, so nothing it meets may skip the gather below, where the others
+        # wait: an earlier conversion that cannot be read (CheckpointError, or an OSError reading
+        # its files) is converted again, and a failed conversion is the outcome every rank raises.
         try:
             verify_local(save_dir, out_tag)
-        except CheckpointError:
+        except (CheckpointError, OSError):
             try:
                 error = _convert(save_dir, tag, out_tag, timeout_s)
             except Exception as err:  # noqa: BLE001 - the other ranks wait in the gather below

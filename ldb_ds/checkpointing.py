@@ -196,7 +196,8 @@ def save(engine: Any, save_dir: str, tag: str, *, client_state: dict | None = No
                     _remove_manifest(tag_dir)
                     shutil.rmtree(tag_dir)
                 os.makedirs(save_dir, exist_ok=True)
-        except OSError as err:  # the other ranks wait in the gather below: they raise it too
+        except Exception as err:  # noqa: BLE001 - the other ranks wait in the gather below: they raise it too
+            # Any failure, not only OSError: rank 0 alone runs this, and must reach the gather.
             problem = f"cannot prepare the checkpoint folder {tag_dir}: {err}"
     problem = all_gather_objects(problem, group)[0]  # rank 0's verdict, on every rank: also the barrier
     if problem:
@@ -253,8 +254,18 @@ def read_manifest(save_dir: str, tag: str) -> dict[str, Any]:
     try:
         with open(path) as f:
             manifest = json.load(f)
+        # Parseable but malformed (JSON that is no object, an entry without size or SHA-256) is
+        # refused here as unreadable: the callers catch CheckpointError, and a KeyError or
+        # AttributeError would leave the one rank that reads it (rank 0 in save and to_universal,
+        # one rank's share in verify) out of the gather its peers wait in.
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
             raise ValueError(f"unknown manifest format {manifest.get('format')!r}")
+        bad = [n for n, e in manifest["files"].items()
+               if not (isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str))]
+        if bad:
+            raise ValueError(f"the entry of {bad[0]} has no integer size and SHA-256")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint manifest {path} is unreadable: {err}") from None
     return manifest
@@ -293,6 +304,13 @@ def verify(save_dir: str, tag: str, *, group: Any = None) -> dict[str, Any]:
         mine = check_files(save_dir, tag, manifest, group_rank(group), _world(group))
     except CheckpointError as err:
         mine = [str(err)]
+        manifest = None
+    except Exception as err:  # noqa: BLE001 - this rank's share only (an EIO, EACCES): said, gathered
+        # Each rank reads its own share of the files, so what fails here fails on this rank alone;
+        # leaving now would strand the others in the gather. It becomes this rank's problem line,
+        # and the gathered list is the verdict every rank raises alike.
+        mine = [f"checkpoint {os.path.join(save_dir, tag)} could not be checked on rank {group_rank(group)}: "
+                f"{type(err).__name__}: {err}"]
         manifest = None
     problems = sorted({p for part in all_gather_objects(mine, group) for p in part})  # a missing manifest: once
     if problems:
