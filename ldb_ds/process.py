@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -201,6 +202,22 @@ def teardown(*engines: Any) -> None:
     sys.stdout.flush()
 
 
+RANK0_GRACE_S = 5.0
+"""How long a rank other than 0 waits before it leaves on an error that only rank 0 prints.
+
+The command-line applications print an error every rank finds alike (a bad option, an unknown
+model) once, from rank 0. Launchers end the whole job at the first rank's exit (DeepSpeed's
+``launch.py`` kills the other ranks at its next poll; torchrun, ``srun --kill-on-bad-exit``
+alike), so a rank 1 that got there first could take rank 0 down before its line was printed
+(seen in 1 of 4 runs on a busy machine). The wait costs nothing where a launcher is there:
+rank 0's exit ends it."""
+
+
+def wait_for_rank0_to_speak() -> None:
+    """On a rank other than 0, about to leave on an error rank 0 prints: see :data:`RANK0_GRACE_S`."""
+    time.sleep(RANK0_GRACE_S)
+
+
 def exit_process(code: int) -> NoReturn:
     """End a finished command-line run now, without the interpreter's own teardown.
 
@@ -230,5 +247,5 @@ def exit_process(code: int) -> NoReturn:
 
 
 __all__ = ["DEFAULT_DIST_TIMEOUT_S", "Process", "free_port", "set_threads", "init_process", "release_shm_segment",
-           "shm_segment_path", "input_dtype", "batch_to_device",
-           "synchronize", "teardown", "exit_process"]
+           "shm_segment_path", "input_dtype", "batch_to_device", "synchronize", "teardown", "RANK0_GRACE_S",
+           "wait_for_rank0_to_speak", "exit_process"]

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 import sys
 import textwrap
 import types
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, Sequence, Union, get_args, get_origin, get_type_hints
 
 from ..config import DEFAULTS, LDBConfig, LDBConfigError
+from ..process import wait_for_rank0_to_speak
 from .alphabeta import Links
 
 MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "counts", "project", "host",
@@ -311,9 +313,8 @@ class OutputOptions:
     """Print no progress and no tables."""
 
 
-GROUPS: dict[str, type] = {"run": RunOptions, "step": StepOptions, "epochs": EpochOptions,
-                           "scaling": ScalingOptions, "counts": CountsOptions,
-                           "project": ProjectOptions, "host": HostOptions, "output": OutputOptions}
+GROUPS: dict[str, type] = {"run": RunOptions, "step": StepOptions, "epochs": EpochOptions, "scaling": ScalingOptions,
+                           "counts": CountsOptions, "project": ProjectOptions, "host": HostOptions, "output": OutputOptions}
 LDB_FLAGS = {"seed": "--ldb-seed"}
 """``layer_drop_back`` keys whose flag is not ``--<key>`` (``--seed`` is the model seed)."""
 LDB_EXCLUDED = ("enabled",)
@@ -461,17 +462,17 @@ def parse(argv: Sequence[str]) -> BenchOptions:
     return BenchOptions(modes=parse_modes(ns["mode"]), report_dirs=list(ns["report_dirs"]), ldb=ldb, **groups)
 
 
-def flags_of(cls: type) -> tuple[str, ...]:
-    """The command-line flags of one option group."""
-    return tuple(flag_of(f.name) for f in dataclasses.fields(cls))
+def report_error(message: str) -> None:
+    """One ``ldb-bench: error:`` line per job, from rank 0 (every rank found it); the others let it print."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ldb-bench: error: {message}", file=sys.stderr, flush=True)
+    else:
+        wait_for_rank0_to_speak()
 
 
 def _fail(message: str) -> NoReturn:
-    """One line on stderr and exit status 2 (as argparse's own errors): the usage is in --help."""
-    import os
-
-    if os.environ.get("RANK", "0") == "0":  # every rank parses alike: one line per job
-        print(f"ldb-bench: error: {message}", file=sys.stderr, flush=True)
+    """:func:`report_error` and exit status 2 (as argparse's own errors): the usage is in --help."""
+    report_error(message)
     raise SystemExit(2)
 
 
@@ -496,4 +497,4 @@ def _at_least(name: str, value: float | None, low: float, high: float | None = N
 
 __all__ = ["MODES", "ALL", "ALONE", "BenchOptions", "RunOptions", "StepOptions", "EpochOptions", "ScalingOptions",
            "CountsOptions", "ProjectOptions", "HostOptions", "OutputOptions", "GROUPS", "build_parser", "parse",
-           "parse_modes", "flags_of", "field_docs"]
+           "parse_modes", "report_error", "field_docs"]

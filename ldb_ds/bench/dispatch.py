@@ -26,7 +26,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import report as rep
-from .bench_options import BenchOptions, parse
+from .bench_options import BenchOptions, parse, report_error
 from .harness import BenchContext
 
 
@@ -123,9 +123,8 @@ def check_out_dir(out: str) -> str:
 
 
 def _usage_error(message: str) -> int:
-    """One line on stderr (rank 0 only: every rank found the same), exit status 2."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"ldb-bench: error: {message}", file=sys.stderr, flush=True)
+    """:func:`.bench_options.report_error` (one line, from rank 0), exit status 2."""
+    report_error(message)
     return 2
 
 

@@ -7,6 +7,7 @@ results (paper, Table 3). The driver itself starts no process group.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -15,10 +16,10 @@ from typing import Any, Sequence
 
 from ..process import free_port
 from . import report as rep
-from .bench_options import BenchOptions, ScalingOptions, flags_of
+from .bench_options import BenchOptions, ScalingOptions, flag_of
 from .harness import SHARED_NOTE, command_line
 
-SCALING_ONLY = (*flags_of(ScalingOptions), "--out")
+SCALING_ONLY = (*(flag_of(f.name) for f in dataclasses.fields(ScalingOptions)), "--out")
 """The driver's own options (each takes a value), not passed on to the launched runs."""
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 """The directory holding the ``ldb_ds`` package: the launched ranks import this copy."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
+from ..process import wait_for_rank0_to_speak
+
 PREFIX = "[ldb-train]"
+
 
 
 def launched_rank() -> int:
@@ -32,9 +35,15 @@ def log(msg: str) -> None:
 
 
 def error(msg: str) -> None:
-    """An error every rank found alike (bad options, missing data): printed once, to stderr."""
+    """An error every rank found alike (bad options, missing data): printed once, to stderr.
+
+    The other ranks give rank 0 time to print it before they leave
+    (:func:`ldb_ds.process.wait_for_rank0_to_speak`).
+    """
     if is_main():
         print(f"{PREFIX} error: {msg}", file=sys.stderr, flush=True)
+    else:
+        wait_for_rank0_to_speak()
 
 
 __all__ = ["PREFIX", "log", "error", "is_main", "launched_rank"]

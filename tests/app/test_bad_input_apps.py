@@ -225,6 +225,46 @@ def test_bench_bad_option(ws, capsys, argv, needles):
     assert _hashes(ws) == before
 
 
+# --------------------------------------------------------------------------- launcher's first exit
+
+
+@pytest.mark.parametrize("bad", [["--model", "resnet_nope"], ["--no-such-flag"]], ids=["model", "option"])
+def test_rank0_prints_the_error_when_a_peer_found_it_first(ws, bad):
+    """Launchers end the job at the first rank's exit (DeepSpeed's launch.py kills the other ranks
+    at its next poll; torchrun and ``srun --kill-on-bad-exit`` alike). Here rank 0 is held back 2 s
+    (SIGSTOP, as a busy machine would), so rank 1 finds the error first; what is left is killed at
+    the first exit, as launch.py does. Rank 0's one line must still come out."""
+    import signal
+    import subprocess
+    import time
+
+    from ldb_ds.process import free_port
+
+    argv = [sys.executable, "-m", "ldb_ds.train", "--deepspeed_config", str(ws / "ds.json"), "--output",
+            str(ws / "runs"), "--no-progress", *bad]
+    port = str(free_port())
+    procs = {}
+    for rank in (1, 0):
+        env = tu.cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs[rank] = subprocess.Popen(argv, cwd=tu.REPO, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    os.kill(procs[0].pid, signal.SIGSTOP)
+    time.sleep(2.0)
+    os.kill(procs[0].pid, signal.SIGCONT)
+    deadline = time.monotonic() + 120
+    while all(p.poll() is None for p in procs.values()):
+        assert time.monotonic() < deadline, "neither rank ended"
+        time.sleep(0.05)
+    for p in procs.values():  # the launcher's reaction to the first exit
+        if p.poll() is None:
+            p.kill()
+    out = {rank: p.communicate(timeout=30) for rank, p in procs.items()}
+    assert procs[0].returncode == 2, out[0]
+    _check(procs[0].returncode, out[0][1], 2, "resnet_nope" if bad[0] == "--model" else "--no-such-flag")
+    assert "error" not in out[1][1], out[1]  # one line per job: rank 1 stays quiet
+
+
 # --------------------------------------------------------------------------- real runs
 
 
