@@ -192,6 +192,26 @@ def _locate(spec: str, run_checkpoints: str) -> tuple[str, str | None]:
     raise ResumeError(f"--resume {spec}: no such directory")
 
 
+def resume_target_problem(spec: str | None, run_checkpoints: str) -> str:
+    """Why ``--resume SPEC`` names no checkpoint directory that exists (``""`` if it may, or for ``auto``).
+
+    Checked before the run folder is made or written, so that a mistyped tag (``--resume
+    README.md``) leaves nothing behind; :func:`choose_resume` verifies the checkpoint itself later.
+    Every rank finds the same (a shared file system, as for the checkpoints themselves).
+    """
+    if spec is None or spec == "auto":
+        return ""
+    try:
+        load_dir, tag = _locate(spec, run_checkpoints)
+    except ResumeError as err:
+        return str(err)
+    target = load_dir if tag is None else os.path.join(load_dir, tag)
+    if os.path.isdir(target):
+        return ""
+    return (f"--resume {spec}: checkpoint {target} does not exist (--resume takes auto, a tag of this run's "
+            "checkpoints/ folder, or a checkpoint directory)")
+
+
 def choose_resume(opts: TrainOptions, run_checkpoints: str, current: dict[str, Any], *, group: Any = None,
                   warn: Callable[[str], None] | None = None) -> ResumePoint | None:
     """Resolve ``--resume``; ``None`` means start afresh. Every rank calls it and gets the same answer.
@@ -266,4 +286,4 @@ def load(engine: Any, resume: ResumePoint, *, rank: int, world_size: int, group:
 
 __all__ = ["TrainState", "ResumeError", "CheckpointError", "NonFiniteWeightsError", "weights_finite",
            "nonfinite_weights_message", "ResumePoint", "epoch_tag", "step_tag", "save",
-           "choose_resume", "load"]
+           "resume_target_problem", "choose_resume", "load"]

@@ -103,6 +103,9 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
 
     opts.experiment = opts.experiment or default_experiment(opts, ds_config_in, proc.world_size)
     run = RunDir(opts.output, opts.experiment)
+    problem = checkpoint.resume_target_problem(opts.resume, run.checkpoints)  # before the folder is touched
+    if problem:
+        return end(faults.EXIT_USAGE, problem)
     if not run.prepare(overwrite=opts.overwrite, continuing=bool(opts.resume or opts.eval),
                        is_main=proc.is_main, device=proc.device):
         return end(faults.EXIT_USAGE)  # prepare() printed why

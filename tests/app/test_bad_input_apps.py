@@ -316,6 +316,17 @@ def test_a_failed_start_keeps_a_completed_runs_status(ws, start):
     assert {k: v for k, v in _hashes(ws).items() if k.endswith("status.json")} == status_files
 
 
+@pytest.mark.parametrize("spec", ["README.md", "epoch3", "no/such/dir"])
+def test_a_resume_that_names_nothing_leaves_no_run_folder(ws, spec):
+    """--resume with a tag or path that is not there, on a new experiment: exit 2 naming it, and no
+    run folder is made (it used to be left holding only a 'failed' status.json)."""
+    before = _hashes(ws)
+    proc = _run_train(ws, "--deepspeed_config", str(ws / "ds.json"), "--experiment", "fresh", "--resume", spec)
+    _check(proc.returncode, proc.stderr, 2, f"--resume {spec}")
+    assert not (ws / "runs" / "fresh").exists()
+    assert _hashes(ws) == before
+
+
 def test_overwrite_never_follows_a_link_out_of_output(ws):
     os.symlink(ws / "runs" / "other", ws / "runs" / "link")
     before = _hashes(ws)
