@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_wheels.sh                  # here, once: the wheels the GPU machine lacks
 #   OUT=/dir bash scripts/gpu_check.sh          # on the GPU machine, in the repository root
-#   bash scripts/gpu_check.sh --dry-run         # here, on the CPU, tiny sizes, no install
+#   bash scripts/gpu_check.sh --dry-run         # here, on the CPU, tiny sizes, no install (.venv's python)
 #
 # Options: --dry-run, --budget SECONDS (wall-clock budget of the whole script, packing included;
 # default 330, which leaves a margin under 6 minutes: give the device call a hard limit of at least
@@ -73,6 +73,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
 if [ "$DRY" = 1 ]; then
+  # Here: the project's virtualenv (scripts/setup.sh) when there is one, as launch/mpirun.sh does;
+  # PYTHON=... overrides. (On the GPU machine the image's python3 is the point.)
+  if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; fi
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

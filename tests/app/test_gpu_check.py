@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from ldb_ds.bench.bench_options import MODES
 from tests.support.train_utils import REPO, cpu_env
 
@@ -123,6 +125,25 @@ def test_dry_run_takes_every_phase_and_packs_one_tarball(tmp_path):
     assert "DRY RUN" in md and "world size 1" in md
     for line in summary["lines"]:
         assert f"- {line}" in md and line in proc.stdout
+
+
+def test_dry_run_without_PYTHON_uses_the_project_virtualenv(tmp_path):
+    # docs/benchmark.md runs `bash scripts/gpu_check.sh --dry-run` in a plain shell: a python3 on
+    # PATH without torch (here a shim that fails) must not be what runs the tests phase.
+    if not os.access(os.path.join(REPO, ".venv", "bin", "python"), os.X_OK):
+        pytest.skip("no .venv in the repository (scripts/setup.sh)")
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name in ("python3", "python"):
+        (shims / name).write_text("#!/bin/sh\necho 'a python3 without the project' >&2\nexit 97\n")
+        (shims / name).chmod(0o755)
+    env = _env(tmp_path)
+    env.pop("PYTHON")
+    env["PATH"] = f"{shims}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(_cmd(tmp_path / "out", "--budget", "90"), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=240)
+    phases = _phases(_unpack(tmp_path))
+    assert phases["tests"] == "ok", (phases, proc.stdout[-4000:] + proc.stderr[-4000:])
 
 
 def test_a_spent_budget_skips_phases_and_still_packs_the_summary(tmp_path):
