@@ -204,14 +204,23 @@ def _group_by_timm_matcher(model: nn.Module, names: Sequence[str]) -> list[tuple
 
 
 def _common_prefix(names: Sequence[str]) -> str:
-    parts = [n.split(".")[:-1] for n in names]
-    prefix = []
-    for level in zip(*parts):
-        if all(x == level[0] for x in level):
-            prefix.append(level[0])
-        else:
-            break
-    return ".".join(prefix) or names[0].rpartition(".")[0] or names[0]
+    # timm's matchers put more than one top-level module in a group (a ViT's last block with the
+    # final norm, an EfficientNet's last block with conv_head and bn2, a stem's conv1 and bn1):
+    # name each top-level part by its own common module prefix, "blocks.8+norm", not by the
+    # first parameter's module alone (which named a 1 M-parameter unit "blocks.8.norm1").
+    by_top: dict[str, list[list[str]]] = {}
+    for n in names:
+        by_top.setdefault(n.split(".")[0], []).append(n.split("."))
+    labels = []
+    for paths in by_top.values():
+        prefix = []
+        for level in zip(*(p[:-1] for p in paths)):
+            if all(x == level[0] for x in level):
+                prefix.append(level[0])
+            else:
+                break
+        labels.append(".".join(prefix) or ".".join(paths[0]))
+    return "+".join(labels if len(labels) <= 4 else labels[:3] + [f"{len(labels) - 3} more"])
 
 
 @dataclass(frozen=True)

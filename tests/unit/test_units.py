@@ -59,6 +59,20 @@ def test_resnet_blocks_follow_timm_group_matcher(models):
     assert len(units) == 10  # stem, 8 basic blocks, head
 
 
+def test_timm_block_names_name_every_top_level_part(models):
+    """timm's matchers group the final norm with the last block (ViT) and conv_head/bn2 with the
+    last block (EfficientNet): the unit's name lists both, not only the first parameter's module
+    ("block12:blocks.11.norm1" named the last ViT block together with the final norm)."""
+    vit = [u.name for u in build_units(models["vit"], "block")]
+    assert vit[0] == "block0:cls_token+pos_embed+patch_embed.proj"
+    assert vit[1] == "block1:blocks.0"
+    assert vit[-2:] == ["block12:blocks.11+norm", "block13:head"]
+    eff = build_units(models["efficientnet"], "block")
+    assert eff[0].name == "block0:conv_stem+bn1"
+    assert eff[-2].name.endswith(":blocks.6.0+conv_head+bn2")
+    assert {n.split(".")[0] for n in eff[-2].param_names} == {"blocks", "conv_head", "bn2"}
+
+
 def test_vit_module_units_start_with_tokens(models):
     units = build_units(models["vit"], "module")
     assert units[0].name == "<root>" and set(units[0].param_names) == {"cls_token", "pos_embed"}
