@@ -359,9 +359,9 @@ def find_resumable(save_dir: str, *, group: Any = None, warn: Callable[[str], No
     from scratch would silently throw their work away). Every rank calls it.
     """
     bad: list[str] = []
-    latest = read_latest(save_dir)
-    # verify is a collective: every rank tries rank 0's listing (another node's cache may lag).
-    tags = all_gather_objects(list_tags(save_dir), group)[0]
+    # verify is a collective and the verdict (raise, or None) must be the same everywhere: every rank
+    # takes rank 0's 'latest' and listing (another node's file-system cache may lag).
+    latest, tags = all_gather_objects((read_latest(save_dir), list_tags(save_dir)), group)[0]
     if latest is not None and latest not in tags:
         bad.append(f"'latest' names {latest}, which is not a complete checkpoint")
         if warn:
