@@ -213,9 +213,25 @@ alike), so a rank 1 that got there first could take rank 0 down before its line 
 rank 0's exit ends it."""
 
 
-def wait_for_rank0_to_speak() -> None:
-    """On a rank other than 0, about to leave on an error rank 0 prints: see :data:`RANK0_GRACE_S`."""
-    time.sleep(RANK0_GRACE_S)
+def launched_rank() -> int:
+    """The rank the launcher gave this process (RANK; mpirun: OMPI_COMM_WORLD_RANK), 0 if none."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        text = os.environ.get(name, "")
+        if text.isdigit():
+            return int(text)
+    return 0
+
+
+def report_agreed_error(line: str, *, is_main: bool) -> None:
+    """Print ``line`` to stderr on rank 0 only: every rank found the same error (one line per job).
+
+    The other ranks wait :data:`RANK0_GRACE_S` instead, so that their exit cannot end the job
+    before rank 0 has printed it.
+    """
+    if is_main:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        time.sleep(RANK0_GRACE_S)
 
 
 def exit_process(code: int) -> NoReturn:
@@ -248,4 +264,4 @@ def exit_process(code: int) -> NoReturn:
 
 __all__ = ["DEFAULT_DIST_TIMEOUT_S", "Process", "free_port", "set_threads", "init_process", "release_shm_segment",
            "shm_segment_path", "input_dtype", "batch_to_device", "synchronize", "teardown", "RANK0_GRACE_S",
-           "wait_for_rank0_to_speak", "exit_process"]
+           "launched_rank", "report_agreed_error", "exit_process"]

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import inspect
 import math
-import os
 import sys
 import textwrap
 import types
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, Sequence, Union, get_args, get_origin, get_type_hints
 
 from ..config import DEFAULTS, LDBConfig, LDBConfigError
-from ..process import wait_for_rank0_to_speak
+from ..process import launched_rank, report_agreed_error
 from .alphabeta import Links
 
 MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy", "counts", "project", "host",
@@ -463,11 +462,8 @@ def parse(argv: Sequence[str]) -> BenchOptions:
 
 
 def report_error(message: str) -> None:
-    """One ``ldb-bench: error:`` line per job, from rank 0 (every rank found it); the others let it print."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"ldb-bench: error: {message}", file=sys.stderr, flush=True)
-    else:
-        wait_for_rank0_to_speak()
+    """One ``ldb-bench: error:`` line per job, from rank 0 (every rank found it; the others let it print)."""
+    report_agreed_error(f"ldb-bench: error: {message}", is_main=launched_rank() == 0)
 
 
 def _fail(message: str) -> NoReturn:

@@ -38,14 +38,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no 30-line usage first), printed by one rank, status 2."""
 
     def error(self, message: str) -> NoReturn:
-        from ..process import wait_for_rank0_to_speak
+        from ..process import report_agreed_error
         from .console import is_main
 
-        if is_main():
-            sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-            sys.stderr.flush()
-        else:
-            wait_for_rank0_to_speak()
+        report_agreed_error(f"{self.prog}: error: {message} (see {self.prog} --help)", is_main=is_main())
         raise SystemExit(2)
 
 

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-from ..process import wait_for_rank0_to_speak
+from ..process import launched_rank, report_agreed_error
 
 PREFIX = "[ldb-train]"
-
-
-
-def launched_rank() -> int:
-    """The rank the launcher gave this process (RANK; mpirun: OMPI_COMM_WORLD_RANK), 0 if none."""
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        text = os.environ.get(name, "")
-        if text.isdigit():
-            return int(text)
-    return 0
 
 
 def is_main() -> bool:
@@ -35,15 +24,9 @@ def log(msg: str) -> None:
 
 
 def error(msg: str) -> None:
-    """An error every rank found alike (bad options, missing data): printed once, to stderr.
-
-    The other ranks give rank 0 time to print it before they leave
-    (:func:`ldb_ds.process.wait_for_rank0_to_speak`).
-    """
-    if is_main():
-        print(f"{PREFIX} error: {msg}", file=sys.stderr, flush=True)
-    else:
-        wait_for_rank0_to_speak()
+    """An error every rank found alike (bad options, missing data): printed once, to stderr, by rank 0
+    (:func:`ldb_ds.process.report_agreed_error`: the other ranks let it be printed before they leave)."""
+    report_agreed_error(f"{PREFIX} error: {msg}", is_main=is_main())
 
 
 __all__ = ["PREFIX", "log", "error", "is_main", "launched_rank"]
