@@ -53,6 +53,11 @@ from .state_file import CLIENT_STATE_KEY  # re-exported: ldb_ds.engine.CLIENT_ST
 from .units import Unit
 
 
+class DropBatchWarning(UserWarning):
+    """A DROP epoch's micro batch is not ``engine.micro_batch_size`` (a category of its own, so that a
+    caller who does that on purpose, such as a benchmark, can filter exactly this warning)."""
+
+
 class LDBEngine:
     """A DeepSpeed engine with LayerDropBack.
 
@@ -238,7 +243,7 @@ class LDBEngine:
             f"returns (training_data=...), whose batch follows the mode; or size your loader's batches from "
             f"engine.micro_batch_size after each engine.set_epoch(); or set layer_drop_back.batch_scaling = "
             f"'accumulation' (DROP batches grow through gradient accumulation; your loader stays as it is).",
-            UserWarning, stacklevel=3)
+            DropBatchWarning, stacklevel=3)
 
 
     # -- checkpoints ----------------------------------------------------------
@@ -414,4 +419,4 @@ def _leading_batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-__all__ = ["initialize", "LDBEngine", "LDBState", "LDBUnsupportedError", "CLIENT_STATE_KEY"]
+__all__ = ["initialize", "LDBEngine", "DropBatchWarning", "LDBState", "LDBUnsupportedError", "CLIENT_STATE_KEY"]

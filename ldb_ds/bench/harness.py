@@ -99,8 +99,10 @@ def drop_steps_at_the_full_batch() -> Iterator[None]:
     For the measurements that do so on purpose (a DROP step against a FULL one at the same batch:
     ``step``, ``counts``); ``epochs`` trains DROP epochs at their own batch and keeps the warning.
     """
+    from ..engine import DropBatchWarning
+
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"ldb_ds: DROP epoch \d+ with batch_scaling", category=UserWarning)
+        warnings.simplefilter("ignore", DropBatchWarning)
         yield
 
 
