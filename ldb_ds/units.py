@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+import os
 import re
 
 import torch
@@ -210,16 +211,9 @@ def _common_prefix(names: Sequence[str]) -> str:
     # first parameter's module alone (which named a 1 M-parameter unit "blocks.8.norm1").
     by_top: dict[str, list[list[str]]] = {}
     for n in names:
-        by_top.setdefault(n.split(".")[0], []).append(n.split("."))
-    labels = []
-    for paths in by_top.values():
-        prefix = []
-        for level in zip(*(p[:-1] for p in paths)):
-            if all(x == level[0] for x in level):
-                prefix.append(level[0])
-            else:
-                break
-        labels.append(".".join(prefix) or ".".join(paths[0]))
+        by_top.setdefault(n.split(".")[0], []).append(n.split(".")[:-1])  # the owning module's path
+    # commonprefix compares lists element by element; a top-level parameter ("cls_token") has no module.
+    labels = [".".join(os.path.commonprefix(paths)) or names_of_top for names_of_top, paths in by_top.items()]
     return "+".join(labels if len(labels) <= 4 else labels[:3] + [f"{len(labels) - 3} more"])
 
 
