@@ -344,6 +344,8 @@ class _RunEnd:
         for loader in self.loaders:
             shut_down_workers(loader)
         teardown(self.engine)
+        if self.run is not None:  # the last file is written: the next start may take the folder
+            self.run.release()
         return code
 
 

@@ -20,6 +20,7 @@ run may start.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -27,11 +28,15 @@ import shutil
 from typing import Any
 
 from .arguments import RECORD_KEY
-from .console import error
+from .console import error, log
 from .options import TrainOptions
 
 MARKER = ".ldb_ds_run"
-"""Written into every run directory ldb-train creates; ``--overwrite`` deletes only directories holding it."""
+"""Written into every run directory ldb-train creates; ``--overwrite`` deletes only directories holding it.
+While a run of the directory goes on, its rank 0 holds an exclusive lock on this file
+(:meth:`RunDir.prepare`): a second start of the same experiment is refused, never let in to
+delete or write over a live run."""
+MARKER_TEXT = "created by ldb-train; --overwrite deletes only folders holding this file\n"
 
 _OS_ERROR_HINTS = {
     errno.ENOSPC: "no space left on the device: free space there or choose another {option}",
@@ -44,6 +49,23 @@ _OS_ERROR_HINTS = {
 }
 OUTPUT_ERRNOS = frozenset(_OS_ERROR_HINTS)
 """OS errors that mean "the output location is unusable" (a user's mistake or a full disk, not a bug)."""
+
+
+_HELD_LOCKS: set[int] = set()
+"""File descriptors of the markers this process holds locked (:meth:`RunDir._hold`)."""
+
+
+def _close_held_locks_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the open marker, and a flock lasts while any
+    # process has it open: the folder would stay locked until the worker noticed its parent had
+    # died. Closing (not unlocking) in the child leaves the lock to the parent alone.
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def describe_os_error(err: OSError, option: str = "--output") -> str:
@@ -84,6 +106,8 @@ class RunDir:
         self.results_json = os.path.join(self.path, "results.json")
         self.masks_jsonl = os.path.join(self.path, "masks.jsonl")
         self.status_json = os.path.join(self.path, "status.json")
+        self._lock_fd: int | None = None
+        """The open marker whose ``flock`` says this process runs the directory (:meth:`prepare`)."""
 
     def prepare(self, *, overwrite: bool, continuing: bool, is_main: bool, device: Any) -> bool:
         """Create, replace or refuse the directory; ``False`` (on every rank) when refused.
@@ -94,7 +118,11 @@ class RunDir:
         an existing non-empty directory is replaced with ``overwrite`` and refused without it:
         a new run never mixes its files with an old one's. ``overwrite`` deletes only a directory
         that holds :data:`MARKER` (ldb-train created it) and resolves to a direct child of the
-        resolved ``--output``: a symbolic link or a folder a person made is never deleted. A
+        resolved ``--output``: a symbolic link or a folder a person made is never deleted. Rank 0
+        of the run then holds the lock of :data:`MARKER` until it exits, and a start that finds
+        the lock held (the same experiment still running, in another job or terminal) is refused
+        before it deletes or writes anything: ``--overwrite`` would otherwise delete a live run's
+        checkpoints under it, and two resumes would write the same checkpoint files at once. A
         collective: rank 0 decides and broadcasts the verdict, so every rank returns the same
         answer and they exit together (no rank meets a lost peer).
         """
@@ -108,6 +136,7 @@ class RunDir:
             except OSError as err:
                 problem = describe_os_error(err, "--output")
             if problem:
+                self.release()
                 error(problem)
                 refused += 1
         dist.broadcast(refused, src=0)
@@ -129,6 +158,12 @@ class RunDir:
                     f"--resume/--eval would write args.yaml, summary.csv, results.json and checkpoints into it; "
                     f"nothing was written. Choose another --experiment (--resume PATH takes a checkpoint from "
                     f"anywhere); if it is a run of an ldb-train older than the marker, create it: touch {marker}")
+        if os.path.lexists(marker):
+            # Before anything is deleted or written: a run of this folder that is still going
+            # (another job, a second launch of the same command) holds the marker's lock.
+            busy = self._hold(marker)
+            if busy:
+                return busy
         if not continuing and os.path.isdir(self.path) and os.listdir(self.path):
             if not overwrite:
                 return (f"the run directory {self.path} exists; pass --resume to continue it, --overwrite "
@@ -136,14 +171,72 @@ class RunDir:
             why_not = self.deletable()
             if why_not:
                 return why_not
+            # The old marker's lock is held through the deletion, so no start can take the folder
+            # in between; it is let go with the unlinked file once the folder is gone.
             shutil.rmtree(self.path)
+            self.release()
         os.makedirs(self.path, exist_ok=True)
         if not os.path.exists(marker) and (not continuing or not os.listdir(self.path)):
             # Written only into a folder this run starts (new or empty): the marker is what later
             # allows --overwrite to delete it, so it must never be added to a folder of unknown origin.
             with open(marker, "w") as f:
-                f.write("created by ldb-train; --overwrite deletes only folders holding this file\n")
+                f.write(MARKER_TEXT)
+        if self._lock_fd is None:
+            return self._hold(marker)  # a start that reached the new folder first is still refused
         return ""
+
+    def _hold(self, marker: str) -> str:
+        """Lock ``marker`` for as long as this process lives: ``""``, or why the folder is in use.
+
+        An exclusive ``flock``, taken without waiting: the kernel lets it go when the holder's
+        process ends however it ends (SIGKILL, a node's job killed by the scheduler), so a
+        crashed run never leaves a stale lock, unlike a pid file. The holder writes its pid,
+        host and start time into the marker for the refusal line. A file system that cannot
+        lock (some NFS or Lustre mounts) gets a warning and no lock: concurrent starts of one
+        experiment are then not detected there.
+        """
+        import fcntl
+        import socket
+        import time
+
+        try:
+            fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return (f"the run directory {self.path} has a symbolic link as its {MARKER} file; nothing was "
+                        "deleted or written. Remove the link or choose another --experiment")
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").partition("\n")[2].strip()
+            os.close(fd)
+            holder = holder.removeprefix("in use by ") or "holder unknown"
+            return (f"the run directory {self.path} is in use by another ldb-train start "
+                    f"({holder}); nothing was deleted or written. Wait for it to end or "
+                    f"stop it, or choose another --experiment (to evaluate one of its checkpoints meanwhile: "
+                    f"--experiment NEW --resume {self.checkpoints}/TAG --eval)")
+        except OSError as err:  # ENOLCK, EOPNOTSUPP: a file system without flock
+            os.close(fd)
+            log(f"warning: cannot lock {marker} ({err.strerror}); a second start of this experiment "
+                "while this one runs would not be detected")
+            return ""
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{MARKER_TEXT}in use by pid {os.getpid()} on {socket.gethostname()} since {since}\n"
+                  .encode(), 0)
+        self._lock_fd = fd
+        _HELD_LOCKS.add(fd)
+        return ""
+
+    def release(self) -> None:
+        """Let go of the run directory's lock (the end of the process does so too)."""
+        if self._lock_fd is not None:
+            _HELD_LOCKS.discard(self._lock_fd)
+            with contextlib.suppress(OSError):  # the holder line goes: nobody holds the folder now
+                os.ftruncate(self._lock_fd, len(MARKER_TEXT.encode()))
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def deletable(self) -> str:
         """``""`` if ``--overwrite`` may delete the run directory, else why not (one line)."""

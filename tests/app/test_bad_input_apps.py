@@ -327,6 +327,42 @@ def test_a_resume_that_names_nothing_leaves_no_run_folder(ws, spec):
     assert _hashes(ws) == before
 
 
+def test_a_running_experiment_is_never_deleted_or_written_by_a_second_start(ws):
+    """The same experiment started again while it runs (a second terminal, a job submitted twice):
+    --overwrite and --resume auto are refused with the holder named (exit 2), nothing of the live
+    run is deleted or written, and it goes on training. SIGKILL to its rank then frees the folder
+    at once (the kernel drops the lock with the process), although the rank's forked DataLoader
+    worker is still alive: the worker never held the lock."""
+    import signal
+
+    from ldb_ds.train.rundir import RunDir
+
+    run_dir, cfg = ws / "runs" / "live", str(ws / "ds.json")
+    live = tu.Background([sys.executable, "-m", "ldb_ds.train", "--model", MODEL, "--no-progress",
+                          "--output", str(ws / "runs"), "--experiment", "live", "--epochs", "10000",
+                          "--max-steps-per-epoch", "1", "--eval-every", "0", "-j", "1",
+                          "--worker-start-method", "fork", "--deepspeed_config", cfg], str(ws / "log"))
+    try:
+        tu.wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 180, "the live run's first checkpoint")
+        written_once = {name: (run_dir / name).read_bytes() for name in ("args.yaml", "ds_config.json")}
+        for start in (["--overwrite"], ["--resume", "auto"]):
+            proc = _run_train(ws, "--deepspeed_config", cfg, "--experiment", "live", *start)
+            _check(proc.returncode, proc.stderr, 2, "is in use by another ldb-train start",
+                   f"(pid {live.proc.pid} on ", "nothing was deleted or written")
+            assert {name: (run_dir / name).read_bytes() for name in written_once} == written_once
+            assert (run_dir / "checkpoints" / "latest").exists() and live.proc.poll() is None, live.explain()
+        workers = [p for p in live.processes() if p.info["pid"] != live.proc.pid]
+        assert workers, "the live run has no DataLoader worker"
+        os.kill(live.proc.pid, signal.SIGKILL)
+        live.proc.wait(timeout=30)
+        assert any(p.is_running() for p in workers)  # the orphaned worker lives on for a while
+        after = RunDir(str(ws / "runs"), "live")
+        assert after._prepare_on_main(overwrite=False, continuing=True) == ""
+        after.release()
+    finally:
+        live.kill()
+
+
 def test_overwrite_never_follows_a_link_out_of_output(ws):
     os.symlink(ws / "runs" / "other", ws / "runs" / "link")
     before = _hashes(ws)

@@ -280,3 +280,44 @@ def test_status_file_and_mask_trim(tmp_path):
     assert [json.loads(line)["step"] for line in open(run.masks_jsonl)] == [1, 2, 1, 2]
     run.trim_masks(1, 0)
     assert len(open(run.masks_jsonl).read().splitlines()) == 2
+
+
+def test_a_run_folder_in_use_is_never_deleted_or_taken(tmp_path):
+    """The run directory's lock (a real flock on the marker): a second start of the same experiment
+    is refused while the first holds it, whatever it asks for, and nothing is deleted; a child
+    forked by the holder (a DataLoader worker) does not keep it; after the holder lets go, the
+    folder is free again, and a marker that is a symbolic link is never written through."""
+    first = RunDir(str(tmp_path), "x")
+    assert first._prepare_on_main(overwrite=False, continuing=False) == ""
+    (tmp_path / "x" / "results.json").write_text("first run")
+    marker = tmp_path / "x" / ".ldb_ds_run"
+    assert f"in use by pid {os.getpid()}" in marker.read_text()
+    for overwrite, continuing in ((True, False), (False, True), (False, False)):
+        why = RunDir(str(tmp_path), "x")._prepare_on_main(overwrite=overwrite, continuing=continuing)
+        assert f"is in use by another ldb-train start (pid {os.getpid()} on " in why, why
+        assert "nothing was deleted or written" in why
+        assert (tmp_path / "x" / "results.json").read_text() == "first run"
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker: alive while the holder lets go; it runs its code after the fork hooks
+        os.write(ready_w, b"1")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        first.release()
+        assert marker.read_text().count("\n") == 1  # the holder line goes with the lock
+        second = RunDir(str(tmp_path), "x")
+        assert second._prepare_on_main(overwrite=True, continuing=False) == ""  # the child holds nothing
+        assert not (tmp_path / "x" / "results.json").exists()  # replaced, as --overwrite asks
+        second.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+    (tmp_path / "y").mkdir()
+    (tmp_path / "elsewhere").write_text("a person's file")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "y" / ".ldb_ds_run")
+    why = RunDir(str(tmp_path), "y")._prepare_on_main(overwrite=False, continuing=True)
+    assert "symbolic link as its .ldb_ds_run" in why and (tmp_path / "elsewhere").read_text() == "a person's file"
