@@ -1,29 +1,16 @@
-"""The benchmark's options: typed dataclasses, one per argument group, and the CLI generated from them.
+"""The benchmark's options: typed dataclasses, one per argument group, and the checks of their values.
 
-Every command-line flag is a dataclass field below: its type gives the argparse type (``bool`` a
-switch, with a ``--no-`` form when it defaults to on; ``Literal`` the choices; ``tuple[int, ...]``
-a comma-separated list; ``list[str]`` a repeatable flag; ``X | None`` an optional value), its
-default is the one default, and its attribute docstring is the ``--help`` text. The LayerDropBack flags are generated from
-:class:`ldb_ds.config.LDBConfig` itself (``--drop-rate``, ``--sampling-rate``, ...; the seed is
-``--ldb-seed``), so the benchmark can override any ``layer_drop_back`` key and its help is the
-config's own docstring. Nothing is listed twice.
+Each field is one option: its type, its default (the one default) and its attribute docstring (the
+``--help`` text); each group's ``__post_init__`` checks its values, so a bad one is caught however
+the group is built (one ``ldb-bench: error:`` line, exit status 2). The ``ldb-bench`` command line
+is generated from these classes by :mod:`.bench_arguments`.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import functools
-import inspect
-import math
-import sys
-import textwrap
-import types
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn
 
-from ..config import DEFAULTS, LDBConfig, LDBConfigError
 from ..process import launched_rank, report_agreed_error
 from .alphabeta import Links
 
@@ -31,8 +18,6 @@ MODES = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy",
          "scaling", "report")
 ALL = ("step", "epochs", "sweep-drop-rate", "sweep-sampling-rate", "accuracy")
 """What ``all`` runs."""
-DESCRIPTION = ("Benchmark LayerDropBack against the DeepSpeed baseline, side by side in one run "
-               "(docs/benchmark.md).")
 ALONE = ("scaling", "report")
 """Modes that run alone (they start no process group of their own)."""
 
@@ -147,9 +132,9 @@ class EpochOptions:
         _at_least("loader_workers", self.loader_workers, 0)
         _at_least("acc_limit", self.acc_limit, 1)
         if not self.drop_rates or any(not 0.0 <= r < 1.0 for r in self.drop_rates):
-            _fail(f"--drop-rates must be numbers in [0, 1), got {self.drop_rates}")
+            fail(f"--drop-rates must be numbers in [0, 1), got {self.drop_rates}")
         if not self.sampling_rates or min(self.sampling_rates) < 1:
-            _fail(f"--sampling-rates must be integers >= 1, got {self.sampling_rates}")
+            fail(f"--sampling-rates must be integers >= 1, got {self.sampling_rates}")
 
 
 @dataclass
@@ -167,7 +152,7 @@ class ScalingOptions:
 
     def __post_init__(self) -> None:
         if not self.world_sizes or min(self.world_sizes) < 1:
-            _fail(f"--world-sizes must be integers >= 1, got {self.world_sizes}")
+            fail(f"--world-sizes must be integers >= 1, got {self.world_sizes}")
 
 
 @dataclass
@@ -186,7 +171,7 @@ class CountsOptions:
     def __post_init__(self) -> None:
         _positive("count_steps", self.count_steps)
         if any(s not in (0, 1, 2, 3) for s in self.count_stages):
-            _fail(f"--count-stages must be ZeRO stages 0-3, got {self.count_stages}")
+            fail(f"--count-stages must be ZeRO stages 0-3, got {self.count_stages}")
 
 
 @dataclass
@@ -235,18 +220,18 @@ class ProjectOptions:
 
     def __post_init__(self) -> None:
         if self.overlap is not None and not 0.0 <= self.overlap <= 1.0:
-            _fail(f"--overlap must lie in [0, 1], got {self.overlap}")
+            fail(f"--overlap must lie in [0, 1], got {self.overlap}")
         for name in ("gpus_per_node", "project_reps"):
             _positive(name, getattr(self, name))
         if not self.compute_scales or min(self.compute_scales) <= 0:
-            _fail(f"--compute-scales must be numbers > 0, got {self.compute_scales}")
+            fail(f"--compute-scales must be numbers > 0, got {self.compute_scales}")
         for name in ("intra_bw_gbs", "inter_bw_gbs"):
             if getattr(self, name) <= 0:
-                _fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("intra_lat_us", "inter_lat_us"):
             _at_least(name, getattr(self, name), 0.0)
         if not self.project_world_sizes or min(self.project_world_sizes) < 1:
-            _fail(f"--project-world-sizes must be integers >= 1, got {self.project_world_sizes}")
+            fail(f"--project-world-sizes must be integers >= 1, got {self.project_world_sizes}")
 
 
 # ============================================================================ host mode (issue 16, item 1)
@@ -280,20 +265,20 @@ class HostOptions:
 
     def __post_init__(self) -> None:
         if not self.host_units or min(self.host_units) < 3:
-            _fail(f"--host-units must be integers >= 3 (keep_first + keep_last + 1), "
-                  f"got {','.join(map(str, self.host_units))!r}")
+            fail(f"--host-units must be integers >= 3 (keep_first + keep_last + 1), "
+                 f"got {','.join(map(str, self.host_units))!r}")
         checks = (("host_stages", self.host_stages, (0, 1, 2, 3)),
                   ("host_precisions", self.host_precisions, ("fp32", "bf16")),
                   ("host_optimizers", self.host_optimizers, ("sgd", "adamw")))
         for name, values, allowed in checks:
             if not values or any(v not in allowed for v in values):
-                _fail(f"{flag_of(name)} must be a comma-separated list of {', '.join(map(str, allowed))}; "
-                      f"got {','.join(map(str, values))!r}")
+                fail(f"{flag_of(name)} must be a comma-separated list of {', '.join(map(str, allowed))}; "
+                     f"got {','.join(map(str, values))!r}")
         for name in ("host_width", "host_batch", "host_steps_per_round"):
             _positive(name, getattr(self, name))
         for name in ("host_warmup", "host_rounds"):
             if getattr(self, name) < 0:
-                _fail(f"{flag_of(name)} must be >= 0, got {getattr(self, name)}")
+                fail(f"{flag_of(name)} must be >= 0, got {getattr(self, name)}")
 
 # ============================================================================ end of host mode block
 
@@ -314,10 +299,6 @@ class OutputOptions:
 
 GROUPS: dict[str, type] = {"run": RunOptions, "step": StepOptions, "epochs": EpochOptions, "scaling": ScalingOptions,
                            "counts": CountsOptions, "project": ProjectOptions, "host": HostOptions, "output": OutputOptions}
-LDB_FLAGS = {"seed": "--ldb-seed"}
-"""``layer_drop_back`` keys whose flag is not ``--<key>`` (``--seed`` is the model seed)."""
-LDB_EXCLUDED = ("enabled",)
-"""Keys not offered: the benchmark itself turns LDB on for one side and off for the other."""
 
 
 @dataclass
@@ -338,127 +319,12 @@ class BenchOptions:
     """The ``layer_drop_back`` keys given on the command line (the others keep LDBConfig's defaults)."""
 
 
-# --------------------------------------------------------------------------- generation
-
-
-@functools.lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass (the string right under each field)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
-    return docs
+# --------------------------------------------------------------------------- checks
 
 
 def flag_of(name: str) -> str:
+    """A field's command-line flag (``--`` and the name with dashes), as the errors below name it."""
     return "--" + name.replace("_", "-")
-
-
-def _csv(elem: type):
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(elem(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {elem.__name__} values, got {text!r}")
-    parse.__name__ = f"comma-separated {elem.__name__}"
-    return parse
-
-
-def _show(default: Any) -> str:
-    if isinstance(default, tuple):
-        return ",".join(str(v) for v in default)
-    return repr(default) if isinstance(default, str) else str(default)
-
-
-def argument_for(tp: Any, default: Any, doc: str, name: str, optional_default: bool = False) -> dict[str, Any]:
-    """argparse keyword arguments for a field of type ``tp`` (see the module docstring)."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType) and type(None) in args:
-        (tp,) = [a for a in args if a is not type(None)]
-        origin, args = get_origin(tp), get_args(tp)
-    doc = doc.replace("%", "%%")
-    empty = default is None or default is False or default == [] or default == ""
-    shown = "" if empty and not optional_default else f" (default: {_show(default)})"
-    if optional_default:
-        shown = f" (default: the layer_drop_back default, {_show(default)})"
-        default = None
-    kwargs: dict[str, Any] = {"default": default, "help": doc + shown, "metavar": name.upper()}
-    if tp is bool and not optional_default:  # a switch; one that defaults to on gets a --no- form
-        action = argparse.BooleanOptionalAction if default else "store_true"
-        kwargs = {"action": action, "default": default, "help": kwargs["help"]}
-    elif origin is Literal:
-        kwargs.update(type=type(args[0]), choices=args, metavar="{" + ",".join(str(a) for a in args) + "}")
-    elif origin is tuple:
-        kwargs.update(type=_csv(args[0]), metavar=f"{args[0].__name__.upper()}[,...]")
-    elif origin is list:
-        kwargs.update(action="append", type=args[0], default=[])
-    elif tp is bool:  # an optional LDB bool: --key true/false
-        kwargs.update(type=lambda s: s.lower() in ("1", "true", "yes"), metavar="{true,false}")
-    elif tp in (int, float, str):
-        kwargs.update(type=tp)
-    else:
-        raise TypeError(f"no command-line form for a field of type {tp!r}")
-    return kwargs
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ldb-bench`` parser, generated from :data:`GROUPS` and :class:`LDBConfig`."""
-    p = _Parser(prog="ldb-bench", description=DESCRIPTION)
-    p.add_argument("mode", help=f"comma-separated list of: {', '.join(MODES)}; or 'all' ({','.join(ALL)})")
-    p.add_argument("report_dirs", nargs="*", help="report mode: directories holding result JSON files")
-    for key, cls in GROUPS.items():
-        group = p.add_argument_group((cls.__doc__ or key).strip())
-        hints, docs = get_type_hints(cls), field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            group.add_argument(flag_of(f.name), dest=f"{key}.{f.name}",
-                               **argument_for(hints[f.name], default, docs.get(f.name, ""), f.name))
-    group = p.add_argument_group("LayerDropBack (the layer_drop_back section of the LDB side)")
-    hints, docs = get_type_hints(LDBConfig), field_docs(LDBConfig)
-    for f in dataclasses.fields(LDBConfig):
-        if f.name not in LDB_EXCLUDED:
-            group.add_argument(LDB_FLAGS.get(f.name, flag_of(f.name)), dest=f"ldb.{f.name}",
-                               **argument_for(hints[f.name], f.default, docs.get(f.name, ""), f.name,
-                                              optional_default=True))
-    # The deepspeed launcher appends --local_rank=N to the module's arguments.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p
-
-
-def parse_modes(text: str) -> list[str]:
-    if text == "all":
-        return list(ALL)
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        _fail(f"unknown mode(s) {', '.join(bad) or repr(text)}; expected {', '.join(MODES)} or 'all'")
-    if any(m in ALONE for m in modes) and len(modes) > 1:
-        _fail(f"{' and '.join(repr(m) for m in ALONE)} run alone")
-    return modes
-
-
-def parse(argv: Sequence[str]) -> BenchOptions:
-    """Parse ``argv`` into typed options (a bad value exits with status 2 and one line naming the flag)."""
-    ns = vars(build_parser().parse_args(list(argv)))
-    for dest, value in ns.items():  # before any check below: NaN passes every `< minimum` comparison
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            name = dest.split(".", 1)[-1]
-            _fail(f"{LDB_FLAGS.get(name, flag_of(name)) if dest.startswith('ldb.') else flag_of(name)} "
-                  f"= {value!r} is not allowed: expected finite numbers")
-    groups = {key: cls(**{f.name: ns[f"{key}.{f.name}"] for f in dataclasses.fields(cls)})
-              for key, cls in GROUPS.items()}
-    ldb = {f.name: ns[f"ldb.{f.name}"] for f in dataclasses.fields(LDBConfig)
-           if f.name not in LDB_EXCLUDED and ns[f"ldb.{f.name}"] is not None}
-    try:  # the layer_drop_back section's own checks, now rather than after the process group starts
-        LDBConfig.from_dict({**DEFAULTS.to_dict(), **ldb})
-    except LDBConfigError as err:
-        _fail(str(err))
-    return BenchOptions(modes=parse_modes(ns["mode"]), report_dirs=list(ns["report_dirs"]), ldb=ldb, **groups)
 
 
 def report_error(message: str) -> None:
@@ -466,31 +332,24 @@ def report_error(message: str) -> None:
     report_agreed_error(f"ldb-bench: error: {message}", is_main=launched_rank() == 0)
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
     """:func:`report_error` and exit status 2 (as argparse's own errors): the usage is in --help."""
     report_error(message)
     raise SystemExit(2)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (argparse prints the whole usage first: 60 lines here)."""
-
-    def error(self, message: str) -> NoReturn:
-        _fail(f"{message} (see ldb-bench --help)")
-
-
 def _positive(name: str, value: int) -> None:
     if value < 1:
-        _fail(f"{flag_of(name)} must be >= 1, got {value}")
+        fail(f"{flag_of(name)} must be >= 1, got {value}")
 
 
 def _at_least(name: str, value: float | None, low: float, high: float | None = None) -> None:
     """``low <= value (<= high)``; ``None`` passes (an optional value not given)."""
     if value is not None and (value < low or (high is not None and value > high)):
-        _fail(f"{flag_of(name)} must be " + (f">= {low}" if high is None else f"in [{low}, {high}]")
-              + f", got {value}")
+        fail(f"{flag_of(name)} must be " + (f">= {low}" if high is None else f"in [{low}, {high}]")
+             + f", got {value}")
 
 
 __all__ = ["MODES", "ALL", "ALONE", "BenchOptions", "RunOptions", "StepOptions", "EpochOptions", "ScalingOptions",
-           "CountsOptions", "ProjectOptions", "HostOptions", "OutputOptions", "GROUPS", "build_parser", "parse",
-           "parse_modes", "report_error", "field_docs"]
+           "CountsOptions", "ProjectOptions", "HostOptions", "OutputOptions", "GROUPS", "flag_of", "report_error",
+           "fail"]

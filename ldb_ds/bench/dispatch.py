@@ -26,7 +26,8 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import report as rep
-from .bench_options import BenchOptions, parse, report_error
+from .bench_arguments import parse
+from .bench_options import BenchOptions, report_error
 from .harness import BenchContext
 
 

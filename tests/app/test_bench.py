@@ -20,7 +20,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldb_ds.bench import alphabeta as ab, bench_options, dispatch, report as bench_report, scaling, step  # noqa: E402
+from ldb_ds.bench import alphabeta as ab, bench_arguments, bench_options, dispatch  # noqa: E402
+from ldb_ds.bench import report as bench_report, scaling, step  # noqa: E402
 from ldb_ds.bench.epochs import steady_epochs  # noqa: E402
 
 TINY = ["--model", "test_efficientnet", "--img-size", "16", "--batch-size", "4", "--zero-stage", "2",
@@ -188,9 +189,9 @@ def test_helpers():
     argv = ["scaling", "--world-sizes", "1,2", "--model", "m", "--out=x", "--launcher", "torchrun", "--profile"]
     assert scaling.strip_options(argv, scaling.SCALING_ONLY) == ["--model", "m", "--profile"]
     assert steady_epochs(2, 2) == [1, 2, 3, 4]
-    assert bench_options.parse_modes("step,epochs") == ["step", "epochs"]
+    assert bench_arguments.parse_modes("step,epochs") == ["step", "epochs"]
     with pytest.raises(SystemExit):
-        bench_options.parse_modes("step,bogus")
+        bench_arguments.parse_modes("step,bogus")
 
 
 def test_flags_are_generated_from_the_typed_options():
@@ -198,24 +199,24 @@ def test_flags_are_generated_from_the_typed_options():
 
     from ldb_ds.config import LDBConfig
 
-    opts = bench_options.parse(["step", "--drop-rates", "0.1,0.5", "--zero-stage", "3", "--drop-rate", "0.4",
+    opts = bench_arguments.parse(["step", "--drop-rates", "0.1,0.5", "--zero-stage", "3", "--drop-rate", "0.4",
                           "--ldb-seed", "7", "--note", "a", "--note", "b", "--profile", "--acc-limit", "10"])
     assert opts.modes == ["step"] and opts.epochs.drop_rates == (0.1, 0.5) and opts.run.zero_stage == 3
     assert opts.ldb == {"drop_rate": 0.4, "seed": 7}  # only what was given: the rest keeps LDBConfig's defaults
     assert opts.output.note == ["a", "b"] and opts.step.profile and opts.epochs.acc_limit == 10
-    assert bench_options.parse(["step"]).run == bench_options.RunOptions()  # one source of defaults
-    parser = bench_options.build_parser()
+    assert bench_arguments.parse(["step"]).run == bench_options.RunOptions()  # one source of defaults
+    parser = bench_arguments.build_parser()
     helps = {s: a.help for a in parser._actions for s in a.option_strings}
     for cls in bench_options.GROUPS.values():
-        docs = bench_options.field_docs(cls)
+        docs = bench_arguments.field_docs(cls)
         for f in dataclasses.fields(cls):  # every field is a flag, documented by its docstring
             assert docs.get(f.name) and helps[bench_options.flag_of(f.name)].startswith(docs[f.name].replace("%", "%%"))
-    ldb_keys = [f.name for f in dataclasses.fields(LDBConfig) if f.name not in bench_options.LDB_EXCLUDED]
-    assert all(bench_options.LDB_FLAGS.get(k, bench_options.flag_of(k)) in helps for k in ldb_keys)
+    ldb_keys = [f.name for f in dataclasses.fields(LDBConfig) if f.name not in bench_arguments.LDB_EXCLUDED]
+    assert all(bench_arguments.LDB_FLAGS.get(k, bench_options.flag_of(k)) in helps for k in ldb_keys)
     for bad in (["step", "--zero-stage", "5"], ["step", "--drop-rates", "x,y"], ["step", "--rounds", "0"],
                 ["step", "--granularity", "layer"], ["bogus"]):
         with pytest.raises(SystemExit):
-            bench_options.parse(bad)
+            bench_arguments.parse(bad)
 
 
 def test_alpha_beta_model_structure():
