@@ -108,6 +108,8 @@ class RunDir:
         self.status_json = os.path.join(self.path, "status.json")
         self._lock_fd: int | None = None
         """The open marker whose ``flock`` says this process runs the directory (:meth:`prepare`)."""
+        self._cannot_lock = False
+        """The file system refused ``flock`` (warned once): the run goes on unlocked."""
 
     def prepare(self, *, overwrite: bool, continuing: bool, is_main: bool, device: Any) -> bool:
         """Create, replace or refuse the directory; ``False`` (on every rank) when refused.
@@ -181,7 +183,7 @@ class RunDir:
             # allows --overwrite to delete it, so it must never be added to a folder of unknown origin.
             with open(marker, "w") as f:
                 f.write(MARKER_TEXT)
-        if self._lock_fd is None:
+        if self._lock_fd is None and not self._cannot_lock:
             return self._hold(marker)  # a start that reached the new folder first is still refused
         return ""
 
@@ -218,6 +220,7 @@ class RunDir:
                     f"--experiment NEW --resume {self.checkpoints}/TAG --eval)")
         except OSError as err:  # ENOLCK, EOPNOTSUPP: a file system without flock
             os.close(fd)
+            self._cannot_lock = True
             log(f"warning: cannot lock {marker} ({err.strerror}); a second start of this experiment "
                 "while this one runs would not be detected")
             return ""
