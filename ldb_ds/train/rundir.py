@@ -110,6 +110,8 @@ class RunDir:
         """The open marker whose ``flock`` says this process runs the directory (:meth:`prepare`)."""
         self._cannot_lock = False
         """The file system refused ``flock`` (warned once): the run goes on unlocked."""
+        self._holder_recorded = False
+        """This process wrote its holder line into the marker (:meth:`_record_holder`)."""
 
     def prepare(self, *, overwrite: bool, continuing: bool, is_main: bool, device: Any) -> bool:
         """Create, replace or refuse the directory; ``False`` (on every rank) when refused.
@@ -184,7 +186,10 @@ class RunDir:
             with open(marker, "w") as f:
                 f.write(MARKER_TEXT)
         if self._lock_fd is None and not self._cannot_lock:
-            return self._hold(marker)  # a start that reached the new folder first is still refused
+            busy = self._hold(marker)  # a start that reached the new folder first is still refused
+            if busy:
+                return busy
+        self._record_holder()
         return ""
 
     def _hold(self, marker: str) -> str:
@@ -192,14 +197,13 @@ class RunDir:
 
         An exclusive ``flock``, taken without waiting: the kernel lets it go when the holder's
         process ends however it ends (SIGKILL, a node's job killed by the scheduler), so a
-        crashed run never leaves a stale lock, unlike a pid file. The holder writes its pid,
-        host and start time into the marker for the refusal line. A file system that cannot
-        lock (some NFS or Lustre mounts) gets a warning and no lock: concurrent starts of one
-        experiment are then not detected there.
+        crashed run never leaves a stale lock, unlike a pid file. Locking writes nothing: a start
+        refused afterwards (``--overwrite`` of a link to another run's folder) leaves every file as
+        it was; :meth:`_record_holder` writes the holder into the marker once the folder is this
+        run's. A file system that cannot lock (some NFS or Lustre mounts) gets a warning and no
+        lock: concurrent starts of one experiment are then not detected there.
         """
         import fcntl
-        import socket
-        import time
 
         try:
             fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -224,22 +228,32 @@ class RunDir:
             log(f"warning: cannot lock {marker} ({err.strerror}); a second start of this experiment "
                 "while this one runs would not be detected")
             return ""
-        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{MARKER_TEXT}in use by pid {os.getpid()} on {socket.gethostname()} since {since}\n"
-                  .encode(), 0)
         self._lock_fd = fd
         _HELD_LOCKS.add(fd)
         return ""
+
+    def _record_holder(self) -> None:
+        """The marker says who holds it (pid, host, since when): the refusal line of a second start."""
+        import socket
+        import time
+
+        if self._lock_fd is None:
+            return
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{MARKER_TEXT}in use by pid {os.getpid()} on {socket.gethostname()} "
+                  f"since {since}\n".encode(), 0)
+        self._holder_recorded = True
 
     def release(self) -> None:
         """Let go of the run directory's lock (the end of the process does so too)."""
         if self._lock_fd is not None:
             _HELD_LOCKS.discard(self._lock_fd)
-            with contextlib.suppress(OSError):  # the holder line goes: nobody holds the folder now
-                os.ftruncate(self._lock_fd, len(MARKER_TEXT.encode()))
+            if self._holder_recorded:  # the holder line goes: nobody holds the folder now
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._lock_fd, len(MARKER_TEXT.encode()))
             os.close(self._lock_fd)
-            self._lock_fd = None
+            self._lock_fd, self._holder_recorded = None, False
 
     def deletable(self) -> str:
         """``""`` if ``--overwrite`` may delete the run directory, else why not (one line)."""
