@@ -252,7 +252,8 @@ def check_ds_config(ds_config: dict, where: str, opts: TrainOptions, world_size:
 
 
 def resolve_ds_config(ds_config: dict, opts: TrainOptions) -> dict:
-    """The config handed to DeepSpeed: option overrides applied, TensorBoard pointed at the run.
+    """The config handed to DeepSpeed: option overrides applied, TensorBoard pointed at the run
+    (off for ``--eval``).
 
     ``ds_config`` has an ``optimizer`` section (:func:`parse_args` checks).
     """
@@ -266,6 +267,8 @@ def resolve_ds_config(ds_config: dict, opts: TrainOptions) -> dict:
     tb = cfg.setdefault("tensorboard", {"enabled": True})
     tb["output_path"] = opts.output
     tb["job_name"] = opts.experiment
+    if opts.eval:  # an evaluation logs nothing there: no event file of its own beside the training's
+        tb["enabled"] = False
     return cfg
 
 

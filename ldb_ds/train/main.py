@@ -209,7 +209,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
 
     write_error = ""
     try:
-        if proc.is_main:
+        if proc.is_main and not opts.eval:  # an evaluation records nothing: the files describe training
             _write_start_files(run, opts, state, ds_config, {
                 "world_size": proc.world_size, "num_classes": num_classes, "img_size": data.img_size,
                 "dataset_description": data.describe(), "threads_per_rank": proc.threads,
@@ -228,8 +228,10 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     dtype = input_dtype(engine)
 
     if opts.eval:
+        # No run directory to record a failure in: status.json is the training's record (a bad
+        # image met by an evaluation must not turn a completed run into a failed one).
         res = _guarded(lambda: validate(engine, eval_loader, dtype, data_group=data_group), proc.rank,
-                       run, lambda: "evaluation", is_main=proc.is_main)
+                       None, lambda: "evaluation", is_main=proc.is_main)
         log(f"eval: top1 {res['top1']:.2f}%  top5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
         return end(faults.EXIT_OK)
 
@@ -352,6 +354,9 @@ class _RunEnd:
 def _guarded(call: Callable[[], Any], rank: int, run: Any, where: Callable[[], str], *, is_main: bool) -> Any:
     """``call()``; the failures every rank meets alike end the process with their exit code.
 
+    ``run``: the run directory whose ``status.json`` records the failure (``None``: nothing is
+    recorded, as for ``--eval``).
+
     A data error (an unreadable image, here or on another rank: the batches are agreed before
     their step, ``workloads.batches.agreed_batches``) exits 2 with the file named; another rank's crashed
     loader exits 1; an OS error on the output (a full disk while saving) exits 2 on the rank that
@@ -392,6 +397,8 @@ def _peer_failure(run: Any, since: float, wait_s: float = 3.0) -> int | None:
     A rank that leaves on an error of its own closes its gloo connections, and its peers then fail
     in their next collective: that is a consequence, not news, so they stay quiet.
     """
+    if run is None:
+        return None
     deadline = time.monotonic() + wait_s
     while True:
         status = run.read_status()
@@ -434,14 +441,14 @@ def _agree_ok(ok: bool, group: Any, *, device: Any = None) -> bool:
 
 
 def _write_start_files(run: Any, opts: TrainOptions, state: Any, ds_config: dict, record: dict) -> None:
-    """Rank 0: ``args.yaml``, ``ds_config.json``, the trimmed summary and masks of a resume, ``running``."""
+    """Rank 0, a training start: ``args.yaml``, ``ds_config.json``, the trimmed summary and masks of
+    a resume, ``running``."""
     steps = [(run.args_yaml, lambda: run.write_args(opts, record)),
              (run.ds_config_json, lambda: run.write_ds_config(ds_config))]
-    if opts.resume and not opts.eval:
+    if opts.resume:
         steps += [(run.summary_csv, lambda: run.trim_summary(state.next_epoch)),
                   (run.masks_jsonl, lambda: run.trim_masks(state.next_epoch, state.step_in_epoch))]
-    if not opts.eval:
-        steps.append((run.status_json, lambda: run.write_status("running", None, "", pid=os.getpid())))
+    steps.append((run.status_json, lambda: run.write_status("running", None, "", pid=os.getpid())))
     for path, write in steps:
         try:
             write()

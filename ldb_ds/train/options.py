@@ -151,7 +151,8 @@ class TrainOptions:
         "(broadcast) or leave them (none)")
     eval_every: int = _eval(1, "evaluate every N epochs (always after the last; 0: only then)",
                             minimum=0)
-    eval: bool = _eval(False, "only evaluate (with --resume: the checkpoint) and exit",
+    eval: bool = _eval(False, "only evaluate (with --resume: the checkpoint) and exit; writes nothing into "
+                       "the run directory (no args.yaml, ds_config.json, status.json or TensorBoard file)",
                        scope="invocation")
     validation_batch_size: Optional[int] = _eval(
         None, "evaluation batch per rank", flags=("-vb",), aliases=("--eval-batch-size",),
@@ -178,8 +179,8 @@ class TrainOptions:
         "none (the same command can be requeued forever); a tag of this run (epoch3, step120); a tag "
         "directory; or a checkpoint directory. A tag that fails its manifest is an error naming the "
         "file; auto falls back to the previous valid tag. An existing run directory must be "
-        "ldb-train's (it holds the .ldb_ds_run marker): a folder a person made is refused, with --eval "
-        "too, since its files would be overwritten", scope="invocation", nargs="?",
+        "ldb-train's (it holds the .ldb_ds_run marker): a folder a person made is refused, since its "
+        "files would be overwritten, and with --eval too (ldb-train's checkpoints are in folders it made)", scope="invocation", nargs="?",
         const="auto", metavar="auto|TAG|DIR")
     stop_after_epoch: Optional[int] = _out(
         None, "end the run after this epoch, as if interrupted (the schedule still spans "

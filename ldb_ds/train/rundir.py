@@ -154,12 +154,13 @@ class RunDir:
         marker = os.path.join(self.path, MARKER)
         if (continuing and os.path.isdir(self.path) and os.listdir(self.path)
                 and not os.path.isfile(marker)):
-            # --resume (auto too, which starts afresh where it finds no checkpoint) and --eval use
-            # the folder as it is and write args.yaml, summary.csv, results.json, status.json and
-            # checkpoints/ into it: over a person's files of the same names, unless the folder is
-            # known to be a run's. The marker says so (ldb-train writes it into every folder it starts).
+            # --resume (auto too, which starts afresh where it finds no checkpoint) uses the folder
+            # as it is and writes args.yaml, summary.csv, results.json, status.json and checkpoints/
+            # into it: over a person's files of the same names, unless the folder is known to be a
+            # run's. The marker says so (ldb-train writes it into every folder it starts). --eval
+            # writes nothing, but is refused alike: ldb-train's checkpoints are in folders it made.
             return (f"the run directory {self.path} was not created by ldb-train (it has no {MARKER} file), and "
-                    f"--resume/--eval would write args.yaml, summary.csv, results.json and checkpoints into it; "
+                    f"--resume would write args.yaml, summary.csv, results.json and checkpoints into it; "
                     f"nothing was written. Choose another --experiment (--resume PATH takes a checkpoint from "
                     f"anywhere); if it is a run of an ldb-train older than the marker, create it: touch {marker}")
         if os.path.lexists(marker):

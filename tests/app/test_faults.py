@@ -334,6 +334,14 @@ def test_unreadable_image_named_or_skipped(tmp_path):
     assert "rank 1 could not load its batch" in evaluating.stderr, tu.explain(evaluating)
     assert "epoch 0 [" not in evaluating.stdout  # the epoch's summary comes after its evaluation
     assert _status(tmp_path / "strict_eval")["exit_code"] == 2
+    # --eval of the completed run fails on the same file: exit 2, and the run's record stays as it
+    # was (status.json said failed, exit 2, before 2026-12-05: a finished run taken for a broken one).
+    skip_dir = tmp_path / "skip"
+    record = {p.name: p.read_bytes() for p in skip_dir.iterdir() if p.is_file() and p.name != ".ldb_ds_run"}
+    assert _status(skip_dir)["status"] == "completed"
+    evaluated = tu.run_deepspeed(base + ["--experiment", "skip", "--resume", "auto", "--eval"], timeout=300)
+    assert evaluated.returncode == 2 and f"unreadable image {bad_val}" in evaluated.stderr, tu.explain(evaluated)
+    assert {p.name: p.read_bytes() for p in skip_dir.iterdir() if p.is_file() and p.name != ".ldb_ds_run"} == record
 
 
 def test_healthy_run_with_every_check_on(tmp_path):

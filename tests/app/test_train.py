@@ -119,7 +119,9 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
 
     # The last checkpoint evaluates to the same accuracy (BatchNorm statistics are made equal
     # on all ranks before evaluating and saving, so rank 0's checkpoint is everybody's model).
-    # Started by replaying the run's args.yaml with -c.
+    # Started by replaying the run's args.yaml with -c. An evaluation records nothing in the run:
+    # args.yaml, ds_config.json and status.json describe the training (the marker is the lock file).
+    run_files = _files_of(run_dir)
     again = tu.run_deepspeed(["-c", str(run_dir / "args.yaml"), "--resume", "--eval"])
     assert again.returncode == 0, tu.explain(again)
     assert f"eval: top1 {results['final_top1']:.2f}%" in again.stdout, tu.explain(again)
@@ -128,6 +130,12 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     assert alone.returncode == 0, tu.explain(alone)
     assert "only the module's weights" in alone.stdout, tu.explain(alone)
     assert f"eval: top1 {results['final_top1']:.2f}%" in alone.stdout, tu.explain(alone)
+    assert _files_of(run_dir) == run_files  # no event file, no args.yaml of world size 1
+
+
+def _files_of(run_dir) -> dict[str, bytes]:
+    """Every file directly in ``run_dir`` but the marker (the lock file), with its bytes."""
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".ldb_ds_run"}
 
 
 def test_eval_at_another_world_size_keeps_batchnorm_statistics(tmp_path):
