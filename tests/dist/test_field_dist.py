@@ -208,6 +208,21 @@ def test_every_way_to_give_the_config_turns_ldb_on(tmp_path):
         assert r["deepscale_args"]["args"]["deepscale_config"] == str(path)
 
 
+def _module_compile_traces() -> bool:
+    """Whether this torch's ``nn.Module.compile()`` runs Dynamo at all (a Sequential, the eager backend)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    probe = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+    probe.compile(backend="eager")
+    probe(torch.ones(1, 2))
+    traced = counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
+    counters.clear()
+    return traced
+
+
 def test_compiling_each_block_is_exact_and_compiles_few_graphs():
     """docs/usage.md, torch.compile: granularity 'block' with each block compiled (not the whole model)."""
     from tests.support.field_workers import compiled_blocks_case
@@ -220,7 +235,11 @@ def test_compiling_each_block_is_exact_and_compiles_few_graphs():
         for a, b in zip(eager["final"], compiled["final"]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         # Blocks of one structure share graphs: trainable and dropped, whatever the number of masks.
-        assert eager["unique_graphs"] == 0 and 0 < compiled["unique_graphs"] <= 4, compiled["unique_graphs"]
+        # Where torch's own Module.compile() traces nothing (torch 2.11.0, with no ldb_ds or
+        # DeepSpeed around it: docs/support.md), the blocks run eagerly; the weights above still match.
+        expected = (1, 4) if _module_compile_traces() else (0, 0)
+        assert eager["unique_graphs"] == 0, eager["unique_graphs"]
+        assert expected[0] <= compiled["unique_graphs"] <= expected[1], (compiled["unique_graphs"], torch.__version__)
         assert r["engine_compile"].startswith("LDBUnsupportedError") and "engine.compile()" in r["engine_compile"]
 
 
