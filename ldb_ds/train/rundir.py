@@ -12,10 +12,13 @@
 ``masks.jsonl``        every step's dropped units, with ``--log-masks``
 ``status.json``        how the run ended (or ``running``): what requeue scripts read, since
                        the ``deepspeed`` launcher does not pass on the exit code
+``.ldb_ds_run``        the marker (ldb-train made this folder) and, while a run goes on, its lock:
+                       rank 0 holds a ``flock`` on it and names its pid and host in it
 =====================  ========================================================================
 
-Only rank 0 writes files; :meth:`RunDir.prepare` is collective so all ranks agree on whether the
-run may start.
+Only rank 0 writes files, and an ``--eval`` start writes none of them (it takes the lock, and
+makes the folder and its marker if they do not exist); :meth:`RunDir.prepare` is collective so
+all ranks agree on whether the run may start.
 """
 
 from __future__ import annotations
