@@ -193,7 +193,7 @@ def _group_by_timm_matcher(model: nn.Module, names: Sequence[str]) -> list[tuple
     for layer_id in sorted(layer_to_names):
         members = [n for n in layer_to_names[layer_id] if n in wanted]
         if members:
-            groups.append((f"block{layer_id}:{_common_prefix(members)}", members))
+            groups.append((f"block{layer_id}:{_unit_label(members)}", members))
     covered = {n for _, members in groups for n in members}
     missing = [n for n in names if n not in covered]
     if missing:  # defensive: timm matchers map unmatched names to the last group
@@ -204,7 +204,8 @@ def _group_by_timm_matcher(model: nn.Module, names: Sequence[str]) -> list[tuple
     return groups
 
 
-def _common_prefix(names: Sequence[str]) -> str:
+def _unit_label(names: Sequence[str]) -> str:
+    """A block unit's name from its parameter names: each top-level part's common module path, joined by "+"."""
     # timm's matchers put more than one top-level module in a group (a ViT's last block with the
     # final norm, an EfficientNet's last block with conv_head and bn2, a stem's conv1 and bn1):
     # name each top-level part by its own common module prefix, "blocks.8+norm", not by the
@@ -213,7 +214,7 @@ def _common_prefix(names: Sequence[str]) -> str:
     for n in names:
         by_top.setdefault(n.split(".")[0], []).append(n.split(".")[:-1])  # the owning module's path
     # commonprefix compares lists element by element; a top-level parameter ("cls_token") has no module.
-    labels = [".".join(os.path.commonprefix(paths)) or names_of_top for names_of_top, paths in by_top.items()]
+    labels = [".".join(os.path.commonprefix(paths)) or top for top, paths in by_top.items()]
     return "+".join(labels if len(labels) <= 4 else labels[:3] + [f"{len(labels) - 3} more"])
 
 

@@ -29,4 +29,4 @@ def error(msg: str) -> None:
     report_agreed_error(f"{PREFIX} error: {msg}", is_main=is_main())
 
 
-__all__ = ["PREFIX", "log", "error", "is_main", "launched_rank"]
+__all__ = ["PREFIX", "log", "error", "is_main"]

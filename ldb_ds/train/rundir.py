@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
 from typing import Any
 
 from .arguments import RECORD_KEY
@@ -207,8 +210,6 @@ class RunDir:
         run's. A file system that cannot lock (some NFS or Lustre mounts) gets a warning and no
         lock: concurrent starts of one experiment are then not detected there.
         """
-        import fcntl
-
         try:
             fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
@@ -238,9 +239,6 @@ class RunDir:
 
     def _record_holder(self) -> None:
         """The marker says who holds it (pid, host, since when): the refusal line of a second start."""
-        import socket
-        import time
-
         if self._lock_fd is None:
             return
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -328,8 +326,6 @@ class RunDir:
         A requeue script requeues on ``preempted`` (and on ``running`` left by a job that was
         killed outright); ``failed`` needs a person.
         """
-        import time
-
         data = {"status": status, "exit_code": exit_code, "message": message, "time": time.time(), **extra}
         tmp = f"{self.status_json}.tmp{os.getpid()}"
         try:
