@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -52,6 +52,19 @@ def _update(digest: Any, name: str, tensor: torch.Tensor) -> None:
     digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def named_tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 of ``(name, tensor)`` pairs in order: each name, dtype, shape and bytes.
+
+    ``named_tensors_digest(model.named_parameters())`` of a plain model holding the trained
+    weights (e.g. loaded from DeepSpeed's ``zero_to_fp32.py`` output) equals the run's
+    ``weights_sha256``.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        _update(digest, name, tensor)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def _gathered(ds_engine: Any, param: torch.nn.Parameter) -> Iterator[torch.Tensor]:
     if zero_stage(ds_engine) == 3 and hasattr(param, "ds_id"):
@@ -69,13 +82,11 @@ def weights_digest(engine: Any) -> dict[str, str]:
     At ZeRO-3 each parameter is gathered in turn (a collective: every rank calls this).
     """
     ds = getattr(engine, "ds_engine", engine)
-    params, buffers = hashlib.sha256(), hashlib.sha256()
+    params = hashlib.sha256()
     for name, p in ds.module.named_parameters():
         with _gathered(ds, p) as full:
             _update(params, name, full)
-    for name, b in ds.module.named_buffers():
-        _update(buffers, name, b)
-    return {"params": params.hexdigest(), "buffers": buffers.hexdigest()}
+    return {"params": params.hexdigest(), "buffers": named_tensors_digest(ds.module.named_buffers())}
 
 
 def replica_digest(engine: Any) -> dict[str, str]:
@@ -184,5 +195,5 @@ def drop_batch_precheck(engine: Any, inputs: torch.Tensor, loss_fn: Callable[[to
             "micro batch")
 
 
-__all__ = ["ReplicaDivergence", "DropBatchMemoryError", "weights_digest", "replica_digest", "check_replicas",
-           "drop_batch_precheck"]
+__all__ = ["ReplicaDivergence", "DropBatchMemoryError", "weights_digest", "named_tensors_digest", "replica_digest",
+           "check_replicas", "drop_batch_precheck"]

@@ -14,9 +14,11 @@ import shutil
 import sys
 
 import pytest
+import timm
 import torch
 import yaml
 
+from ldb_ds.runtime_checks import named_tensors_digest
 from ldb_ds.train import arguments
 from tests.support import train_utils as tu  # noqa: E402
 
@@ -154,6 +156,19 @@ def test_eval_at_another_world_size_keeps_batchnorm_statistics(tmp_path):
     assert alone.returncode == 0, tu.explain(alone)
     assert "universal checkpoint" in alone.stdout, tu.explain(alone)
     assert f"eval: top1 {float(row['eval_top1']):.2f}%" in alone.stdout, (row, tu.explain(alone))
+
+    # docs/training.md's way to a plain PyTorch state dict: DeepSpeed's own zero_to_fp32.py, which
+    # the checkpoint folder carries, rebuilds the run's weights bitwise from LDB's per-unit
+    # partitions (the run's weights_sha256 is over the same names, dtypes, shapes and bytes).
+    ckpts = tmp_path / "bn" / "checkpoints"
+    converted = tu.run([sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(tmp_path / "fp32"),
+                        "--tag", "epoch0"])
+    assert converted.returncode == 0, tu.explain(converted)
+    model = timm.create_model(MODEL, num_classes=10)
+    state = torch.load(tmp_path / "fp32" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)  # strict: every parameter and buffer, nothing else
+    results = json.loads((tmp_path / "bn" / "results.json").read_text())
+    assert named_tensors_digest(model.named_parameters()) == results["weights_sha256"]
 
 
 def _final_module_state(run_dir, tag):
