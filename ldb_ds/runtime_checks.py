@@ -191,8 +191,8 @@ def drop_batch_precheck(engine: Any, inputs: torch.Tensor, loss_fn: Callable[[to
         raise DropBatchMemoryError(
             f"the DROP epochs' micro batch ({inputs.shape[0]} per rank = {kappa} x the FULL one) does not fit in "
             f"memory{': ' + failure if failure else ' on another rank'}. Set \"batch_scaling\": \"accumulation\" "
-            "in the layer_drop_back section (same memory, batch_kappa x the accumulation steps), or lower the "
-            "micro batch")
+            "in the layer_drop_back section (same memory, batch_kappa x the accumulation steps), checkpoint "
+            "activations (non-reentrant; ldb-train: --grad-checkpointing), or lower the micro batch")
 
 
 __all__ = ["ReplicaDivergence", "DropBatchMemoryError", "weights_digest", "named_tensors_digest", "replica_digest",

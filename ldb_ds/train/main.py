@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ldb_ds.config import LDBConfig, LDBConfigError
     from ldb_ds.workloads.data import DatasetError, build_datasets
-    from ldb_ds.workloads.models import ModelError, check_model_name
+    from ldb_ds.workloads.models import ModelError, check_grad_checkpointing, check_model_name
 
     def make_data(download: bool):
         return build_datasets(opts.dataset, opts.data_dir, img_size=opts.img_size,
@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from ldb_ds.train.rundir import check_output
 
     try:
-        LDBConfig.from_ds_config(ds_config_in)  # a bad layer_drop_back section fails here
+        ldb_config = LDBConfig.from_ds_config(ds_config_in)  # a bad layer_drop_back section fails here
         check_model_name(opts.model)
+        if opts.grad_checkpointing:
+            check_grad_checkpointing(opts.model, ldb_enabled=ldb_config.enabled)
         problem = check_output(opts.output)  # a file or a read-only folder as --output
         if problem:
             raise DatasetError(problem)
@@ -83,7 +85,7 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     from ldb_ds.train.step_checks import StepChecks, drop_precheck
     from ldb_ds.workloads.data import ShardedEval
     from ldb_ds.workloads.evaluation import validate
-    from ldb_ds.workloads.models import create_model
+    from ldb_ds.workloads.models import ModelError, create_model
 
     proc = init_process(threads=opts.threads, timeout_s=opts.dist_timeout)
     end = _RunEnd(proc.rank, proc.is_main)
@@ -138,9 +140,12 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
     num_classes = opts.num_classes or data.num_classes
     torch.manual_seed(opts.seed)  # same initial weights on every rank
     extra = {} if opts.drop_path is None else {"drop_path_rate": opts.drop_path}
-    model = create_model(opts.model, num_classes=num_classes, img_size=data.img_size,
-                         pretrained=opts.pretrained, pretrained_path=opts.pretrained_path,
-                         stem=opts.stem, **extra)
+    try:
+        model = create_model(opts.model, num_classes=num_classes, img_size=data.img_size,
+                             pretrained=opts.pretrained, pretrained_path=opts.pretrained_path,
+                             stem=opts.stem, grad_checkpointing=opts.grad_checkpointing, **extra)
+    except ModelError as err:  # the same model on every rank: every rank fails here alike
+        return end(faults.EXIT_USAGE, str(err), record_status=True)
     log(data.describe())
     log(f"model {opts.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
         f"parameters, {num_classes} classes, world size {proc.world_size}, "

@@ -95,6 +95,10 @@ class TrainOptions:
                                         default_text="dataset's")
     drop_path: Optional[float] = _model(None, "timm drop_path_rate", minimum=0.0, maximum=1.0,
                                         default_text="model's")
+    grad_checkpointing: bool = _model(False, "timm: recompute each block's activations in the backward "
+                                      "(timm's non-reentrant checkpointing, exact with LDB): less memory "
+                                      "for the DROP epochs' larger micro batch, about one more forward "
+                                      "of compute")
 
     # -- data --------------------------------------------------------------------------------
     dataset: Dataset = _data("digits", "dataset (see docs/training.md, Datasets)")

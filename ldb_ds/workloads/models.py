@@ -87,6 +87,7 @@ def create_model(
     pretrained: bool = False,
     pretrained_path: str | None = None,
     stem: str = "auto",
+    grad_checkpointing: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` (timm name, or ``tv:<torchvision name>``) for ``num_classes`` classes.
@@ -102,6 +103,8 @@ def create_model(
         pretrained_path: timm only: a local weights file to load instead of the hub
             (``timm.create_model(..., pretrained_cfg_overlay={"file": path})``).
         stem: ``auto`` (adapt when ``img_size <= 64``), ``cifar`` (always) or ``original``.
+        grad_checkpointing: timm only: ``model.set_grad_checkpointing()`` (see
+            :func:`check_grad_checkpointing`); a timm model without it raises :class:`ModelError`.
         **kwargs: passed on to ``timm.create_model`` / the torchvision builder
             (e.g. ``drop_rate``, ``drop_path_rate``).
     """
@@ -121,7 +124,38 @@ def create_model(
     else:
         model = _create_timm(name, num_classes, img_size, in_chans, pretrained, pretrained_path,
                              small, **kwargs)
+    if grad_checkpointing:
+        check_grad_checkpointing(name)
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as err:  # timm's way of saying "not supported"
+            raise ModelError(f"{name} does not support gradient checkpointing in timm ({err or 'no reason given'}); "
+                             "run without --grad-checkpointing") from None
     return model
+
+
+def check_grad_checkpointing(name: str, ldb_enabled: bool = True) -> None:
+    """Raise :class:`ModelError` where ``--grad-checkpointing`` cannot be exact with ``name``.
+
+    timm recomputes each block's activations in the backward with torch's checkpoint. Its
+    default, non-reentrant checkpointing, is exact with LDB: the same weights bit for bit as
+    without it, because a dropped unit's ``requires_grad=False`` does not change what the
+    recomputation gives the kept units. Reentrant checkpointing (``TIMM_REENTRANT_CKPT=1``)
+    gives a block's weights no gradient when none of the block's inputs requires grad, which
+    happens under LDB when every unit ahead of it is dropped: the kept units in it would then
+    be stepped with no gradient (momentum and weight decay only), silently. It is refused with
+    LDB on. torchvision's classification models have no checkpointing switch.
+    """
+    if name.startswith(TV_PREFIX):
+        raise ModelError(f"--grad-checkpointing is for timm models: torchvision's {name[len(TV_PREFIX):]} "
+                         "has no gradient-checkpointing switch")
+    from timm.layers import use_reentrant_ckpt
+
+    if ldb_enabled and use_reentrant_ckpt():
+        raise ModelError("--grad-checkpointing with TIMM_REENTRANT_CKPT set: reentrant checkpointing gives a block "
+                         "no weight gradient when LDB drops every unit ahead of it, so its kept units would be "
+                         "stepped without one. Unset TIMM_REENTRANT_CKPT (timm's default, non-reentrant "
+                         "checkpointing, is exact with LDB)")
 
 
 def check_model_name(name: str) -> None:
@@ -280,4 +314,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["create_model", "check_model_name", "ModelError", "PAPER_MODELS", "TV_PREFIX", "STEMS", "count_parameters"]
+__all__ = ["create_model", "check_model_name", "check_grad_checkpointing", "ModelError", "PAPER_MODELS", "TV_PREFIX", "STEMS", "count_parameters"]

@@ -115,6 +115,8 @@ TRAIN_ARGS = [  # (id, extra argv, words the error line must hold)
     ("data-dir-with-digits", ["--data-dir", "somewhere"], ["--data-dir", "digits"]),
     ("data-dir-with-synthetic", ["--dataset", "synthetic", "--data-dir", "x"], ["--data-dir", "synthetic"]),
     ("bad-signal", ["--preempt-signals", "SIGFOO"], ["--preempt-signals"]),
+    ("grad-checkpointing-torchvision", ["--model", "tv:resnet18", "--grad-checkpointing"],
+     ["--grad-checkpointing", "torchvision"]),
 ]
 
 
@@ -369,6 +371,32 @@ def test_overwrite_never_follows_a_link_out_of_output(ws):
     proc = _run_train(ws, "--deepspeed_config", str(ws / "ds.json"), "--experiment", "link", "--overwrite")
     _check(proc.returncode, proc.stderr, 2, "--overwrite refused", "not a folder directly inside --output")
     assert _hashes(ws) == before and (ws / "runs" / "other" / "results.json").exists()
+
+
+def test_reentrant_grad_checkpointing_refused_with_ldb(ws, capsys):
+    """timm's reentrant checkpointing would step a block's kept units with no gradient when LDB
+    drops every unit ahead of the block: refused before anything starts."""
+    import timm.layers
+
+    before = _hashes(ws)
+    timm.layers.set_reentrant_ckpt(True)  # what TIMM_REENTRANT_CKPT=1 sets when timm is imported
+    try:
+        code, err = _train_in_process(capsys, ["--deepspeed_config", str(ws / "ds.json"), "--output",
+                                               str(ws / "runs"), "--grad-checkpointing"])
+    finally:
+        timm.layers.set_reentrant_ckpt(False)
+    _check(code, err, 2, "--grad-checkpointing", "TIMM_REENTRANT_CKPT")
+    assert _hashes(ws) == before
+
+
+def test_grad_checkpointing_on_a_timm_model_without_it(ws):
+    """timm's DLA has no checkpointing (it asserts): exit 2 naming the model, status failed."""
+    before = _hashes(ws)
+    proc = _run_train(ws, "--deepspeed_config", str(ws / "ds.json"), "--experiment", "gc", "--model", "dla34",
+                      "--grad-checkpointing")
+    _check(proc.returncode, proc.stderr, 2, "dla34", "gradient checkpointing")
+    assert _hashes(ws, skip=str(ws / "runs" / "gc")) == before
+    assert json.loads((ws / "runs" / "gc" / "status.json").read_text())["exit_code"] == 2
 
 
 def test_units_left_by_keep_first_named(ws):

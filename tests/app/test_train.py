@@ -171,6 +171,24 @@ def test_eval_at_another_world_size_keeps_batchnorm_statistics(tmp_path):
     assert named_tensors_digest(model.named_parameters()) == results["weights_sha256"]
 
 
+def test_grad_checkpointing_trains_the_same_weights(tmp_path):
+    """--grad-checkpointing (timm's non-reentrant checkpointing) over FULL, FULL, DROP epochs: the
+    weights bit for bit those of the run without it, at world size 1. The recomputation in the
+    backward updates BatchNorm's running statistics a second time (torch's checkpoint does that
+    with or without LDB), so the buffers differing is the sign that the blocks were recomputed."""
+    cfg = tu.write_config(str(tmp_path / "ds.json"), base="zero2_ldb.json")
+    common = ["--deepspeed_config", cfg, "--model", MODEL, "--epochs", "3", "--max-steps-per-epoch", "3",
+              "--no-progress", "--eval-every", "0", "--output", str(tmp_path)]
+    results = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--grad-checkpointing"])):
+        proc = tu.run([sys.executable, "-m", "ldb_ds.train", *common, "--experiment", name, *extra])
+        assert proc.returncode == 0, tu.explain(proc)
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert results["plain"]["ldb_drop_steps"] == results["checkpointed"]["ldb_drop_steps"] == 3
+    assert results["checkpointed"]["weights_sha256"] == results["plain"]["weights_sha256"]
+    assert results["checkpointed"]["buffers_sha256"] != results["plain"]["buffers_sha256"]
+
+
 def _final_module_state(run_dir, tag):
     state = torch.load(os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt"),
                        map_location="cpu", weights_only=False)
