@@ -91,7 +91,7 @@ def op_counts(prof: Any) -> dict[str, Any]:
                 break
             node = node.cpu_parent
         row = out[phase]
-        if ev.name.startswith(("aten::_foreach_", "aten::_fused_")):
+        if ev.name.startswith(("aten::_foreach_", "aten::_fused_", "aten::_amp_foreach_")):
             row["foreach_fused"][ev.name] += 1
         elif ev.name.startswith("Optimizer.step#"):
             row["optimizer_steps"] += 1

@@ -164,13 +164,18 @@ def install_nonfinite_skip(ds_engine: Any, patches: PatchSet) -> bool:
     NaN and set ``optimizer.overflow``; ``engine._take_model_step`` (``engine.py:3535-3541``)
     then counts it in ``engine.skipped_steps`` and leaves the LR scheduler alone. At stage 0 in
     fp32 ``engine.optimizer`` is the basic torch optimizer, which checks nothing: a NaN gradient
-    would be applied. This wraps its ``step`` (outside ldb_ds's group filter): if the norm of
-    all gradients is not finite, nothing is stepped and ``optimizer.overflow = True`` tells
+    would be applied. This wraps its ``step`` (outside ldb_ds's group filter): if any gradient
+    element is inf or NaN, nothing is stepped and ``optimizer.overflow = True`` tells
     ``_take_model_step`` (``was_step_applied()`` False, so ``Installation.run_step`` counts it in
     ``counters.skipped_steps`` as an fp16 overflow and the window's mask draw is consumed), so
     every stage skips and counts alike. The gradients were all-reduced
     in backward (``engine.py:3165``), so every rank decides the same without a collective; the
-    cost is one foreach norm over the gradients and one host sync per step, as at ZeRO 1-3.
+    cost is one pass over the gradients (torch's GradScaler check, one multi-tensor op) and one
+    host sync per step, as at ZeRO 1-3. The other stages decide on the gradient norm, which is
+    also inf when finite gradients' sum of squares overflows fp32 (one element above about 1.8e19
+    does); such a step is skipped there and taken here, and the weights it makes are inf or far
+    off, which ``ldb-train``'s checks stop on. Element-wise is what the name promises, and the
+    check is one pass instead of a norm per tensor, a stack and a reduction.
     Plain DeepSpeed has no such skip at stage 0, so ldb_ds installs it where LDB is enabled
     (``installation.install``); with LDB off an engine costs exactly what DeepSpeed's costs, and
     an application that wants the skip there too calls this itself (``ldb-train`` does).
@@ -190,15 +195,27 @@ def install_nonfinite_skip(ds_engine: Any, patches: PatchSet) -> bool:
                       "engine._take_model_step is not the verified source", RuntimeWarning, stacklevel=2)
         return False
     original_step = opt.step
+    # torch's GradScaler check: one pass over every gradient that sets found_inf on an inf or NaN
+    # element. With a scale of exactly 1 it writes each gradient back unchanged (x * 1 == x in
+    # IEEE arithmetic; the kernels skip the multiply when the scale is 1), so the step that
+    # follows sees the same bits. Made once, on the gradients' device.
+    found_inf = torch.zeros(1, dtype=torch.float32, device=ds_engine.device)
+    unit_scale = torch.ones(1, dtype=torch.float32, device=ds_engine.device)
+    # The op takes dense tensors: a sparse gradient (nn.Embedding(sparse=True)) is checked through
+    # its values, as GradScaler does. Known at set-up, so a dense model pays no per-tensor test.
+    sparse_possible = any(getattr(m, "sparse", False) is True for m in ds_engine.module.modules())
 
     def step(*args: Any, **kwargs: Any) -> Any:
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         opt.overflow = False
         if grads:
-            # One foreach norm and one stack whatever the number of tensors (fp32 at stage 0, so
-            # one dtype); the bool() is the one host sync: DeepSpeed decides on the host whether
-            # the step counts and the LR scheduler moves.
-            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            if sparse_possible:
+                grads = [t._values() if t.is_sparse else t for t in grads]
+            # One multi-tensor op whatever the number of tensors; the bool() is the one host sync:
+            # DeepSpeed decides on the host whether the step counts and the LR scheduler moves.
+            found_inf.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, unit_scale)
+            if bool(found_inf):
                 opt.overflow = True
                 return None
         return original_step(*args, **kwargs)

@@ -17,13 +17,14 @@ from tests.support.dist import run_distributed
 
 pytestmark = pytest.mark.slow
 
-NONFINITE = [{"stage": s} for s in (0, 1, 2, 3)] + [{"stage": s, "bf16": True} for s in (0, 2)]
+NONFINITE = [{"stage": s} for s in (0, 1, 2, 3)] + [{"stage": s, "bf16": True} for s in (0, 2)] \
+    + [{"stage": 0, "poison": "one-inf"}]
 
 
 def test_nonfinite_step_is_skipped_and_counted_at_every_stage():
     ranks = run_distributed(W.nonfinite_cases, 2, NONFINITE, timeout=600)
     for case, r0, r1 in zip(NONFINITE, *ranks):
-        name = f"zero{case['stage']}{'-bf16' if case.get('bf16') else ''}"
+        name = f"zero{case['stage']}{'-bf16' if case.get('bf16') else ''}{'-' + case['poison'] if 'poison' in case else ''}"
         for r in (r0, r1):
             assert r["skipped"] == 1, (name, r)  # DeepSpeed's skipped_steps counts it
             assert r["ldb_skipped"] == 1 and r["ldb_steps"] == 0, (name, r)  # one count, as an fp16 overflow
@@ -31,6 +32,13 @@ def test_nonfinite_step_is_skipped_and_counted_at_every_stage():
             assert r["mask_drawn"], (name, r)  # the skipped window consumed its draw: mask stream in step
             assert r["moved_after"] and r["finite_after"], (name, r)  # and training goes on
         assert r0["mask"] == r1["mask"], name
+
+
+def test_nonfinite_skip_reads_a_sparse_gradient():
+    for r in run_distributed(W.sparse_nonfinite, 2, timeout=300):
+        assert r["sparse_grad"], r  # the case is what it says: the embedding's gradient is sparse
+        assert r["skipped"] == [0, 1, 1] and r["emb_moved"] == [True, False, True], r
+        assert all(r["finite"]), r
 
 
 def test_drop_precheck_leaves_no_trace_and_reports_oom_on_every_rank():

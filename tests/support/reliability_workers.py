@@ -84,8 +84,18 @@ def optimizer_tensors(engine) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- non-finite steps
 
 
+def _one_inf_element(grad: torch.Tensor) -> torch.Tensor:
+    poisoned = grad.clone()
+    poisoned.view(-1)[poisoned.numel() // 2] = float("inf")  # mid-tensor: the kernels' vectorised part
+    return poisoned
+
+
 def nonfinite_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Step 1 normal, step 2 with a NaN loss, step 3 normal: what moved and what was counted."""
+    """Step 1 normal, step 2 poisoned, step 3 normal: what moved and what was counted.
+
+    The poison is a NaN loss (every gradient NaN), or with ``"poison": "one-inf"`` one inf element
+    in the middle of the first conv's weight gradient on rank 1 only (the first unit, always kept
+    by keep_first=1), before the all-reduce that gives it to every rank."""
     out = []
     for case in cases:
         engine = engine_for(config(case["stage"], bf16=case.get("bf16", False)))
@@ -94,7 +104,13 @@ def nonfinite_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, An
         before_p, before_o = full_params(engine), optimizer_tensors(engine)
         skipped0, steps0, ldb_skipped0 = int(engine.skipped_steps), engine.ldb.steps, engine.ldb.skipped_steps
         rng0 = engine.controller.rng.getstate()
-        train_step(engine, 2, rank, scale=float("nan"))
+        if case.get("poison") == "one-inf":
+            hook = engine.module[0].weight.register_hook(_one_inf_element) if rank == 1 else None
+            train_step(engine, 2, rank)
+            if hook is not None:
+                hook.remove()
+        else:
+            train_step(engine, 2, rank, scale=float("nan"))
         after_p, after_o = full_params(engine), optimizer_tensors(engine)
         record = {"skipped": int(engine.skipped_steps) - skipped0, "ldb_steps": engine.ldb.steps - steps0,
                   "ldb_skipped": engine.ldb.skipped_steps - ldb_skipped0,
@@ -108,6 +124,43 @@ def nonfinite_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, An
         record["finite_after"] = all(bool(torch.isfinite(p).all()) for p in full_params(engine))
         out.append(record)
         engine.destroy()
+    return out
+
+
+class SparseEmbeddingNet(nn.Module):
+    """An ``nn.Embedding(sparse=True)`` (DeepSpeed reduces its gradient sparsely) and two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 8, sparse=True)
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(self.emb(ids).mean(1))))
+
+
+def sparse_nonfinite(rank: int) -> dict[str, Any]:
+    """ZeRO-0 fp32 with a sparse gradient: a NaN step is skipped (the check reads the sparse
+    gradient's values), the steps around it train."""
+    import ldb_ds
+
+    model = SparseEmbeddingNet()
+    cfg = {**config(0), "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    engine, _, _, _ = ldb_ds.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+    engine.set_epoch(1)  # DROP: the embedding is the first unit, always kept (keep_first=1)
+    out = {"skipped": [], "emb_moved": [], "finite": []}
+    for step, scale in enumerate((1.0, float("nan"), 1.0)):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        ids, y = torch.randint(0, 50, (MICRO, 5), generator=g), torch.randint(0, CLASSES, (MICRO,), generator=g)
+        before = model.emb.weight.detach().clone()
+        engine.backward(F.cross_entropy(engine(ids), y) * scale)
+        out["sparse_grad"] = bool(model.emb.weight.grad is not None and model.emb.weight.grad.is_sparse)
+        engine.step()
+        out["skipped"].append(int(engine.skipped_steps))
+        out["emb_moved"].append(not torch.equal(before, model.emb.weight.detach()))
+        out["finite"].append(all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+    engine.destroy()
     return out
 
 
