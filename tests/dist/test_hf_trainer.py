@@ -55,6 +55,19 @@ def test_parity_with_ldb_ds_initialize(results, stage):
         assert torch.equal(r["final"][n], r["initialize"]["final"][n]), n
 
 
+def test_gradient_checkpointing_trains_the_same_weights(results):
+    """TrainingArguments(gradient_checkpointing=True) at ZeRO-2: transformers recomputes each layer
+    in the backward (non-reentrant, its default), and LDB's masks and weights are bit for bit
+    those of the run without it (docs/support.md: reentrant checkpointing is another matter)."""
+    for rank in (0, 1):
+        plain, checkpointed = results[rank][2], results[rank]["checkpointed"]
+        assert checkpointed["enabled"]
+        assert checkpointed["masks"] == [rec["dropped"] for rec in plain["steps"]]
+        assert any(checkpointed["masks"])
+        for n in plain["final"]:
+            assert torch.equal(checkpointed["final"][n], plain["final"][n]), n
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_dropped_units_untouched_and_kept_units_train(results, stage):
     for rank in (0, 1):

@@ -243,6 +243,7 @@ def trainer_cases(rank: int, stages: list[int], workdir: str) -> dict[str, Any]:
 
     models = {(s, k): make_vit() for s in stages for k in ("trainer", "initialize", "resume", "boundary")}
     models["dsopt"] = make_vit()
+    models["checkpointed"] = make_vit()
     models["epochs"], models["epochs_resumed"] = make_vit(), make_vit()
     out: dict[str, Any] = {}
     for stage in stages:
@@ -295,6 +296,16 @@ def trainer_cases(rank: int, stages: list[int], workdir: str) -> dict[str, Any]:
                     "ldb_epochs": [rec["epoch"] for rec in steps], "modes": [rec["mode"] for rec in steps],
                     "dropped": [rec["dropped"] for rec in steps],
                     "warnings": [str(w.message) for w in seen if "ldb_ds" in str(w.message)]}
+
+    # The Trainer's gradient checkpointing (transformers' default: non-reentrant) at ZeRO-2 over
+    # the same FULL and DROP epochs as the stage-2 run above: the same masks and weights.
+    if 2 in stages:
+        trainer, rec = _run_trainer(models["checkpointed"], os.path.join(workdir, "checkpointed"), ds_config(2),
+                                    snapshots=False, gradient_checkpointing=True)
+        layers = [m for m in trainer.model.modules() if hasattr(m, "gradient_checkpointing")]
+        out["checkpointed"] = {"final": final_weights(_shim(trainer), trainer.model),
+                               "masks": [r["dropped"] for r in rec.steps],
+                               "enabled": bool(layers) and all(m.gradient_checkpointing for m in layers)}
 
     # The JSON's optimizer section (DeepSpeed builds the optimizer), with gradient accumulation.
     trainer, rec = _run_trainer(models["dsopt"], os.path.join(workdir, "dsopt"), ds_config(2, optimizer_section=True),
