@@ -103,8 +103,9 @@ def create_model(
         pretrained_path: timm only: a local weights file to load instead of the hub
             (``timm.create_model(..., pretrained_cfg_overlay={"file": path})``).
         stem: ``auto`` (adapt when ``img_size <= 64``), ``cifar`` (always) or ``original``.
-        grad_checkpointing: timm only: ``model.set_grad_checkpointing()`` (see
-            :func:`check_grad_checkpointing`); a timm model without it raises :class:`ModelError`.
+        grad_checkpointing: timm only: ``model.set_grad_checkpointing()``; a torchvision model or
+            a timm model without it raises :class:`ModelError`. With LDB on, call
+            :func:`check_grad_checkpointing` with ``ldb_enabled=True`` first (``ldb-train`` does).
         **kwargs: passed on to ``timm.create_model`` / the torchvision builder
             (e.g. ``drop_rate``, ``drop_path_rate``).
     """
@@ -125,7 +126,7 @@ def create_model(
         model = _create_timm(name, num_classes, img_size, in_chans, pretrained, pretrained_path,
                              small, **kwargs)
     if grad_checkpointing:
-        check_grad_checkpointing(name)
+        check_grad_checkpointing(name, ldb_enabled=False)  # whether LDB is on is the caller's to check
         try:
             model.set_grad_checkpointing(True)
         except (AssertionError, NotImplementedError) as err:  # timm's way of saying "not supported"
