@@ -259,6 +259,24 @@ def _compiled_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def refuse_compiled_model(model: nn.Module) -> None:
+    """Refuse a compiled whole model before its units are cut.
+
+    The whole model spans every unit, so :func:`check_compiled` would refuse it too, but only
+    after the units exist, and ``torch.compile(model)``'s wrapper hides what cuts them: its
+    parameter names start with ``_orig_mod.`` and it has no ``group_matcher`` or
+    ``_no_split_modules`` of its own, so at ``granularity: "block"`` the cut fails first, with
+    an error about units or patterns that is no help.
+    """
+    if any(name == "<model>" for name, _ in _compiled_modules(model)):
+        _fail("a compiled model (torch.compile(model) or model.compile())",
+              "torch.compile guards on requires_grad, so every new mask recompiles the model, up to "
+              "torch._dynamo.config.recompile_limit graphs, after which it runs uncompiled",
+              "Compile submodules that each lie within one unit instead (e.g. granularity 'block' and "
+              "block.compile() for each block: two graphs per block, trainable and dropped), or leave "
+              "the model uncompiled.")
+
+
 def check_compiled(model: nn.Module, units: Sequence[Unit], cfg: LDBConfig) -> None:
     """Refuse compiled modules that span more than one droppable unit.
 
@@ -288,4 +306,4 @@ def check_compiled(model: nn.Module, units: Sequence[Unit], cfg: LDBConfig) -> N
 
 
 __all__ = ["LDBUnsupportedError", "DeepSpeedSettings", "check_setup", "check_engine", "check_settings",
-           "check_sampleable", "check_compiled", "refuse_engine_compile"]
+           "check_sampleable", "check_compiled", "refuse_compiled_model", "refuse_engine_compile"]

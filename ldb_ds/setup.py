@@ -68,6 +68,7 @@ def prepare(model: nn.Module, ds_config: Mapping[str, Any], param_groups: Any = 
         # Plain DeepSpeed: nothing is checked against the model, and the groups stay as given.
         return LDBSetup(cfg, _units_for_reports(model, cfg, trainable_params(user_groups)), user_groups, [],
                         [list(g["params"]) for g in user_groups])
+    refusals.refuse_compiled_model(model)  # before the cut, which the compiled wrapper would confuse
     # Every unit is trainable here (requires_grad=True by construction): DeepSpeed fixes the
     # set of optimized parameters at initialize, so masks may only be applied afterwards.
     units = build_units(model, cfg.granularity, trainable_params(user_groups),

@@ -62,8 +62,19 @@ CASES = {
                                "managed_gradient_accumulation = false"),
     "hybrid_engine": ({}, dict(hybrid_engine={"enabled": True}), "hybrid engine"),
     "deepcompile": ({}, dict(compile={"deepcompile": True}), "DeepCompile"),
-    "compiled_model": (dict(model=lambda: torch.compile(_model(), backend="eager")), {}, "compiled module"),
+    "compiled_model": (dict(model=lambda: torch.compile(_model(), backend="eager")), {}, "compiled model"),
+    # At block granularity the compiled wrapper's "_orig_mod." names match no block pattern: the
+    # refusal must come before the cut, not as a pattern error.
+    "compiled_model_blocks": (dict(model=lambda: torch.compile(_model(), backend="eager")),
+                              dict(layer_drop_back={"granularity": "block", "block_pattern": r"^\d+"}),
+                              "compiled model"),
+    "compiled_in_place": (dict(model=lambda: _compiled_in_place(_model())), {}, "compiled model"),
 }
+
+
+def _compiled_in_place(model: nn.Module) -> nn.Module:
+    model.compile(backend="eager")
+    return model
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
