@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 DEFAULT_DIST_TIMEOUT_S = 600.0
+MIN_PROCESS_GROUP_TIMEOUT_S = 300.0
+"""The least timeout :func:`init_process` gives the process group. Its rendezvous (every rank
+connecting to rank 0's store, rank 0 waiting for all of them) runs under the same timeout, and the
+ranks of one job reach it tens of seconds apart on a busy machine (imports, a loaded file system):
+with ``--dist-timeout 10`` one start in two failed there with a DistNetworkError."""
 """Collective timeout: well under torch's 30 minutes, long enough for legitimate one-rank waits
 (a dataset download, the first ~90 s build of DeepSpeed's fused ops, rank 0's checkpoint writes)."""
 
@@ -98,9 +103,13 @@ def init_process(threads: int | None = None, backend: str | None = None,
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
+    # The rendezvous shares the group's timeout (torch has no separate one), so the group gets at
+    # least MIN_PROCESS_GROUP_TIMEOUT_S. A shorter timeout_s still bounds a hang in training:
+    # ldb-train's watchdog fires after timeout_s less its margin (train/faults.py), and its side
+    # groups are made with timeout_s itself.
     kwargs: dict[str, Any] = {"auto_mpi_discovery": True, "verbose": False,
                               "distributed_port": int(os.environ.get("MASTER_PORT", 29500)),
-                              "timeout": datetime.timedelta(seconds=timeout_s)}
+                              "timeout": datetime.timedelta(seconds=max(timeout_s, MIN_PROCESS_GROUP_TIMEOUT_S))}
     if backend:
         kwargs["dist_backend"] = backend
     deepspeed.init_distributed(**kwargs)
@@ -262,6 +271,6 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-__all__ = ["DEFAULT_DIST_TIMEOUT_S", "Process", "free_port", "set_threads", "init_process", "release_shm_segment",
+__all__ = ["DEFAULT_DIST_TIMEOUT_S", "MIN_PROCESS_GROUP_TIMEOUT_S", "Process", "free_port", "set_threads", "init_process", "release_shm_segment",
            "shm_segment_path", "input_dtype", "batch_to_device", "synchronize", "teardown", "RANK0_GRACE_S",
            "launched_rank", "report_agreed_error", "exit_process"]

@@ -204,8 +204,9 @@ class TrainOptions:
     stop_check_every: int = _rel(1, "agree on a stop request every N optimizer steps (one all-reduce of an "
                                  "integer over a gloo side group: no device synchronisation)", minimum=1)
     dist_timeout: float = _rel(
-        600.0, "collective timeout in seconds (deepspeed.init_distributed); a rank that makes no progress "
-        "for most of it is named by the watchdog and the job exits with code 4 within it", minimum=5.0)
+        600.0, "collective timeout in seconds; a rank that makes no progress for most of it is named by "
+        "the watchdog and the job exits with code 4 within it (the process group itself, whose start-up "
+        "rendezvous shares its timeout, gets at least 300 s)", minimum=5.0)
     on_nonfinite: NonFinite = _rel(
         "stop", "a step whose gradient norm is not finite (every ZeRO stage skips it): stop (exit code 3, "
         "nothing saved after the last good checkpoint) or skip it and go on")

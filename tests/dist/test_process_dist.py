@@ -3,8 +3,46 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
+from ldb_ds.process import free_port
+from tests.support import train_utils as tu
 from tests.support.dist import run_distributed
+
+_JOIN = """
+import torch, deepspeed.comm as dist
+from ldb_ds.process import init_process
+p = init_process(timeout_s=10)
+t = torch.ones(1) * (p.rank + 1)
+dist.all_reduce(t)
+print("joined", p.rank, p.world_size, t.item())
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_that_start_further_apart_than_the_timeout_still_meet():
+    """Rank 1 reaches the rendezvous about 18 s before rank 0, with a 10 s collective timeout
+    (ldb-train's --dist-timeout 10): the ranks still meet (process.MIN_PROCESS_GROUP_TIMEOUT_S).
+    Bound by the 10 s, rank 1 gave up connecting to rank 0's store (DistNetworkError), as one
+    start in two did on a busy machine."""
+    port = str(free_port())
+    procs = []
+    try:
+        for rank, delay in ((1, 0.0), (0, 18.0)):
+            time.sleep(delay)
+            env = tu.cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            procs.append(subprocess.Popen([sys.executable, "-c", _JOIN], env=env, cwd=tu.REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "joined" in out and "3.0" in out, out[-3000:]
 
 
 def _shm_state(rank: int) -> dict:
