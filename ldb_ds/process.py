@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 DEFAULT_DIST_TIMEOUT_S = 600.0
+"""Collective timeout: well under torch's 30 minutes, long enough for legitimate one-rank waits
+(a dataset download, the first ~90 s build of DeepSpeed's fused ops, rank 0's checkpoint writes)."""
 MIN_PROCESS_GROUP_TIMEOUT_S = 300.0
 """The least timeout :func:`init_process` gives the process group. Its rendezvous (every rank
 connecting to rank 0's store, rank 0 waiting for all of them) runs under the same timeout, and the
 ranks of one job reach it tens of seconds apart on a busy machine (imports, a loaded file system):
 with ``--dist-timeout 10`` one start in two failed there with a DistNetworkError."""
-"""Collective timeout: well under torch's 30 minutes, long enough for legitimate one-rank waits
-(a dataset download, the first ~90 s build of DeepSpeed's fused ops, rank 0's checkpoint writes)."""
 
 
 def unusable_output_dir(path: str) -> tuple[str, str]:

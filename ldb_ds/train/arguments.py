@@ -26,6 +26,7 @@ import sys
 from typing import Any, Mapping, NoReturn
 
 from . import options
+from .console import log
 from .options import OptionsError, TrainOptions
 
 TRAIN_SECTION = "train"
@@ -113,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
                                '{"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}} '
                                "(see ds_configs/)")
         values = {**from_json, **from_yaml, **given, "deepspeed_config": ds_path}
+        _drop_data_dir_of_another_dataset(values, (from_json, from_yaml, given), ds_path)
         opts = TrainOptions(**values)
         check_ds_config(ds_config, ds_path, opts, launched_world_size())
         if opts.sched is None:
@@ -123,6 +125,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     except OptionsError as err:
         parser.error(str(err))
     return opts, ds_config
+
+
+def _drop_data_dir_of_another_dataset(values: dict[str, Any], sources: tuple[dict[str, Any], ...],
+                                      ds_path: str) -> None:
+    """A ``data_dir`` goes with the dataset it was given for.
+
+    ``ds_configs/paper_scratch_*.json`` name CIFAR-10 in ``data/``; ``--dataset digits`` on the
+    command line (a later source) then leaves that folder unused, and is no conflict: the file's
+    ``data_dir`` is dropped, with a note. A ``data_dir`` given at the same level as, or a later one
+    than, a dataset that reads none is still refused (``TrainOptions``): who names a folder there
+    expects it to be read.
+    """
+    if values.get("dataset") not in ("digits", "synthetic") or values.get("data_dir") is None:
+        return
+    level = {key: max(i for i, src in enumerate(sources) if key in src) for key in ("dataset", "data_dir")}
+    if level["dataset"] > level["data_dir"]:
+        where = (f"the '{TRAIN_SECTION}' section of {ds_path}", "the -c file")[level["data_dir"]]
+        log(f"note: data_dir {values['data_dir']!r} from {where} is not used by --dataset {values['dataset']}")
+        values["data_dir"] = None
 
 
 def load_yaml(path: str) -> dict[str, Any]:

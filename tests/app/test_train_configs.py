@@ -144,6 +144,26 @@ def test_resolved_deepspeed_config(tmp_path):
     assert arguments.default_experiment(opts, ds, 4) == "digits-resnet18-ldb-z2-ws4"
 
 
+def test_a_data_dir_goes_with_the_dataset_it_was_given_for(tmp_path, capsys):
+    """The paper configs name CIFAR-10 in data/; --dataset digits on the command line leaves that
+    folder unused (dropped, with a note). A data_dir given beside digits at the same level, or
+    later, is still refused: who names a folder there expects it to be read."""
+    paper = os.path.join(tu.REPO, "ds_configs", "paper_scratch_ldb.json")
+    opts, _ = arguments.parse_args(["--deepspeed_config", paper, "--dataset", "digits"])
+    assert opts.dataset == "digits" and opts.data_dir is None and opts.model == "resnet50"
+    assert "data_dir 'data' from the 'train' section" in capsys.readouterr().out
+    opts, _ = arguments.parse_args(["--deepspeed_config", paper, "--dataset", "cifar100"])
+    assert opts.data_dir == "data"  # a dataset that reads a folder keeps the file's
+    conf = tmp_path / "opts.yaml"
+    conf.write_text(yaml.safe_dump({"dataset": "synthetic"}))
+    opts, _ = arguments.parse_args(["--deepspeed_config", paper, "-c", str(conf)])
+    assert opts.dataset == "synthetic" and opts.data_dir is None
+    err = _error(capsys, ["--deepspeed_config", paper, "--dataset", "digits", "--data-dir", "data"])
+    assert "--data-dir (data_dir) = 'data' is not used by --dataset digits" in err
+    both = tu.write_config(str(tmp_path / "both.json"), train={"dataset": "digits", "data_dir": "data"})
+    assert "is not used by --dataset digits" in _error(capsys, ["--deepspeed_config", both])
+
+
 def _error(capsys, argv):
     with pytest.raises(SystemExit) as exc:
         arguments.parse_args(argv)
