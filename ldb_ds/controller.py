@@ -274,15 +274,16 @@ class LDBController:
         finally:
             self._set_dropped(dropped)
 
-    def release_mask(self, force: bool = False) -> None:
+    def release_mask(self, force: bool = False, caller: str = "release_mask()") -> None:
         """Make every unit trainable now (the end of training, evaluation).
 
         The next window applies a mask again (a new draw; with ``resample="epoch"`` the
-        epoch's mask). In the middle of an accumulation window this raises, unless
-        ``force`` (the engine is being destroyed): the window is then abandoned.
+        epoch's mask). In the middle of an accumulation window this raises, naming ``caller``
+        (the public call the user made), unless ``force`` (the engine is being destroyed): the
+        window is then abandoned.
         """
         if self.window_open and not force:
-            raise RuntimeError("release_mask() called in the middle of a gradient-accumulation window "
+            raise RuntimeError(f"{caller} called in the middle of a gradient-accumulation window "
                                "(forward/backward since the last step()); call step() first")
         self.step_state.clear(Window.CLOSED)
         self._set_dropped([False] * len(self.units))

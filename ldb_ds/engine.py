@@ -152,7 +152,7 @@ class LDBEngine:
         an accumulation window (forward/backward since the last ``step()``).
         """
         if self.controller.cfg.enabled:  # disabled: plain DeepSpeed, the flags are the user's
-            self.controller.release_mask()
+            self.controller.release_mask(caller="engine.finish()")
 
     def destroy(self) -> Any:
         """DeepSpeed's ``destroy()``, after making every unit trainable (abandoning an open window)
