@@ -286,7 +286,12 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
             "weights_sha256": digest["params"], "buffers_sha256": digest["buffers"],
             "optimizer_steps": int(engine.global_steps), "skipped_steps": ldb.skipped_steps,
             "counters": state.counters, "best_checkpoint": state.best, "history": history})
-        run.write_status("completed", faults.EXIT_OK, "", checkpoint=state.last_tag)
+        last_epoch = int(history[-1]["epoch"]) if history else None
+        stopped_early = opts.stop_after_epoch is not None and last_epoch is not None and last_epoch < opts.epochs - 1
+        # Completed as asked, not finished: say so, since a requeue script reads "completed" as done.
+        note = (f"stopped after epoch {last_epoch} by --stop-after-epoch (the schedule spans --epochs "
+                f"{opts.epochs}); --resume auto continues it") if stopped_early else ""
+        run.write_status("completed", faults.EXIT_OK, note, checkpoint=state.last_tag)
         log(f"done: {run_s:.1f} s in this process; final top1 "
             f"{final.get('eval_top1', float('nan')):.2f}%; weights SHA-256 {digest['params'][:16]}... "
             f"TensorBoard: tensorboard --logdir {shlex.quote(str(opts.output))}")  # pasteable as is

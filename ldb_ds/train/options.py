@@ -156,7 +156,8 @@ class TrainOptions:
     eval_every: int = _eval(1, "evaluate every N epochs (always after the last; 0: only then)",
                             minimum=0)
     eval: bool = _eval(False, "only evaluate (with --resume: the checkpoint) and exit; writes nothing into "
-                       "the run directory (no args.yaml, ds_config.json, status.json or TensorBoard file)",
+                       "the run directory (no args.yaml, ds_config.json, status.json or TensorBoard file) but "
+                       "the holder line of its lock marker, .ldb_ds_run",
                        scope="invocation")
     validation_batch_size: Optional[int] = _eval(
         None, "evaluation batch per rank", flags=("-vb",), aliases=("--eval-batch-size",),
@@ -187,8 +188,9 @@ class TrainOptions:
         "files would be overwritten, and with --eval too (ldb-train's checkpoints are in folders it made)", scope="invocation", nargs="?",
         const="auto", metavar="auto|TAG|DIR")
     stop_after_epoch: Optional[int] = _out(
-        None, "end the run after this epoch, as if interrupted (the schedule still spans "
-        "--epochs)", scope="invocation", minimum=0)
+        None, "end the run after this epoch, as if interrupted (the schedule still spans --epochs; "
+        "status.json says completed, its message that the run stopped early; --resume auto continues)",
+        scope="invocation", minimum=0)
     log_interval: int = _out(10, "TensorBoard step events every N steps (averaged over them)",
                              aliases=("--log-every",), minimum=1)
     log_masks: bool = _out(False, "append every step's dropped unit indices to masks.jsonl in "

@@ -208,12 +208,15 @@ def test_resume_matches_uninterrupted_run(tmp_path, stage):
     part = tu.run_deepspeed(common + ["--experiment", "part", "--stop-after-epoch", "1"])
     assert part.returncode == 0, tu.explain(part)
     assert not (tmp_path / "part" / "checkpoints" / "epoch2").exists()
+    status = json.loads((tmp_path / "part" / "status.json").read_text())
+    assert status["status"] == "completed" and "stopped after epoch 1 by --stop-after-epoch" in status["message"]
     # As if the stopped run had written epoch 2's summary row and died before its checkpoint:
     # the resumed run trains epoch 2 again and must replace that row, not add a second one.
     with open(tmp_path / "part" / "summary.csv", "a") as f:
         f.write("2" + ",-1" * 10 + "\n")
     resumed = tu.run_deepspeed(common + ["--experiment", "part", "--resume"])
     assert resumed.returncode == 0, tu.explain(resumed)
+    assert json.loads((tmp_path / "part" / "status.json").read_text())["message"] == ""  # finished now
     assert "resumed from" in resumed.stdout
     with open(tmp_path / "part" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
