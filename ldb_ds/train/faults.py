@@ -251,6 +251,19 @@ def watchdog_timing(timeout_s: float) -> tuple[float, float]:
     return max(timeout_s - barrier - 2.0, timeout_s / 2.0), barrier
 
 
+def side_group_timeout(timeout_s: float) -> float:
+    """The timeout of the control and data side groups, a little past ``timeout_s``.
+
+    In training the watchdog fires ``fire_after_s`` after a rank's last heartbeat and reports
+    within ``barrier_s`` more, just before ``timeout_s``. A side-group collective that started at
+    that heartbeat (a checkpoint's manifest gather, the batch agreement started a step ahead)
+    would otherwise time out at ``timeout_s``, a second or two after the report is due, and on
+    a loaded machine sometimes first, reporting "a collective failed" instead of naming the rank
+    that stopped answering. Outside training (set-up, ``--eval``) this is the bound of a hang.
+    """
+    return timeout_s + watchdog_timing(timeout_s)[1] + 5.0
+
+
 class Watchdog(threading.Thread):
     """Ends the process with exit code 4 and a message when the heartbeat stops (see the module doc)."""
 
@@ -327,5 +340,5 @@ def is_distributed_failure(err: BaseException) -> bool:
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_HUNG", "EXIT_DIVERGED", "EXIT_MEMORY",
            "EXIT_PREEMPTED", "SIGNALS", "parse_signals", "print_rank", "gloo_group", "StopSignal",
            "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "StopAgreement",
-           "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "Watchdog",
+           "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "side_group_timeout", "Watchdog",
            "is_distributed_failure"]

@@ -131,11 +131,11 @@ def _train(opts: TrainOptions, ds_config_in: dict, data, make_data) -> int:
         data = data or make_data(False)
     # Host-side agreement (manifests, stop flags, hashes) on gloo groups of their own: no device
     # sync, and the watchdog's group is used by its thread only.
-    control = faults.gloo_group(opts.dist_timeout) if proc.world_size > 1 else None
+    control = faults.gloo_group(faults.side_group_timeout(opts.dist_timeout)) if proc.world_size > 1 else None
     watch_group = faults.gloo_group(faults.watchdog_timing(opts.dist_timeout)[1] + 5.0) \
         if proc.world_size > 1 else None
     # The per-batch load agreement runs asynchronously beside the step's hooks: a group of its own.
-    data_group = faults.gloo_group(opts.dist_timeout) if proc.world_size > 1 else None
+    data_group = faults.gloo_group(faults.side_group_timeout(opts.dist_timeout)) if proc.world_size > 1 else None
 
     num_classes = opts.num_classes or data.num_classes
     torch.manual_seed(opts.seed)  # same initial weights on every rank
