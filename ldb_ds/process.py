@@ -105,8 +105,8 @@ def init_process(threads: int | None = None, backend: str | None = None,
 
     # The rendezvous shares the group's timeout (torch has no separate one), so the group gets at
     # least MIN_PROCESS_GROUP_TIMEOUT_S. A shorter timeout_s still bounds a hang in training:
-    # ldb-train's watchdog fires after timeout_s less its margin (train/faults.py), and its side
-    # groups are made with timeout_s itself.
+    # ldb-train's watchdog fires after timeout_s less its margin, and its side groups time out
+    # just after it (train/faults.py, side_group_timeout).
     kwargs: dict[str, Any] = {"auto_mpi_discovery": True, "verbose": False,
                               "distributed_port": int(os.environ.get("MASTER_PORT", 29500)),
                               "timeout": datetime.timedelta(seconds=max(timeout_s, MIN_PROCESS_GROUP_TIMEOUT_S))}
@@ -271,6 +271,7 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-__all__ = ["DEFAULT_DIST_TIMEOUT_S", "MIN_PROCESS_GROUP_TIMEOUT_S", "Process", "free_port", "set_threads", "init_process", "release_shm_segment",
+__all__ = ["DEFAULT_DIST_TIMEOUT_S", "MIN_PROCESS_GROUP_TIMEOUT_S", "Process", "free_port", "set_threads",
+           "init_process", "release_shm_segment",
            "shm_segment_path", "input_dtype", "batch_to_device", "synchronize", "teardown", "RANK0_GRACE_S",
            "launched_rank", "report_agreed_error", "exit_process"]

@@ -340,5 +340,5 @@ def is_distributed_failure(err: BaseException) -> bool:
 __all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_HUNG", "EXIT_DIVERGED", "EXIT_MEMORY",
            "EXIT_PREEMPTED", "SIGNALS", "parse_signals", "print_rank", "gloo_group", "StopSignal",
            "ignore_signals_in_worker", "worker_context", "WORKER_PRELOAD", "StopAgreement",
-           "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "side_group_timeout", "Watchdog",
-           "is_distributed_failure"]
+           "agreed_batches", "PeerBatchError", "Beat", "Heartbeat", "watchdog_timing", "side_group_timeout",
+           "Watchdog", "is_distributed_failure"]

@@ -185,7 +185,8 @@ class TrainOptions:
         "directory; or a checkpoint directory. A tag that fails its manifest is an error naming the "
         "file; auto falls back to the previous valid tag. An existing run directory must be "
         "ldb-train's (it holds the .ldb_ds_run marker): a folder a person made is refused, since its "
-        "files would be overwritten, and with --eval too (ldb-train's checkpoints are in folders it made)", scope="invocation", nargs="?",
+        "files would be overwritten, and with --eval too (ldb-train's checkpoints are in folders it made)",
+        scope="invocation", nargs="?",
         const="auto", metavar="auto|TAG|DIR")
     stop_after_epoch: Optional[int] = _out(
         None, "end the run after this epoch, as if interrupted (the schedule still spans --epochs; "

@@ -315,4 +315,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["create_model", "check_model_name", "check_grad_checkpointing", "ModelError", "PAPER_MODELS", "TV_PREFIX", "STEMS", "count_parameters"]
+__all__ = ["create_model", "check_model_name", "check_grad_checkpointing", "ModelError", "PAPER_MODELS", "TV_PREFIX",
+           "STEMS", "count_parameters"]
