@@ -10,8 +10,9 @@
 ...         engine.step()
 
 The core is this package's top level; it needs torch and DeepSpeed only.
-Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``,
-``functional``, ``controller``, ``sampler``, ``checkpointing``, ``checkpoint_fit`` (torch) -> ``refusals`` (set-up),
+Imports flow one way: ``config``/``schedule`` (pure Python) -> ``units``, ``functional``,
+``controller``, ``kept_gradient``, ``sampler``, ``checkpointing``, ``checkpoint_fit`` (torch) ->
+``refusals`` (set-up),
 ``zero_hooks``, ``attach``, ``engine``, ``runtime_checks`` (while training), ``process`` (DeepSpeed).
 The applications ``ldb_ds.train`` and ``ldb_ds.bench`` (and ``ldb_ds.integrations``) import the
 core and are never imported by it. ``guards``, ``safety`` and ``runtime`` are the deprecated
@@ -36,13 +37,14 @@ _LAZY = {
     "initialize": "engine",
     "LDBEngine": "engine",
     "LDBUnsupportedError": "refusals",
+    "KeptUnitWithoutGradientError": "kept_gradient",
     "LDBState": "controller",
     "LDBController": "controller",
     "ScalableBatchSampler": "sampler",
     "build_dataloader": "sampler",
 }
-_SUBMODULES = ("functional", "units", "controller", "sampler", "refusals", "zero_hooks", "attach", "engine", "process",
-               "checkpointing", "checkpoint_fit", "runtime_checks",
+_SUBMODULES = ("functional", "units", "controller", "kept_gradient", "sampler", "refusals", "zero_hooks", "attach",
+               "engine", "process", "checkpointing", "checkpoint_fit", "runtime_checks",
                "guards", "runtime", "safety")  # deprecated names of refusals, process, runtime_checks
 
 
@@ -54,5 +56,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ldb_ds' has no attribute {name!r}")
 
 
-__all__ = ["initialize", "LDBConfig", "LDBConfigError", "LDBUnsupportedError", "Mode", "DEFAULTS", "LDBEngine", "LDBState",
-           "LDBController", "ScalableBatchSampler", "build_dataloader", "functional", "__version__"]
+__all__ = ["initialize", "LDBConfig", "LDBConfigError", "LDBUnsupportedError", "KeptUnitWithoutGradientError",
+           "Mode", "DEFAULTS", "LDBEngine", "LDBState", "LDBController", "ScalableBatchSampler", "build_dataloader",
+           "functional", "__version__"]

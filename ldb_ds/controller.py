@@ -33,6 +33,7 @@ import torch.distributed as torch_dist
 
 from .config import LDBConfig
 from .functional import apply_mask
+from .kept_gradient import KeptGradientCheck
 from .schedule import Mode, batch_factor, draw_dropped, epoch_mode, kept_fraction, lr_factor
 from .units import Unit, UnitInfo
 
@@ -139,6 +140,7 @@ class LDBController:
         self.counters = StepCounters()
         self.rng = random.Random(cfg.seed)
         self.step_state = StepState()
+        self.kept_gradient_check = KeptGradientCheck()
         self.state = LDBState(self)
 
     @property
@@ -190,14 +192,18 @@ class LDBController:
             # (engine.eval(), finish()) made every unit trainable since the last window.
             if self.dropped != self.epoch_mask:
                 self._set_dropped(self.epoch_mask)
-            return
-        mask = self._broadcast_mask_from_rank0()
-        if self.cfg.resample == "epoch":
-            self.epoch_mask = mask
-        self._set_dropped(mask)
+        else:
+            mask = self._broadcast_mask_from_rank0()
+            if self.cfg.resample == "epoch":
+                self.epoch_mask = mask
+            self._set_dropped(mask)
+        # A dropped first unit: watch that the first kept one gets a gradient (kept_gradient).
+        self.kept_gradient_check.arm(self.units, self.dropped)
 
     def begin_step(self) -> StepState:
         """At the accumulation boundary, before the optimizer step: fill :attr:`step_state` for the patches."""
+        # Before anything is hidden or stepped: a kept unit without a gradient stops the run here.
+        self.kept_gradient_check.verify()
         step = self.step_state
         step.window = Window.STEPPING
         step.lr_factor = self.lr_factor
@@ -286,6 +292,7 @@ class LDBController:
             raise RuntimeError(f"{caller} called in the middle of a gradient-accumulation window "
                                "(forward/backward since the last step()); call step() first")
         self.step_state.clear(Window.CLOSED)
+        self.kept_gradient_check.disarm()
         self._set_dropped([False] * len(self.units))
 
     def refresh_group_dicts(self, current: Sequence[Mapping[str, Any]]) -> None:

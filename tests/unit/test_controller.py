@@ -163,3 +163,64 @@ def test_release_between_windows_then_the_epoch_mask_comes_back():
     c.open_window()
     c.release_mask(force=True)  # engine.destroy(): an open window is abandoned
     assert not c.window_open and all(p.requires_grad for p in model.parameters())
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+
+
+@pytest.mark.parametrize("keep_first", [0, 1])
+def test_kept_gradient_check_watches_one_unit_only_behind_a_dropped_first_unit(keep_first):
+    c, model, _ = _controller(keep_first=keep_first)
+    c.set_epoch(2)
+    armed = []
+    for _ in range(10):
+        c.open_window()
+        first_kept = c.dropped.index(False)
+        # Hooks on the first kept unit's parameters only, and only when the first unit is dropped.
+        assert _hooks(model) == (len(c.units[first_kept].params) if c.dropped[0] else 0)
+        armed.append(c.dropped[0])
+        model(torch.randn(2, 4)).sum().backward()  # a plain forward: every kept unit gets a gradient
+        c.begin_step()
+        c.end_step()
+        assert _hooks(model) == 0
+        model.zero_grad()
+    assert (any(armed) and not all(armed)) if keep_first == 0 else not any(armed)
+
+
+def _open_a_window_that_drops_the_first_unit(c: LDBController) -> None:
+    while True:  # the seed's first such window; the ones before are stepped as usual
+        c.open_window()
+        if c.dropped[0]:
+            return
+        c.begin_step()
+        c.end_step()
+
+
+def test_kept_gradient_check_stops_a_step_whose_first_kept_unit_got_no_gradient():
+    from torch.utils.checkpoint import checkpoint
+
+    from ldb_ds.kept_gradient import KeptUnitWithoutGradientError
+
+    c, model, _ = _controller(keep_first=0)
+    c.set_epoch(2)
+    _open_a_window_that_drops_the_first_unit(c)
+    # Reentrant checkpointing of everything after the dropped first unit: no input requires grad.
+    first_kept = c.dropped.index(False)
+    x = model[:first_kept](torch.randn(2, 4))
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+        out = checkpoint(model[first_kept:], x, use_reentrant=True)
+    assert not out.requires_grad  # nothing to call backward on: the unit can get no gradient
+    with pytest.raises(KeptUnitWithoutGradientError, match=rf"unit '{c.units[first_kept].name}'.*use_reentrant=False"):
+        c.begin_step()
+    assert _hooks(model) == 0
+    c.release_mask(force=True)
+
+
+def test_release_mask_removes_the_kept_gradient_hooks():
+    c, model, _ = _controller(keep_first=0)
+    c.set_epoch(2)
+    _open_a_window_that_drops_the_first_unit(c)
+    assert _hooks(model) > 0
+    c.release_mask(force=True)  # what destroy() does to a window it abandons
+    assert _hooks(model) == 0 and not any(c.dropped)

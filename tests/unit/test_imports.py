@@ -96,8 +96,8 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 CORE_LAYERS = {
     "config": "pure", "schedule": "pure",
-    "units": "torch", "functional": "torch", "controller": "torch", "sampler": "torch", "checkpointing": "torch",
-    "checkpoint_fit": "torch", "state_file": "torch", "initialize_args": "torch",
+    "units": "torch", "functional": "torch", "controller": "torch", "kept_gradient": "torch", "sampler": "torch",
+    "checkpointing": "torch", "checkpoint_fit": "torch", "state_file": "torch", "initialize_args": "torch",
     "refusals": "deepspeed", "setup": "deepspeed", "zero_hooks": "deepspeed", "installation": "deepspeed",
     "attach": "deepspeed",
     "engine": "deepspeed",
