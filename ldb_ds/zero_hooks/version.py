@@ -74,6 +74,11 @@ MIRRORED_SOURCES = {
     "engine.DeepSpeedEngine.set_train_batch_size": "b1519283d7f588c5",
     "fp16.unfused_optimizer.FP16_UnfusedOptimizer.backward": "0fa9d435f47f7f58",
     "fp16.fused_optimizer.FP16_Optimizer.backward": "6dce1e793bdca85b",
+    # The backward epilogues: on a GPU the ZeRO-1/2 and ZeRO-3 replacements read the reduced
+    # gradients on the current stream, which is safe because these wait for the reduction streams
+    # (stage_1_and_2.py:1026-1028 with overlap_comm, stage3.py:1413-1414) before any step runs.
+    "stage_1_and_2.DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue": "26ceef6d75b34b97",
+    "stage3.DeepSpeedZeroOptimizer_Stage3.independent_gradient_partition_epilogue": "f1575b87b3d6c083",
 }
 
 _version_warned = False

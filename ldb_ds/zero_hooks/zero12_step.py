@@ -37,12 +37,20 @@ from .patches import Kind, PatchSet, fallback_warning
 from .version import mirrors_verified
 from .views import point_into
 
+# Both replacements read the gradient partitions on the current stream. With overlap_comm they are
+# reduced on DeepSpeed's reduction stream, and the backward epilogue is what synchronizes the device
+# before any step (stage_1_and_2.py:1026-1028): its source is checked too, so a DeepSpeed that moved
+# that wait elsewhere runs its own code.
+EPILOGUE = "stage_1_and_2.DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue"
+
 NORM_MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.scaled_global_norm",
-                 "stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct", "utils.combine_grad_norm_groups"]
+                 "stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct", "utils.combine_grad_norm_groups",
+                 EPILOGUE]
 """The DeepSpeed functions :func:`install_batched_grad_norm` mirrors: a changed source keeps DeepSpeed's own norm."""
 
 MIRRORED = ["stage_1_and_2.DeepSpeedZeroOptimizer.step", "stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step",
-            "utils.all_gather_into_tensor_dp_groups", "stage_1_and_2.DeepSpeedZeroOptimizer._update_model_bit16_weights"]
+            "utils.all_gather_into_tensor_dp_groups",
+            "stage_1_and_2.DeepSpeedZeroOptimizer._update_model_bit16_weights", EPILOGUE]
 """The DeepSpeed functions :func:`step` mirrors (keys of ``version.MIRRORED_SOURCES``)."""
 
 

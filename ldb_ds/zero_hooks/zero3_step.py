@@ -30,11 +30,16 @@ from .groups import NOT_A_GRADIENT, zero_stage
 from .norms import foreach_norm_takes_dtype, group_square_sums
 from .views import point_into
 
+# The replacements read the gradient partitions on the current stream; ZeRO-3 reduces them on its
+# reduce_and_partition_stream, which the backward epilogue synchronizes before any step
+# (stage3.py:1413-1414): its source is checked with each replacement's.
+EPILOGUE = "stage3.DeepSpeedZeroOptimizer_Stage3.independent_gradient_partition_epilogue"
+
 MIRRORED = {
     "norm": ["stage3.DeepSpeedZeroOptimizer_Stage3._get_norm_groups",
-             "stage3.DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct"],
-    "optimizer_step": ["stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step"],
-    "step": ["stage3.DeepSpeedZeroOptimizer_Stage3.step",
+             "stage3.DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct", EPILOGUE],
+    "optimizer_step": ["stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step", EPILOGUE],
+    "step": ["stage3.DeepSpeedZeroOptimizer_Stage3.step", EPILOGUE,
              "stage3.DeepSpeedZeroOptimizer_Stage3._prepare_fp32_grad_for_sub_group",
              "stage3.DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads",
              "stage3.DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters",

@@ -148,3 +148,20 @@ def test_group_square_sums_are_deepspeeds_per_group_sums(monkeypatch, takes_dtyp
     assert norms.tensor_norms([], torch.float64) == []
     assert torch.equal(norms.group_square_sums([[], []], torch.zeros((), dtype=torch.float64)),
                        torch.zeros(2, dtype=torch.float64))
+
+
+def test_every_mirrored_source_hashes_as_verified_on_the_installed_deepspeed():
+    """A mistyped or stale digest would silently keep DeepSpeed's own loops (a fallback, not an error)."""
+    from ldb_ds.zero_hooks import version, zero0_step, zero3_step, zero12_step
+
+    if not version.deepspeed_version_verified(version.installed_version()):
+        pytest.skip(f"DeepSpeed {version.installed_version()} is not the verified release")
+    stale = {n: version.source_digest(version.mirrored_object(n)) for n, d in version.MIRRORED_SOURCES.items()
+             if version.source_digest(version.mirrored_object(n)) != d}
+    assert not stale, f"update MIRRORED_SOURCES after re-checking these mirrors: {stale}"
+    listed = (zero0_step.MIRRORED + zero0_step.LOSS_SCALING_MIRRORED + zero12_step.MIRRORED + zero12_step.NORM_MIRRORED
+              + [n for names in zero3_step.MIRRORED.values() for n in names])
+    assert set(listed) <= set(version.MIRRORED_SOURCES)
+    # The synchronization the ZeRO 1-3 replacements rely on on a GPU is checked with each of them.
+    assert zero12_step.EPILOGUE in zero12_step.MIRRORED and zero12_step.EPILOGUE in zero12_step.NORM_MIRRORED
+    assert all(zero3_step.EPILOGUE in names for names in zero3_step.MIRRORED.values())
