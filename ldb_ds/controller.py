@@ -32,7 +32,7 @@ import torch
 import torch.distributed as torch_dist
 
 from .config import LDBConfig
-from .functional import apply_mask
+from .functional import apply_mask, frozen_kept_parameter
 from .kept_gradient import KeptGradientCheck
 from .schedule import Mode, batch_factor, draw_dropped, epoch_mode, kept_fraction, lr_factor
 from .units import Unit, UnitInfo
@@ -141,6 +141,7 @@ class LDBController:
         self.rng = random.Random(cfg.seed)
         self.step_state = StepState()
         self.kept_gradient_check = KeptGradientCheck()
+        self.check_flags_at_next_window = False
         self.state = LDBState(self)
 
     @property
@@ -164,10 +165,12 @@ class LDBController:
                                "at a window boundary: train floor(batches / gradient_accumulation_steps) * "
                                "gradient_accumulation_steps micro batches per epoch (the loader "
                                "ldb_ds.initialize returns does), and call set_epoch before the epoch's first forward")
+        self._refuse_a_freeze_since_the_mask("set_epoch()")
         self.epoch = int(epoch)
         self.mode = epoch_mode(self.epoch, self.cfg)
         self.epoch_mask = None
         self._set_dropped([False] * len(self.units))
+        self.check_flags_at_next_window = True  # a freeze between set_epoch and the epoch's first forward
         return self.mode
 
     @property
@@ -184,6 +187,9 @@ class LDBController:
         """Start an accumulation window: in DROP mode, draw (rank 0), broadcast and apply a mask."""
         if self.window_open:
             return
+        if self.check_flags_at_next_window:  # once per epoch: O(parameters)
+            self.check_flags_at_next_window = False
+            self._refuse_a_freeze_since_the_mask("the epoch's first forward")
         self.step_state.window = Window.OPEN
         if self.mode is not Mode.DROP:
             return
@@ -255,6 +261,29 @@ class LDBController:
         torch_dist.broadcast(mask, src=src, group=group)
         return [bool(v) for v in mask.tolist()]
 
+    def _refuse_a_freeze_since_the_mask(self, where: str) -> None:
+        """Raise if a kept unit's parameter was frozen since ldb_ds last set the flags.
+
+        With LDB on every mask sets its units' ``requires_grad`` (``apply_mask``), so a layer the
+        user froze after ``initialize`` would silently train again at the next window (and at
+        ZeRO 1-3 DeepSpeed's optimizer keeps stepping it anyway). Checked at ``set_epoch``, at an
+        epoch's first window and before a checkpoint's state is applied: O(parameters) a few
+        times per epoch, never per step. Unfreezing a dropped unit is harmless (its next mask
+        sets it) and not checked.
+        """
+        if not self.cfg.enabled:
+            return  # the flags are the user's, as in plain DeepSpeed
+        found = frozen_kept_parameter(self.units, self.dropped)
+        if found is not None:
+            unit_name, param_name = found
+            raise RuntimeError(
+                f"ldb_ds: parameter {param_name!r} (unit {unit_name!r}) was frozen (requires_grad=False) after "
+                f"ldb_ds.initialize, found at {where}. With LDB on, ldb_ds sets its units' requires_grad for "
+                "every mask, which would silently train it again. Freeze layers before ldb_ds.initialize: a "
+                "parameter frozen then belongs to no unit and stays frozen. To freeze more layers mid-run, save a "
+                "checkpoint and warm-start a new engine built with them frozen "
+                "(engine.load_checkpoint(dir, load_module_only=True))")
+
     def _set_dropped(self, dropped: Sequence[bool]) -> None:
         self.dropped = list(dropped)
         # With LDB off the flags are the user's (plain DeepSpeed behind the same API): a layer
@@ -316,6 +345,7 @@ class LDBController:
                 "skipped_steps": self.counters.skipped_steps, "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._refuse_a_freeze_since_the_mask("a checkpoint load")
         version, internal, gauss = state["rng_state"]  # checkpoints may turn tuples into lists
         self.rng.setstate((version, tuple(internal), gauss))
         self.counters = StepCounters(state["steps"], state["drop_steps"], state["dropped_unit_steps"],
@@ -330,6 +360,7 @@ class LDBController:
         # until the next window draws.
         resumed_mask = self.epoch_mask if self.mode is Mode.DROP and self.epoch_mask is not None else None
         self._set_dropped(resumed_mask or [False] * len(self.units))
+        self.check_flags_at_next_window = True
 
 
 class LDBState:

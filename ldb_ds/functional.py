@@ -86,6 +86,21 @@ def apply_mask(units: Sequence[Unit], dropped: Sequence[bool]) -> None:
             p.requires_grad_(not is_dropped)
 
 
+def frozen_kept_parameter(units: Sequence[Unit], dropped: Sequence[bool]) -> tuple[str, str] | None:
+    """``(unit name, parameter name)`` of the first kept unit's parameter that is ``requires_grad=False``.
+
+    After :func:`apply_mask` there is none: one found was frozen by someone else since, and the
+    next :func:`apply_mask` would make it trainable again. O(parameters): for epoch boundaries,
+    not for every step.
+    """
+    for unit, is_dropped in zip(units, dropped):
+        if not is_dropped:
+            for name, p in zip(unit.param_names, unit.params):
+                if not p.requires_grad:
+                    return unit.name, name
+    return None
+
+
 def dropped_groups(groups: Sequence[Mapping[str, Any]], unit_of_group: Sequence[int],
                    dropped: Sequence[bool]) -> list[Mapping[str, Any]]:
     """The param-group dicts whose unit is dropped (what :func:`hide_groups` takes)."""
@@ -210,5 +225,6 @@ def merged_groups(optimizer: torch.optim.Optimizer,
                         g[k] = v
 
 
-__all__ = ["build_units", "build_param_groups", "draw_mask", "apply_mask", "dropped_groups", "hide_groups",
+__all__ = ["build_units", "build_param_groups", "draw_mask", "apply_mask", "frozen_kept_parameter", "dropped_groups",
+           "hide_groups",
            "merged_groups", "MERGEABLE_OPTIMIZERS", "epoch_mode", "lr_factor", "batch_factor", "kept_fraction"]

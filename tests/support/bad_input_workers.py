@@ -215,6 +215,28 @@ def _user_freeze_with_ldb_off() -> Any:
     return frozen.weight.requires_grad, torch.equal(frozen.weight, before)
 
 
+def _user_freeze_after_initialize(when: str) -> Callable[[], Any]:
+    """LDB on: a layer frozen after initialize would train again at the next mask; refused at the
+    next set_epoch (frozen after a step) or at the epoch's first forward (frozen after set_epoch),
+    before anything is stepped with the flag undone."""
+    def case() -> Any:
+        engine = _engine(1)
+        engine.set_epoch(0)
+        train_step(engine)
+        if when == "after_set_epoch":
+            engine.set_epoch(1)
+        engine.module[2].requires_grad_(False)
+        before = engine.module[2].weight.detach().clone()
+        try:
+            if when == "before_set_epoch":
+                engine.set_epoch(1)
+            train_step(engine)
+        finally:  # what the test also checks: the refusal left the frozen layer frozen and unchanged
+            case.after = (engine.module[2].weight.requires_grad, torch.equal(engine.module[2].weight, before))
+        return "trained on"
+    return case
+
+
 def _partial_window_with_ldb_off() -> Any:
     """LDB off, 2 micro steps per window, an epoch of 3: the next set_epoch goes on (DeepSpeed
     carries the window over); with LDB on the same is refused, naming the fix."""
@@ -256,6 +278,8 @@ ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "module_called_directly_in_a_drop_epoch": _module_called_directly,
     "torch_style_backward_at_zero2": _torch_style_backward,
     "user_freeze_kept_with_ldb_off": _user_freeze_with_ldb_off,
+    "user_freeze_after_initialize_before_set_epoch": _user_freeze_after_initialize("before_set_epoch"),
+    "user_freeze_after_initialize_after_set_epoch": _user_freeze_after_initialize("after_set_epoch"),
     "partial_window_at_epoch_end": _partial_window_with_ldb_off,
 }
 
@@ -270,6 +294,8 @@ def run_engine_cases(rank: int) -> dict[str, tuple[str, str, list[str]]]:
                 outcome = ("ok", repr(case()))
             except Exception as err:  # the test asserts the type and the message
                 outcome = (type(err).__name__, str(err))
+        if hasattr(case, "after"):  # what a refused case left behind, appended to its message
+            outcome = (outcome[0], f"{outcome[1]} | after: {case.after}")
         results[name] = (*outcome, [str(w.message) for w in caught if "ldb_ds" in str(w.message)])
     return results
 

@@ -172,6 +172,12 @@ ENGINE_MISUSE = {
     "torch_style_backward_at_zero2": ("ok", ["(1, True, True, True)"], []),
     # LDB off: the requires_grad flags are the user's, as in plain DeepSpeed.
     "user_freeze_kept_with_ldb_off": ("ok", ["(False, True)"], []),
+    # LDB on: the next mask would make the frozen layer trainable again; refused before that.
+    "user_freeze_after_initialize_before_set_epoch": ("RuntimeError", [
+        "'2.weight' (unit '2') was frozen", "found at set_epoch()", "before ldb_ds.initialize",
+        "load_module_only=True", "after: (False, True)"], []),
+    "user_freeze_after_initialize_after_set_epoch": ("RuntimeError", [
+        "'2.weight' (unit '2') was frozen", "found at the epoch's first forward", "after: (False, True)"], []),
     # LDB off: a window runs on into the next epoch (DeepSpeed's way); LDB on: refused, with the fix.
     "partial_window_at_epoch_end": ("ok", ["'went on'", "not a multiple of gradient_accumulation_steps",
                                            "the loader ldb_ds.initialize returns does"], []),

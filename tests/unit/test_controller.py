@@ -224,3 +224,18 @@ def test_release_mask_removes_the_kept_gradient_hooks():
     assert _hooks(model) > 0
     c.release_mask(force=True)  # what destroy() does to a window it abandons
     assert _hooks(model) == 0 and not any(c.dropped)
+
+
+def test_a_freeze_after_initialize_is_refused_before_a_mask_or_a_load_undoes_it():
+    c, model, _ = _controller()
+    c.set_epoch(2)
+    _window(c)
+    dropped = c.dropped.index(True)
+    model[dropped].weight.requires_grad_(True)  # unfreezing a dropped unit: its next mask sets it, harmless
+    state = c.state_dict()
+    c.load_state_dict(state)
+    kept = c.dropped.index(False)
+    model[kept].weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=rf"'{kept}.weight' \(unit '{kept}'\) was frozen.*at a checkpoint load"):
+        c.load_state_dict(state)
+    assert not model[kept].weight.requires_grad  # refused before the load reset the flags
