@@ -30,6 +30,8 @@ Each function does one thing:
 * :func:`draw_mask` draws one DROP-step mask (the paper's rule, ``u < p`` per unit);
 * :func:`apply_mask` sets ``requires_grad`` so autograd computes no weight
   gradient for dropped units (the forward pass is unchanged);
+* :func:`frozen_kept_parameter` finds a kept unit's parameter frozen since (the next
+  :func:`apply_mask` would make it trainable again);
 * :func:`hide_groups` hides the dropped units' groups from one optimizer step
   and applies the DROP learning-rate factor only for that step.
 
