@@ -141,7 +141,6 @@ class LDBController:
         self.rng = random.Random(cfg.seed)
         self.step_state = StepState()
         self.kept_gradient_check = KeptGradientCheck()
-        self.check_flags_at_next_window = False
         self.state = LDBState(self)
 
     @property
@@ -165,12 +164,11 @@ class LDBController:
                                "at a window boundary: train floor(batches / gradient_accumulation_steps) * "
                                "gradient_accumulation_steps micro batches per epoch (the loader "
                                "ldb_ds.initialize returns does), and call set_epoch before the epoch's first forward")
-        self._refuse_a_freeze_since_the_mask("set_epoch()")
+        self._refuse_a_freeze_since_the_mask("set_epoch()")  # before the epoch or mode changes
         self.epoch = int(epoch)
         self.mode = epoch_mode(self.epoch, self.cfg)
         self.epoch_mask = None
-        self._set_dropped([False] * len(self.units))
-        self.check_flags_at_next_window = True  # a freeze between set_epoch and the epoch's first forward
+        self._set_dropped([False] * len(self.units), where=None)
         return self.mode
 
     @property
@@ -187,9 +185,6 @@ class LDBController:
         """Start an accumulation window: in DROP mode, draw (rank 0), broadcast and apply a mask."""
         if self.window_open:
             return
-        if self.check_flags_at_next_window:  # once per epoch: O(parameters)
-            self.check_flags_at_next_window = False
-            self._refuse_a_freeze_since_the_mask("the epoch's first forward")
         self.step_state.window = Window.OPEN
         if self.mode is not Mode.DROP:
             return
@@ -197,19 +192,21 @@ class LDBController:
             # One mask for the whole DROP epoch: no draw, but put it back if release_mask()
             # (engine.eval(), finish()) made every unit trainable since the last window.
             if self.dropped != self.epoch_mask:
-                self._set_dropped(self.epoch_mask)
+                self._set_dropped(self.epoch_mask, where="a DROP window")
+            else:
+                self._refuse_a_freeze_since_the_mask("a DROP window")
         else:
             mask = self._broadcast_mask_from_rank0()
             if self.cfg.resample == "epoch":
                 self.epoch_mask = mask
-            self._set_dropped(mask)
+            self._set_dropped(mask, where="a DROP window")
         # A dropped first unit: watch that the first kept one gets a gradient (kept_gradient).
         self.kept_gradient_check.arm(self.units, self.dropped)
 
     def begin_step(self) -> StepState:
         """At the accumulation boundary, before the optimizer step: fill :attr:`step_state` for the patches."""
         # Before anything is hidden or stepped: a kept unit without a gradient stops the run here.
-        self.kept_gradient_check.verify()
+        self.kept_gradient_check.verify(self._on_every_rank)
         step = self.step_state
         step.window = Window.STEPPING
         step.lr_factor = self.lr_factor
@@ -261,15 +258,29 @@ class LDBController:
         torch_dist.broadcast(mask, src=src, group=group)
         return [bool(v) for v in mask.tolist()]
 
+    def _on_every_rank(self, value: bool) -> bool:
+        """Whether ``value`` holds on every rank: one byte, all-reduced (min) in host memory.
+
+        Over the mask's gloo group, like the mask broadcast: no device work and no device sync.
+        """
+        if not torch_dist.is_initialized() or torch_dist.get_world_size(self.process_group) == 1:
+            return value
+        flag = torch.frombuffer(bytearray([int(value)]), dtype=torch.uint8)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN, group=mask_group(self.process_group))
+        return bool(flag.tolist()[0])
+
     def _refuse_a_freeze_since_the_mask(self, where: str) -> None:
         """Raise if a kept unit's parameter was frozen since ldb_ds last set the flags.
 
         With LDB on every mask sets its units' ``requires_grad`` (``apply_mask``), so a layer the
-        user froze after ``initialize`` would silently train again at the next window (and at
-        ZeRO 1-3 DeepSpeed's optimizer keeps stepping it anyway). Checked at ``set_epoch``, at an
-        epoch's first window and before a checkpoint's state is applied: O(parameters) a few
-        times per epoch, never per step. Unfreezing a dropped unit is harmless (its next mask
-        sets it) and not checked.
+        user froze after ``initialize`` would silently train again at the next change of flags
+        (and at ZeRO 1-3 DeepSpeed's optimizer keeps stepping it anyway). Checked before every
+        change of flags but the destroy path's (``_set_dropped``): a DROP window, ``set_epoch``,
+        a checkpoint save or load, ``engine.eval()``, ``finish()``. That is O(parameters) per
+        DROP window, next to ``apply_mask``'s own pass over them; a FULL window changes no flag
+        and checks nothing. A unit dropped by the current mask is ``requires_grad=False``
+        already, so freezing it cannot be seen (docs/usage.md says so); unfreezing one is
+        harmless (its next mask sets it).
         """
         if not self.cfg.enabled:
             return  # the flags are the user's, as in plain DeepSpeed
@@ -282,9 +293,13 @@ class LDBController:
                 "every mask, which would silently train it again. Freeze layers before ldb_ds.initialize: a "
                 "parameter frozen then belongs to no unit and stays frozen. To freeze more layers mid-run, save a "
                 "checkpoint and warm-start a new engine built with them frozen "
-                "(engine.load_checkpoint(dir, load_module_only=True))")
+                "(engine.load_checkpoint(dir, load_module_only=True): the weights only, the optimizer state and "
+                "the LDB schedule start afresh)")
 
-    def _set_dropped(self, dropped: Sequence[bool]) -> None:
+    def _set_dropped(self, dropped: Sequence[bool], where: str | None) -> None:
+        """Apply ``dropped``; ``where`` names the call for the freeze check (None: no check)."""
+        if where is not None:
+            self._refuse_a_freeze_since_the_mask(where)
         self.dropped = list(dropped)
         # With LDB off the flags are the user's (plain DeepSpeed behind the same API): a layer
         # frozen after initialize must stay frozen through set_epoch, checkpoints and eval().
@@ -303,11 +318,13 @@ class LDBController:
         to save and load (``engine.py:4869``, ``:5433`` in 0.19.8).
         """
         dropped = list(self.dropped)
-        self._set_dropped([False] * len(self.units))
+        self._set_dropped([False] * len(self.units), where="a checkpoint save or load (or a model export)")
         try:
             yield
         finally:
-            self._set_dropped(dropped)
+            # Only DeepSpeed ran inside, on flags ldb_ds set: nothing to check, and an exception
+            # from the block must not be replaced by one from here.
+            self._set_dropped(dropped, where=None)
 
     def release_mask(self, force: bool = False, caller: str = "release_mask()") -> None:
         """Make every unit trainable now (the end of training, evaluation).
@@ -322,7 +339,8 @@ class LDBController:
                                "(forward/backward since the last step()); call step() first")
         self.step_state.clear(Window.CLOSED)
         self.kept_gradient_check.disarm()
-        self._set_dropped([False] * len(self.units))
+        # destroy() (force) only restores the flags: a cleanup path must not raise.
+        self._set_dropped([False] * len(self.units), where=None if force else caller)
 
     def refresh_group_dicts(self, current: Sequence[Mapping[str, Any]]) -> None:
         """Re-capture the group dicts if the optimizer replaced them.
@@ -359,8 +377,7 @@ class LDBController:
         # mask without redrawing it, so it must be applied here. Otherwise all units are trainable
         # until the next window draws.
         resumed_mask = self.epoch_mask if self.mode is Mode.DROP and self.epoch_mask is not None else None
-        self._set_dropped(resumed_mask or [False] * len(self.units))
-        self.check_flags_at_next_window = True
+        self._set_dropped(resumed_mask or [False] * len(self.units), where=None)  # checked on entry
 
 
 class LDBState:

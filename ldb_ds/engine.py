@@ -170,7 +170,7 @@ class LDBEngine:
         # In the middle of a window the mask must stay (a unit dropped for part of a window would
         # get a partial or stale gradient); the window's own step() ends it.
         if self.controller.cfg.enabled and not self.controller.window_open:
-            self.controller.release_mask()
+            self.controller.release_mask(caller="engine.eval()")
 
     @property
     def micro_batch_size(self) -> int:

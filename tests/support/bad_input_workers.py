@@ -217,8 +217,8 @@ def _user_freeze_with_ldb_off() -> Any:
 
 def _user_freeze_after_initialize(when: str) -> Callable[[], Any]:
     """LDB on: a layer frozen after initialize would train again at the next mask; refused at the
-    next set_epoch (frozen after a step) or at the epoch's first forward (frozen after set_epoch),
-    before anything is stepped with the flag undone."""
+    next set_epoch (frozen after a step) or at the DROP epoch's first window (frozen after
+    set_epoch), before anything is stepped with the flag undone."""
     def case() -> Any:
         engine = _engine(1)
         engine.set_epoch(0)
@@ -234,6 +234,29 @@ def _user_freeze_after_initialize(when: str) -> Callable[[], Any]:
         finally:  # what the test also checks: the refusal left the frozen layer frozen and unchanged
             case.after = (engine.module[2].weight.requires_grad, torch.equal(engine.module[2].weight, before))
         return "trained on"
+    return case
+
+
+def _user_freeze_then(call: str) -> Callable[[], Any]:
+    """LDB on, a kept layer frozen after a step, then ``call``: refused before the flags change."""
+    def case() -> Any:
+        engine = _engine(1, {**ON, "sampling_rate": 1})  # epochs 0, 2, ...: FULL; 1, 3, ...: DROP
+        engine.set_epoch(1 if call == "drop_window" else 0)
+        train_step(engine)
+        frozen = engine.module[0]  # keep_first = 1: kept by every mask
+        frozen.requires_grad_(False)
+        before = frozen.weight.detach().clone()
+        try:
+            with tempfile.TemporaryDirectory(prefix="ldb_freeze_") as directory:
+                if call == "drop_window":
+                    train_step(engine)
+                elif call == "save_checkpoint":
+                    engine.save_checkpoint(directory, tag="t")
+                else:
+                    engine.eval()
+        finally:
+            case.after = (frozen.weight.requires_grad, torch.equal(frozen.weight, before))
+        return "went on"
     return case
 
 
@@ -280,6 +303,9 @@ ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "user_freeze_kept_with_ldb_off": _user_freeze_with_ldb_off,
     "user_freeze_after_initialize_before_set_epoch": _user_freeze_after_initialize("before_set_epoch"),
     "user_freeze_after_initialize_after_set_epoch": _user_freeze_after_initialize("after_set_epoch"),
+    "user_freeze_in_a_drop_epoch": _user_freeze_then("drop_window"),
+    "user_freeze_then_save_checkpoint": _user_freeze_then("save_checkpoint"),
+    "user_freeze_then_eval": _user_freeze_then("eval"),
     "partial_window_at_epoch_end": _partial_window_with_ldb_off,
 }
 

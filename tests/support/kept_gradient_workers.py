@@ -1,5 +1,5 @@
-"""Inside each rank of tests/dist/test_kept_gradient_dist.py: reentrant checkpointing behind a
-dropped first unit, on real ldb_ds engines over real DeepSpeed engines (gloo, 2 ranks)."""
+"""Inside each rank of tests/dist/test_kept_gradient_dist.py: a first kept unit without a gradient
+behind a dropped first unit, on real ldb_ds engines over real DeepSpeed engines (gloo, 2 ranks)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,26 @@ MICRO, WIDTH, CLASSES, BLOCKS = 4, 8, 4, 4
 
 
 class CheckpointedNet(nn.Module):
-    """stem, 4 blocks (each its own checkpointed segment, or plain), head: six units in a chain."""
+    """stem, 4 blocks (each its own checkpointed segment, or plain), head: six units in a chain.
 
-    def __init__(self, checkpointing: str):
+    ``skip_first_block``: the first block is left out of the forward (a unit this rank's model does
+    not use, as a data-dependent branch would).
+    """
+
+    def __init__(self, checkpointing: str, skip_first_block: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.checkpointing = checkpointing  # "none", "non-reentrant", "reentrant"
+        self.skip_first_block = skip_first_block
         self.stem = nn.Linear(WIDTH, WIDTH)
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(BLOCKS))
         self.head = nn.Linear(WIDTH, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if i == 0 and self.skip_first_block:
+                continue
             if self.checkpointing == "none":
                 x = block(x)
             else:
@@ -38,15 +45,20 @@ def _hook_count(model: nn.Module) -> int:
     return sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
 
 
-def run(rank: int, stage: int, checkpointing: str, drop_steps: int = 6) -> dict[str, Any]:
-    """A FULL epoch, then DROP steps with keep_first=0 until ``drop_steps`` or an error."""
+def run(rank: int, stage: int, checkpointing: str, gas: int = 1, torch_style: bool = False,
+        skip_first_block_on_rank1: bool = False, drop_steps: int = 6) -> dict[str, Any]:
+    """A FULL epoch, then DROP steps with keep_first=0 until ``drop_steps`` or an error.
+
+    After an error the window's step() is called again (what a loop that catches errors does):
+    it must raise again and change nothing.
+    """
     import ldb_ds
     from ldb_ds.kept_gradient import KeptUnitWithoutGradientError
     from tests.support.core_workers import gathered_params
 
-    model = CheckpointedNet(checkpointing)
-    cfg = {"train_micro_batch_size_per_gpu": MICRO, "zero_optimization": {"stage": stage},
-           "zero_allow_untested_optimizer": True, "steps_per_print": 10_000,
+    model = CheckpointedNet(checkpointing, skip_first_block=skip_first_block_on_rank1 and rank == 1)
+    cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": gas,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10_000,
            "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}},
            "layer_drop_back": {"enabled": True, "drop_rate": 0.5, "sampling_rate": 1, "keep_first": 0,
                                "keep_last": 1, "granularity": "module", "batch_kappa": 1, "seed": 3}}
@@ -55,9 +67,16 @@ def run(rank: int, stage: int, checkpointing: str, drop_steps: int = 6) -> dict[
     out: dict[str, Any] = {"masks": [], "error": None, "first_dropped_windows": 0}
 
     def one_step(step: int) -> None:
-        g = torch.Generator().manual_seed(1000 * step + rank)
-        x, y = torch.randn(MICRO, WIDTH, generator=g), torch.randint(0, CLASSES, (MICRO,), generator=g)
-        engine.backward(F.cross_entropy(engine(x), y))
+        for micro in range(gas):
+            g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+            x, y = torch.randn(MICRO, WIDTH, generator=g), torch.randint(0, CLASSES, (MICRO,), generator=g)
+            loss = F.cross_entropy(engine(x), y)
+            if torch_style:
+                loss.backward()  # DeepSpeed 0.19.8's torch-style backward (ZeRO 1-3)
+            else:
+                engine.backward(loss)
+            if micro < gas - 1:
+                engine.step()  # a micro step inside the window: DeepSpeed only counts it
         out["masks"].append(engine.ldb.dropped_units)
         engine.step()
 
@@ -70,14 +89,22 @@ def run(rank: int, stage: int, checkpointing: str, drop_steps: int = 6) -> dict[
         try:
             one_step(step)
         except KeptUnitWithoutGradientError as e:
-            out["error"] = str(e)
-            out["error_step"] = step
+            out["error"], out["error_step"] = str(e), step
+            try:
+                engine.step()
+                out["retry"] = "stepped"
+            except KeptUnitWithoutGradientError:
+                out["retry"] = "refused"
             after = gathered_params(engine, list(model.parameters()))
             out["unchanged_by_failed_step"] = all(torch.equal(a, b) for a, b in zip(before, after))
             break
         out["first_dropped_windows"] += 0 in out["masks"][-1]
-    out["hooks_left"] = _hook_count(model) - hooks_at_start
     out["weights"] = gathered_params(engine, list(model.parameters()))
-    if out["error"] is None:
-        engine.destroy()
+    out["hooks_left"] = _hook_count(model) - hooks_at_start  # DeepSpeed's own hooks go at destroy()
+    engine.destroy()
     return out
+
+
+def run_cases(rank: int, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several :func:`run` calls in one process (start-up dominates)."""
+    return [run(rank, **case) for case in cases]

@@ -177,7 +177,13 @@ ENGINE_MISUSE = {
         "'2.weight' (unit '2') was frozen", "found at set_epoch()", "before ldb_ds.initialize",
         "load_module_only=True", "after: (False, True)"], []),
     "user_freeze_after_initialize_after_set_epoch": ("RuntimeError", [
-        "'2.weight' (unit '2') was frozen", "found at the epoch's first forward", "after: (False, True)"], []),
+        "'2.weight' (unit '2') was frozen", "found at a DROP window", "after: (False, True)"], []),
+    "user_freeze_in_a_drop_epoch": ("RuntimeError", ["'0.weight' (unit '0') was frozen", "found at a DROP window",
+                                                     "after: (False, True)"], []),
+    "user_freeze_then_save_checkpoint": ("RuntimeError", [
+        "'0.weight' (unit '0') was frozen", "found at a checkpoint save or load", "after: (False, True)"], []),
+    "user_freeze_then_eval": ("RuntimeError", ["'0.weight' (unit '0') was frozen", "found at engine.eval()",
+                                               "after: (False, True)"], []),
     # LDB off: a window runs on into the next epoch (DeepSpeed's way); LDB on: refused, with the fix.
     "partial_window_at_epoch_end": ("ok", ["'went on'", "not a multiple of gradient_accumulation_steps",
                                            "the loader ldb_ds.initialize returns does"], []),

@@ -302,7 +302,7 @@ class _LDBCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         c = self.trainer.ldb_attachment.controller
         if not c.window_open:  # training stopped between steps: leave a normal, all-trainable model
-            c.release_mask()
+            c.release_mask(caller="the end of Trainer.train()")
 
 
 def _batch_size(inputs: Any) -> int:
