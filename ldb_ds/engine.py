@@ -26,8 +26,6 @@ follows one mask from the config to the optimizer step.
 
 from __future__ import annotations
 
-import glob
-import os
 import warnings
 from typing import Any, Sequence
 
@@ -295,33 +293,11 @@ class LDBEngine:
         return path, client_state
 
     def _refuse_other_layout(self, load_dir: str, tag: Any) -> None:
-        """Raise if checkpoint ``tag`` holds optimizer state for other param groups than this engine's.
-
-        Every rank reads the same saved section from the same file and decides alike, without a
-        collective: DeepSpeed's load needs every rank to see the checkpoint anyway.
-        """
+        """Raise if checkpoint ``tag`` holds optimizer state for other param groups than this engine's."""
         tag = state_file.latest_tag(self.ds_engine, load_dir) if tag is None else tag
-        if tag is None:
-            return  # DeepSpeed warns and loads nothing
-        files = sorted(glob.glob(os.path.join(load_dir, str(tag), "*model_states.pt")))
-        if not files:
-            return  # DeepSpeed reports a missing checkpoint itself
-        ldb = state_file.read(os.path.join(load_dir, str(tag), state_file.STATE_FILE))
-        if ldb is None:  # a checkpoint from before the state file: the section is in the client state
-            try:  # mmap: only the small client-state entries are read, not the weights
-                saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-            except Exception:
-                return  # unreadable: DeepSpeed's own load reports it
-            ldb = saved.get(CLIENT_STATE_KEY) if isinstance(saved, dict) else None
-        # The saved section as a plain dict: an older checkpoint's section need not pass today's validation.
-        theirs = _layout(ldb.get("config") if isinstance(ldb, dict) else None)
-        ours = _layout(self.controller.cfg.to_dict())
-        if theirs != ours:
-            raise ValueError(
-                f"ldb_ds: checkpoint {os.path.join(load_dir, str(tag))} was saved with {theirs}, this engine has "
-                f"{ours}: its optimizer state belongs to other param groups and cannot be loaded. For a warm start "
-                f"(module weights only; optimizer, LR scheduler and LDB state fresh) call "
-                f"engine.load_checkpoint({load_dir!r}, tag={tag!r}, load_module_only=True).")
+        state_file.refuse_other_layout(
+            load_dir, tag, self.controller.cfg.to_dict(),
+            warm_start=f"call engine.load_checkpoint({load_dir!r}, tag={tag!r}, load_module_only=True)")
 
 
 # --------------------------------------------------------------------------- initialize
@@ -398,15 +374,6 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                                   multiprocessing_context=multiprocessing_context)
     engine = LDBEngine(ds_engine, cfg, setup.units, setup.unit_of_group, loader)
     return engine, ds_optimizer, loader, ds_scheduler
-
-
-def _layout(section: Any) -> str:
-    """The param-group layout a ``layer_drop_back`` section (a dict) gives the optimizer, in words."""
-    if not isinstance(section, dict) or not section.get("enabled"):
-        return "LDB off (the param groups as given)"
-    classes, pattern = section.get("block_classes"), section.get("block_pattern")
-    source = f", block_classes {list(classes)}" if classes else f", block_pattern {pattern!r}" if pattern else ""
-    return f"LDB on (one param group per unit at granularity {section.get('granularity')!r}{source})"
 
 
 def _leading_batch_size(args: tuple, kwargs: dict) -> int | None:

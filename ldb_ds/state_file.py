@@ -22,10 +22,11 @@ This module needs torch only (the engines are passed in), so ``ldb_ds.checkpoint
 
 from __future__ import annotations
 
+import glob
 import inspect
 import os
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as torch_dist
@@ -45,13 +46,56 @@ def default_tag(ds_engine: Any) -> str:
 
 def latest_tag(ds_engine: Any, directory: str) -> str | None:
     """DeepSpeed's own rule for ``load_checkpoint(tag=None)`` (engine.py:4427 in 0.19.8): the tag
-    named in ``<directory>/latest`` (``latest_universal`` for universal checkpoints); None if absent."""
-    universal = getattr(ds_engine, "load_universal_checkpoint", lambda: False)()
+    named in ``<directory>/latest`` (``latest_universal`` for universal checkpoints); None if absent.
+    ``ds_engine`` None: before an engine exists (the Hugging Face Trainer's resume), not universal."""
+    universal = ds_engine is not None and ds_engine.load_universal_checkpoint()
     latest = os.path.join(directory, "latest_universal" if universal else "latest")
     if not os.path.isfile(latest):
         return None
     with open(latest) as f:
         return f.read().strip()
+
+
+def param_group_layout(section: Any) -> str:
+    """The param-group layout a ``layer_drop_back`` section (a dict, or None) gives the optimizer, in words."""
+    if not isinstance(section, dict) or not section.get("enabled"):
+        return "LDB off (the param groups as given)"
+    classes, pattern = section.get("block_classes"), section.get("block_pattern")
+    source = f", block_classes {list(classes)}" if classes else f", block_pattern {pattern!r}" if pattern else ""
+    return f"LDB on (one param group per unit at granularity {section.get('granularity')!r}{source})"
+
+
+def refuse_other_layout(load_dir: str, tag: str | None, section: Mapping[str, Any], warm_start: str) -> None:
+    """Raise ``ValueError`` if checkpoint ``tag`` holds optimizer state for other param groups than ``section`` gives.
+
+    ``section`` is this run's ``layer_drop_back`` section (``LDBConfig.to_dict()``); a checkpoint
+    saved with LDB off or another granularity has other groups, and DeepSpeed's full load would
+    fail with a param-group or ZeRO-layout error that does not say why (``parameter-alignment
+    layout does not match``, torch's ``different number of parameter groups``). ``warm_start``
+    names the call that loads the weights only, for the message. Every rank reads the same
+    files and decides alike, without a collective. A missing or unreadable checkpoint is left to
+    DeepSpeed's own load to report.
+    """
+    if tag is None:
+        return  # DeepSpeed warns and loads nothing
+    files = sorted(glob.glob(os.path.join(load_dir, str(tag), "*model_states.pt")))
+    if not files:
+        return
+    ldb = read(os.path.join(load_dir, str(tag), STATE_FILE))
+    if ldb is None:  # a checkpoint from before the state file (or plain DeepSpeed): the client state
+        try:  # mmap: only the small client-state entries are read, not the weights
+            saved = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            return
+        ldb = saved.get(CLIENT_STATE_KEY) if isinstance(saved, dict) else None
+    # The saved section as a plain dict: an older checkpoint's section need not pass today's validation.
+    theirs = param_group_layout(ldb.get("config") if isinstance(ldb, dict) else None)
+    ours = param_group_layout(dict(section))
+    if theirs != ours:
+        raise ValueError(f"ldb_ds: checkpoint {os.path.join(load_dir, str(tag))} was saved with {theirs}, this run "
+                         f"has {ours}: its optimizer state belongs to other param groups and cannot be loaded. "
+                         f"For a warm start (the weights only; optimizer, LR scheduler and LDB state fresh) "
+                         f"{warm_start}.")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -158,5 +202,5 @@ def _rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 
 
-__all__ = ["STATE_FILE", "CLIENT_STATE_KEY", "default_tag", "latest_tag", "atomic_torch_save", "write", "read",
-           "restore", "save_checkpoint", "load_checkpoint"]
+__all__ = ["STATE_FILE", "CLIENT_STATE_KEY", "default_tag", "latest_tag", "param_group_layout", "refuse_other_layout",
+           "atomic_torch_save", "write", "read", "restore", "save_checkpoint", "load_checkpoint"]

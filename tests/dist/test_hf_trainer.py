@@ -198,6 +198,15 @@ def test_refusals_name_the_setting(results):
     assert errors["nvme"] and "offload_optimizer.device = 'nvme'" in errors["nvme"]
 
 
+def test_resume_from_a_checkpoint_with_other_param_groups_is_refused_naming_the_warm_start(results):
+    """DeepSpeed's own load would fail with a ZeRO parameter-alignment error that does not say why."""
+    layout = results[0]["layout"]
+    for name, ours in (("ldb_off", "this run has LDB off"), ("module", "granularity 'module'")):
+        assert layout[name] and "was saved with LDB on" in layout[name] and "granularity 'block'" in layout[name]
+        assert ours in layout[name] and "from_pretrained" in layout[name], layout[name]
+        assert not layout[f"{name}_built_an_engine"]  # refused before DeepSpeed was initialized
+
+
 def test_disabled_is_the_plain_trainer(results):
     off = results[0]["disabled"]
     assert off["groups"] == 2  # the Trainer's own decay / no-decay groups, not split by unit

@@ -329,6 +329,22 @@ def trainer_cases(rank: int, stages: list[int], workdir: str) -> dict[str, Any]:
             errors[name] = f"{type(err).__name__}: {err}"
     out["errors"] = errors
 
+    # The stage-2 run's checkpoint (LDB on, block units) resumed with LDB off and at module
+    # granularity: other param groups, refused before anything is built or loaded.
+    layout: dict[str, Any] = {}
+    if 2 in stages:
+        ckpt = os.path.join(workdir, "zero2", "checkpoint-6")
+        for name, ldb in (("ldb_off", {"enabled": False}), ("module", {"granularity": "module"})):
+            t = LDBTrainer(model=make_vit(), args=training_args(os.path.join(workdir, f"layout_{name}"),
+                                                                ds_config(2, ldb)), train_dataset=Digits())
+            try:
+                t.train(resume_from_checkpoint=ckpt)
+                layout[name] = None
+            except ValueError as err:
+                layout[name] = str(err)
+            layout[f"{name}_built_an_engine"] = t.model_wrapped is not t.model
+    out["layout"] = layout
+
     # LDB off: the plain Trainer (the Trainer's own two groups, no callback, nothing attached).
     off = LDBTrainer(model=make_vit(), args=training_args(os.path.join(workdir, "off"),
                                                          ds_config(2, {"enabled": False})), train_dataset=Digits())

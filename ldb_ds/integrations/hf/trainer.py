@@ -67,6 +67,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from deepspeed.accelerator import get_accelerator
 
+from ... import state_file
 from ...attach import Attachment
 from ...config import LDBConfig
 from ...controller import LDBState
@@ -164,6 +165,15 @@ class LDBTrainer(Trainer):
             resume = get_last_checkpoint(self.args.output_dir)
         self._ldb_resume_dir = resume or None
         self._ldb_next_epoch = None  # set again by this run's _init_training_state
+        if resume and not self._ldb_ds_config.get("checkpoint", {}).get("load_universal"):
+            # The Trainer resumes through the raw engine's load_checkpoint (tag None: the folder's
+            # `latest`) before LDB is attached, so LDBEngine's refusal of a checkpoint with other param
+            # groups (LDB off, another granularity) is made here, before anything is built or loaded;
+            # DeepSpeed's own error would not say why. A universal checkpoint is remapped per parameter.
+            state_file.refuse_other_layout(
+                str(resume), state_file.latest_tag(None, str(resume)), self.ldb_config.to_dict(),
+                warm_start=f"build the model from the weights in {resume} (from_pretrained, or DeepSpeed's "
+                           "zero_to_fp32.py there at ZeRO-3) and call train() without resume_from_checkpoint")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
