@@ -178,6 +178,7 @@ def load_checkpoint(ds_engine: Any, controller: Any, load: Callable[..., Any], l
     tag = latest_tag(ds_engine, load_dir) if tag is None else tag
     if tag is None:  # no 'latest' file: DeepSpeed warns and returns (None, None) itself
         return load(load_dir, None, *args, **kwargs), None
+    args, kwargs = _zero3_weights_load(ds_engine, load, load_dir, tag, args, kwargs)
     with controller.all_trainable():  # DeepSpeed loads what requires grad (docs/design.md, section 4)
         result = load(load_dir, tag, *args, **kwargs)
     if result[0] is None or _argument(load, "load_module_only", (load_dir, tag, *args), kwargs):
@@ -186,6 +187,46 @@ def load_checkpoint(ds_engine: Any, controller: Any, load: Callable[..., Any], l
     where = os.path.join(load_dir, str(tag))
     return result, restore(controller, os.path.join(where, state_file), client.get(CLIENT_STATE_KEY),
                            where=where)
+
+
+def _zero3_weights_load(ds_engine: Any, load: Callable[..., Any], load_dir: str, tag: Any, args: tuple,
+                        kwargs: dict) -> tuple[tuple, dict]:
+    """The arguments of a ZeRO-3 load that reads the weights DeepSpeed 0.19.8 can read, or a refusal.
+
+    At ZeRO-3 ``model_states.pt`` holds no weights (the partitions are in the optimizer files).
+    DeepSpeed 0.19.8 gathers them from those files only when ``load_optimizer_states`` is False
+    (``get_fp32_state_dict_from_zero_checkpoint``, ``engine.py:4613-4614``); a module-only load with
+    the default ``load_optimizer_states=True`` takes ``model_states.pt``'s and loads nothing, saying
+    nothing (seen: the weights stayed at their initialisation). So a module-only load (the warm start
+    ldb_ds's refusals point to) is made with the optimizer and scheduler states off, which is what it
+    means anyway. And that gathering call is given ``load_dir`` alone, so it reads the tag named in
+    ``latest``, whatever tag was asked for: a load of another tag is refused rather than given the
+    latest tag's weights with the asked tag's other states. A universal checkpoint is left alone.
+    """
+    if not ds_engine.zero_optimization_partition_weights() or ds_engine.load_universal_checkpoint():
+        return args, kwargs
+    try:
+        bound = inspect.signature(load).bind(load_dir, tag, *args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs  # DeepSpeed reports its own argument errors
+    bound.apply_defaults()
+    if bound.arguments.get("load_module_only"):
+        bound.arguments["load_optimizer_states"] = False
+        bound.arguments["load_lr_scheduler_states"] = False
+    if not bound.arguments.get("load_optimizer_states", True) and str(tag) != latest_tag(ds_engine, load_dir):
+        raise ValueError(f"ldb_ds: at ZeRO-3, DeepSpeed {_deepspeed_version()} loads the weights of a load without "
+                         f"optimizer states (a module-only load included) from the tag named in "
+                         f"{os.path.join(load_dir, 'latest')} ({latest_tag(ds_engine, load_dir)!r}), not from the "
+                         f"tag asked for ({tag!r}). Load tag {latest_tag(ds_engine, load_dir)!r}, or convert tag "
+                         f"{tag!r} with DeepSpeed's zero_to_fp32.py (in {load_dir}) and load that state dict into "
+                         "the model before ldb_ds.initialize")
+    return bound.args[2:], bound.kwargs
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
 
 
 def _argument(fn: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:

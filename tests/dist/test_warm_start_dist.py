@@ -15,7 +15,7 @@ from tests.support.bad_input_workers import warm_start_from_plain_deepspeed
 from tests.support.dist import run_distributed
 
 
-STAGES = (0, 2)
+STAGES = (0, 2, 3)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,12 @@ def test_ldb_engine_warm_starts_from_a_plain_deepspeed_checkpoint(results, stage
         assert any(not torch.equal(r["trained"][n], r["loaded"][n]) for n in r["loaded"]), "training changed nothing"
         # A fresh LDB state: three applied steps counted from zero, two of them in DROP epochs.
         assert (r["steps"], r["drop_steps"]) == (3, 2)
+        # Another tag than `latest`: loaded at ZeRO 0-2; at ZeRO-3 DeepSpeed would take `latest`'s
+        # weights for it, so it is refused, naming both tags and zero_to_fp32.py.
+        if stage == 3:
+            assert "'plain'" in r["other_tag"] and "'first'" in r["other_tag"] and "zero_to_fp32.py" in r["other_tag"]
+        else:
+            assert r["other_tag"] == "loaded"
     for name in ranks[0][stage]["trained"]:
         assert torch.equal(ranks[0][stage]["trained"][name], ranks[1][stage]["trained"][name]), \
             f"ranks disagree on {name}"
