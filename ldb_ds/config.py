@@ -213,6 +213,19 @@ class LDBConfig:
         return dataclasses.asdict(self)
 
 
+def changed_keys(saved: Any, current: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between a checkpoint's saved section and ``current`` (JSON and
+    pickles may turn tuples into lists). A checkpoint without a section: none."""
+    if not isinstance(saved, Mapping):
+        return []
+
+    def plain(v: Any) -> Any:
+        return tuple(plain(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    # Keys in both only: a key added since the checkpoint was written is not a change the user made.
+    return sorted(k for k in set(saved) & set(current) if plain(saved[k]) != plain(current[k]))
+
+
 _not_enabled_warned = False
 _null_warned = False
 
@@ -320,4 +333,4 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 DEFAULTS = LDBConfig(enabled=True)
 """The paper's setting with LDB switched on (what the README's table lists)."""
 
-__all__ = ["LDBConfig", "LDBConfigError", "SECTION", "DEFAULTS", "load_ds_config"]
+__all__ = ["LDBConfig", "LDBConfigError", "SECTION", "DEFAULTS", "load_ds_config", "changed_keys"]

@@ -25,13 +25,14 @@ import contextlib
 import enum
 import operator
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
-from .config import LDBConfig
+from .config import LDBConfig, changed_keys
 from .functional import apply_mask, frozen_kept_parameter
 from .kept_gradient import KeptGradientCheck
 from .schedule import Mode, batch_factor, draw_dropped, epoch_mode, kept_fraction, lr_factor
@@ -159,8 +160,10 @@ class LDBController:
         """
         if self.window_open and self.cfg.enabled:
             raise RuntimeError("set_epoch() called in the middle of a gradient-accumulation window: the epoch's "
-                               "micro batches were not a multiple of gradient_accumulation_steps (or a forward "
-                               "came before set_epoch). A DROP mask covers whole windows, so each epoch must end "
+                               "micro batches were not a multiple of gradient_accumulation_steps, or a forward "
+                               "came before set_epoch with no step after it (a validation forward in training "
+                               "mode with gradients on opens a window: run it after engine.eval(), or under "
+                               "torch.no_grad()). A DROP mask covers whole windows, so each epoch must end "
                                "at a window boundary: train floor(batches / gradient_accumulation_steps) * "
                                "gradient_accumulation_steps micro batches per epoch (the loader "
                                "ldb_ds.initialize returns does), and call set_epoch before the epoch's first forward")
@@ -364,6 +367,15 @@ class LDBController:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._refuse_a_freeze_since_the_mask("a checkpoint load")
+        changed = changed_keys(state.get("config"), self.cfg.to_dict())
+        if changed and self.cfg.enabled:
+            # Allowed (a schedule may change between runs), but never silent: the restored generator
+            # goes on with the saved stream whatever seed this engine reports, and a changed drop_rate
+            # or kappa applies from the next window, inside the restored epoch.
+            warnings.warn(f"ldb_ds: the checkpoint's layer_drop_back section differs from this engine's in "
+                          f"{', '.join(changed)}: the run goes on with this engine's values, from the next window "
+                          f"(the restored mask generator continues the saved stream, whatever 'seed' says)",
+                          RuntimeWarning, stacklevel=3)
         version, internal, gauss = state["rng_state"]  # checkpoints may turn tuples into lists
         self.rng.setstate((version, tuple(internal), gauss))
         self.counters = StepCounters(state["steps"], state["drop_steps"], state["dropped_unit_steps"],

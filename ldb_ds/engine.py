@@ -38,7 +38,7 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 from . import refusals, state_file, zero_hooks
-from .initialize_args import (check_initialize_args, params_of, rebuild_optimizer,
+from .initialize_args import (check_initialize_args, explain_scheduler_errors, params_of, rebuild_optimizer,
                               refuse_bound_scheduler, resolve_config, without_config_args)
 from .installation import install
 from .config import LDBConfig, load_ds_config
@@ -81,6 +81,8 @@ class LDBEngine:
         # DeepSpeed runs a torch-style loss.backward() through its hooks at ZeRO 1-3 (ZeRO-0 refuses it).
         self._torch_style_backward = zero_hooks.zero_stage(ds_engine) > 0
         self._resumed_epoch: int | None = None  # the epoch a checkpoint restored, until the next set_epoch
+        # A loop that never calls set_epoch trains epoch 0 (FULL) forever: LDB silently does nothing.
+        self._epoch_given = not cfg.enabled
 
     # -- pass-through ---------------------------------------------------------
 
@@ -100,6 +102,11 @@ class LDBEngine:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.controller.window_open and self.ds_engine.module.training and torch.is_grad_enabled():
+            if not self._epoch_given:
+                self._epoch_given = True  # warned once
+                warnings.warn("ldb_ds: training started without engine.set_epoch(epoch): every step is then in "
+                              "epoch 0, a FULL epoch, so no layer is ever dropped and LDB does nothing. Call "
+                              "engine.set_epoch(epoch) at the start of each epoch", RuntimeWarning, stacklevel=2)
             self.controller.open_window()
             if not self._batch_checked:
                 self._check_micro_batch(args, kwargs)
@@ -187,6 +194,7 @@ class LDBEngine:
         """
         c = self.controller
         epoch = check_epoch(epoch, "engine.set_epoch(epoch)")
+        self._epoch_given = True
         if epoch == self._resumed_epoch and not c.window_open:
             # The first set_epoch after load_checkpoint, for the epoch the checkpoint was taken in:
             # the resumed loop (for epoch in range(saved_epoch, epochs): engine.set_epoch(epoch)).
@@ -289,6 +297,7 @@ class LDBEngine:
             # The restored mode's batch at once (a loop that resumes without set_epoch trains the
             # DROP batch, not the FULL one), and set_epoch of this same epoch continues it.
             self._resumed_epoch = self.controller.epoch
+            self._epoch_given = True  # a resumed loop may go on in the restored epoch without set_epoch
             self._follow_mode(self.controller.mode)
         return path, client_state
 
@@ -348,6 +357,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     cfg = setup.cfg  # the section parsed once, by prepare
     if cfg.enabled:
         refuse_bound_scheduler(lr_scheduler)
+        lr_scheduler = explain_scheduler_errors(lr_scheduler)
         optimizer = rebuild_optimizer(optimizer, setup.groups)
         model_parameters = setup.groups
     # Disabled: DeepSpeed gets exactly what the user gave, for a like-for-like baseline.

@@ -9,6 +9,7 @@ scheduler object that could not follow that rebuild refused.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from typing import Any, Iterator
@@ -138,5 +139,33 @@ def refuse_bound_scheduler(lr_scheduler: Any) -> None:
         "the config's 'scheduler' section")
 
 
+def explain_scheduler_errors(lr_scheduler: Any) -> Any:
+    """A callable ``lr_scheduler``, wrapped so that its failure on the per-unit param groups says why.
+
+    With LDB on, DeepSpeed calls it with an optimizer of one param group per (unit, given group),
+    so a scheduler given one value per group (``LambdaLR`` with a list of lambdas, ``OneCycleLR``
+    with a list of ``max_lr``) fails with torch's count mismatch, which does not say where the
+    groups came from. Every group keeps the keys of the group it came from, so such a list can be
+    built from ``optimizer.param_groups``; the message says how.
+    """
+    if not callable(lr_scheduler):
+        return lr_scheduler
+
+    @functools.wraps(lr_scheduler)
+    def make(optimizer: Any) -> Any:
+        try:
+            return lr_scheduler(optimizer)
+        except (ValueError, TypeError, IndexError) as err:
+            raise ValueError(
+                f"ldb_ds.initialize: the lr_scheduler callable failed on the engine's optimizer ({err}). With LDB "
+                f"on that optimizer has {len(optimizer.param_groups)} param groups, one per (LDB unit, param group "
+                "you gave), so a scheduler given one value per group of yours cannot match them. Give one value "
+                "(it scales every group's own lr), or build the list from the groups, which keep your groups' keys: "
+                "add e.g. 'name': 'backbone' to your groups and pass lambda opt: LambdaLR(opt, "
+                "[by_name[g['name']] for g in opt.param_groups])") from err
+
+    return make
+
+
 __all__ = ["check_initialize_args", "resolve_config", "without_config_args", "CONFIG_ARGS", "params_of",
-           "rebuild_optimizer", "refuse_bound_scheduler"]
+           "rebuild_optimizer", "refuse_bound_scheduler", "explain_scheduler_errors"]

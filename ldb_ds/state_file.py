@@ -214,19 +214,13 @@ def _zero3_weights_load(ds_engine: Any, load: Callable[..., Any], load_dir: str,
         bound.arguments["load_optimizer_states"] = False
         bound.arguments["load_lr_scheduler_states"] = False
     if not bound.arguments.get("load_optimizer_states", True) and str(tag) != latest_tag(ds_engine, load_dir):
-        raise ValueError(f"ldb_ds: at ZeRO-3, DeepSpeed {_deepspeed_version()} loads the weights of a load without "
+        raise ValueError(f"ldb_ds: at ZeRO-3, DeepSpeed (0.19.8) loads the weights of a load without "
                          f"optimizer states (a module-only load included) from the tag named in "
                          f"{os.path.join(load_dir, 'latest')} ({latest_tag(ds_engine, load_dir)!r}), not from the "
                          f"tag asked for ({tag!r}). Load tag {latest_tag(ds_engine, load_dir)!r}, or convert tag "
                          f"{tag!r} with DeepSpeed's zero_to_fp32.py (in {load_dir}) and load that state dict into "
                          "the model before ldb_ds.initialize")
     return bound.args[2:], bound.kwargs
-
-
-def _deepspeed_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
 
 
 def _argument(fn: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:

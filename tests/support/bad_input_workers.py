@@ -260,6 +260,54 @@ def _user_freeze_then(call: str) -> Callable[[], Any]:
     return case
 
 
+def _per_group_scheduler_list() -> Any:
+    """LDB on, two param groups of the user's and a LambdaLR with one lambda each: the optimizer
+    has one group per (unit, user group), so torch's count check fails; the message says why and
+    how to build the list (every group keeps the user's keys, here 'name')."""
+    import ldb_ds
+
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        named = list(model.named_parameters())
+        return [{"params": [p for n, p in named if n.endswith("weight")], "name": "weights"},
+                {"params": [p for n, p in named if n.endswith("bias")], "name": "biases"}]
+
+    model = make_model()
+    config = ds_config(0)
+    del config["optimizer"]
+    factor = {"weights": lambda s: 1.0, "biases": lambda s: 0.5}
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    try:
+        ldb_ds.initialize(model=model, model_parameters=groups(model), optimizer=sgd, config=config,
+                          lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, list(factor.values())))
+    except ValueError as err:
+        first = str(err)
+    # What the message proposes: the list built from the engine's groups, by the user's key.
+    model = make_model()
+    engine, _, _, scheduler = ldb_ds.initialize(
+        model=model, model_parameters=groups(model), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), config=config,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, [factor[g["name"]] for g in o.param_groups]))
+    lrs = sorted({g["lr"] for g in engine.optimizer.param_groups})
+    raise ValueError(f"{first} | then: {lrs}")
+
+
+def _no_set_epoch() -> Any:
+    """LDB on, a loop that never calls set_epoch: epoch 0 (FULL) forever, warned once."""
+    engine = _engine(1)
+    for _ in range(2):
+        train_step(engine)
+    return engine.ldb.epoch, engine.ldb.steps
+
+
+def _validation_forward_before_set_epoch() -> Any:
+    """LDB on: a validation forward in training mode with gradients on (no step after it) opens a
+    window, so the next set_epoch is refused; the message names that cause too."""
+    engine = _engine(1)
+    engine.set_epoch(0)
+    train_step(engine)
+    engine(torch.randn(MICRO_BATCH, IN_DIM))  # "validation" without eval() or no_grad
+    return engine.set_epoch(1)
+
+
 def _partial_window_with_ldb_off() -> Any:
     """LDB off, 2 micro steps per window, an epoch of 3: the next set_epoch goes on (DeepSpeed
     carries the window over); with LDB on the same is refused, naming the fix."""
@@ -303,6 +351,9 @@ ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "user_freeze_kept_with_ldb_off": _user_freeze_with_ldb_off,
     "user_freeze_after_initialize_before_set_epoch": _user_freeze_after_initialize("before_set_epoch"),
     "user_freeze_after_initialize_after_set_epoch": _user_freeze_after_initialize("after_set_epoch"),
+    "no_set_epoch_warns": _no_set_epoch,
+    "scheduler_with_one_value_per_user_group": _per_group_scheduler_list,
+    "validation_forward_with_gradients_before_set_epoch": _validation_forward_before_set_epoch,
     "user_freeze_in_a_drop_epoch": _user_freeze_then("drop_window"),
     "user_freeze_then_save_checkpoint": _user_freeze_then("save_checkpoint"),
     "user_freeze_then_eval": _user_freeze_then("eval"),

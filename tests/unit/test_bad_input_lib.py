@@ -178,6 +178,12 @@ ENGINE_MISUSE = {
         "load_module_only=True", "after: (False, True)"], []),
     "user_freeze_after_initialize_after_set_epoch": ("RuntimeError", [
         "'2.weight' (unit '2') was frozen", "found at a DROP window", "after: (False, True)"], []),
+    "scheduler_with_one_value_per_user_group": ("ValueError", [
+        "Expected 6 lr_lambdas, but got 2", "6 param groups, one per (LDB unit, param group you gave)",
+        "[g['name']] for g in opt.param_groups", "then: [0.05, 0.1]"], []),
+    "no_set_epoch_warns": ("ok", ["(0, 2)"], ["without engine.set_epoch(epoch)", "no layer is ever dropped"]),
+    "validation_forward_with_gradients_before_set_epoch": ("RuntimeError", [
+        "middle of a gradient-accumulation window", "a validation forward in training mode", "torch.no_grad()"], []),
     "user_freeze_in_a_drop_epoch": ("RuntimeError", ["'0.weight' (unit '0') was frozen", "found at a DROP window",
                                                      "after: (False, True)"], []),
     "user_freeze_then_save_checkpoint": ("RuntimeError", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -239,3 +240,17 @@ def test_a_freeze_after_initialize_is_refused_before_a_mask_or_a_load_undoes_it(
     with pytest.raises(RuntimeError, match=rf"'{kept}.weight' \(unit '{kept}'\) was frozen.*at a checkpoint load"):
         c.load_state_dict(state)
     assert not model[kept].weight.requires_grad  # refused before the load reset the flags
+
+
+def test_a_checkpoint_with_another_schedule_loads_with_a_warning_naming_the_keys():
+    saver, _, _ = _controller()
+    saver.set_epoch(2)
+    _window(saver)
+    same, _, _ = _controller()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(saver.state_dict())  # the same section: silent
+    other, _, _ = _controller(seed=99, drop_rate=0.2)
+    with pytest.warns(RuntimeWarning, match=r"differs from this engine's in drop_rate, seed: .*saved stream"):
+        other.load_state_dict(saver.state_dict())
+    assert other.cfg.seed == 99 and other.rng.getstate() == saver.rng.getstate()  # the saved stream goes on
