@@ -22,6 +22,7 @@ Three kinds; the first two fail differently when DeepSpeed's source is not the v
 from __future__ import annotations
 
 import enum
+import types
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -62,6 +63,24 @@ class PatchSet:
         had_own = attr in own
         self._patches.append(Patch(name, kind, target, attr, had_own, own.get(attr)))
         setattr(target, attr, value)
+
+    def set_method(self, name: str, kind: Kind, target: Any, attr: str, function: Callable[..., Any]) -> None:
+        """:meth:`set` for a method: ``function`` (called without the instance) bound to ``target``.
+
+        torch's LR schedulers wrap ``optimizer.step`` through its ``__func__``
+        (``lr_scheduler.patch_track_step_called``): a plain function there makes a scheduler built
+        on the optimizer after ``initialize`` fail with "'function' object has no attribute
+        '__func__'". A scheduler built before (DeepSpeed builds a callable's inside ``initialize``)
+        marked the step it wrapped with ``_wrapped_by_lr_sched``; the mark is carried over, or torch
+        warns at every run that ``optimizer.step()`` was overridden (the replaced step still calls
+        the scheduler's wrapper, so its bookkeeping goes on).
+        """
+        def method(_instance: Any, *args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+        if getattr(getattr(target, attr, None), "_wrapped_by_lr_sched", False):
+            method._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        self.set(name, kind, target, attr, types.MethodType(method, target))
 
     def add_undo(self, name: str, kind: Kind, where: str, undo: Callable[[], None]) -> None:
         """A change made another way (a hook handle, a reference-counted swap) and how to undo it."""

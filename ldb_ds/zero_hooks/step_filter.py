@@ -84,7 +84,7 @@ def install_group_step_filter(optimizer: torch.optim.Optimizer, step_state: Any,
             with merged_groups(optimizer, key_cache):
                 return original_step(*args, **kwargs)
 
-    patches.set("step filter", Kind.EXACTNESS, optimizer, "step", step)
+    patches.set_method("step filter", Kind.EXACTNESS, optimizer, "step", step)
     patches.set("step filter (marker)", Kind.EXACTNESS, optimizer, "_ldb_wrapped", True)
 
 
@@ -220,7 +220,7 @@ def install_nonfinite_skip(ds_engine: Any, patches: PatchSet) -> bool:
                 return None
         return original_step(*args, **kwargs)
 
-    patches.set("non-finite skip", Kind.EXACTNESS, opt, "step", step)
+    patches.set_method("non-finite skip", Kind.EXACTNESS, opt, "step", step)
     patches.set("non-finite skip (flag read by DeepSpeed)", Kind.EXACTNESS, opt, "overflow", False)
     patches.set("non-finite skip (marker)", Kind.EXACTNESS, opt, "_ldb_nonfinite_wrapped", True)
     return True

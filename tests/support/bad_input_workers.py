@@ -290,6 +290,32 @@ def _per_group_scheduler_list() -> Any:
     raise ValueError(f"{first} | then: {lrs}")
 
 
+def _torch_schedulers_at_zero0() -> Any:
+    """ZeRO-0, where the returned optimizer is the torch optimizer: a torch LR scheduler made on it
+    after initialize (as with plain DeepSpeed; it wraps optimizer.step's __func__) and a callable
+    that DeepSpeed builds inside initialize both drive the LR, and torch does not warn that
+    optimizer.step was overridden."""
+    import ldb_ds
+
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, optimizer, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config(0))
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for epoch in range(2):  # FULL, DROP
+            engine.set_epoch(epoch)
+            train_step(engine)
+            scheduler.step()
+        lrs.append(sorted({g["lr"] for g in optimizer.param_groups}))
+        engine, _, _, _ = ldb_ds.initialize(model=make_model(), config=ds_config(0),
+                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5))
+        for epoch in range(2):
+            engine.set_epoch(epoch)
+            train_step(engine)  # DeepSpeed steps the scheduler
+        lrs.append(sorted({g["lr"] for g in engine.ds_engine.basic_optimizer.param_groups}))
+    return lrs, [str(w.message)[:70] for w in caught if "overridden" in str(w.message)]
+
+
 def _no_set_epoch() -> Any:
     """LDB on, a loop that never calls set_epoch: epoch 0 (FULL) forever, warned once."""
     engine = _engine(1)
@@ -352,6 +378,7 @@ ENGINE_CASES: dict[str, Callable[[], Any]] = {
     "user_freeze_after_initialize_before_set_epoch": _user_freeze_after_initialize("before_set_epoch"),
     "user_freeze_after_initialize_after_set_epoch": _user_freeze_after_initialize("after_set_epoch"),
     "no_set_epoch_warns": _no_set_epoch,
+    "torch_schedulers_at_zero0": _torch_schedulers_at_zero0,
     "scheduler_with_one_value_per_user_group": _per_group_scheduler_list,
     "validation_forward_with_gradients_before_set_epoch": _validation_forward_before_set_epoch,
     "user_freeze_in_a_drop_epoch": _user_freeze_then("drop_window"),

@@ -181,6 +181,9 @@ ENGINE_MISUSE = {
     "scheduler_with_one_value_per_user_group": ("ValueError", [
         "Expected 6 lr_lambdas, but got 2", "6 param groups, one per (LDB unit, param group you gave)",
         "[g['name']] for g in opt.param_groups", "then: [0.05, 0.1]"], []),
+    # Not misuse: what plain DeepSpeed users do (was: AttributeError "'function' object has no
+    # attribute '__func__'" for the first, a torch warning that optimizer.step was overridden for the second).
+    "torch_schedulers_at_zero0": ("ok", ["([[0.025], [0.025]], [])"], []),
     "no_set_epoch_warns": ("ok", ["(0, 2)"], ["without engine.set_epoch(epoch)", "no layer is ever dropped"]),
     "validation_forward_with_gradients_before_set_epoch": ("RuntimeError", [
         "middle of a gradient-accumulation window", "a validation forward in training mode", "torch.no_grad()"], []),
