@@ -68,7 +68,7 @@ class Attachment:
 
     def state_path(self, directory: str, tag: Any = None) -> str | None:
         """Where the state of checkpoint ``tag`` (None: the latest one) in ``directory`` lives."""
-        tag = ldb_state_file.latest_tag(self.ds_engine, directory) if tag is None else tag
+        tag = ldb_state_file.latest_tag(directory, self.ds_engine.load_universal_checkpoint()) if tag is None else tag
         return None if tag is None else os.path.join(directory, str(tag), self.state_file)
 
     def save_state(self, directory: str, tag: Any) -> str:

@@ -303,7 +303,7 @@ class LDBEngine:
 
     def _refuse_other_layout(self, load_dir: str, tag: Any) -> None:
         """Raise if checkpoint ``tag`` holds optimizer state for other param groups than this engine's."""
-        tag = state_file.latest_tag(self.ds_engine, load_dir) if tag is None else tag
+        tag = state_file.latest_tag(load_dir, self.ds_engine.load_universal_checkpoint()) if tag is None else tag
         state_file.refuse_other_layout(
             load_dir, tag, self.controller.cfg.to_dict(),
             warm_start=f"call engine.load_checkpoint({load_dir!r}, tag={tag!r}, load_module_only=True)")

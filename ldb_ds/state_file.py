@@ -44,11 +44,10 @@ def default_tag(ds_engine: Any) -> str:
     return f"global_step{ds_engine.global_steps}"
 
 
-def latest_tag(ds_engine: Any, directory: str) -> str | None:
+def latest_tag(directory: str, universal: bool = False) -> str | None:
     """DeepSpeed's own rule for ``load_checkpoint(tag=None)`` (engine.py:4427 in 0.19.8): the tag
-    named in ``<directory>/latest`` (``latest_universal`` for universal checkpoints); None if absent.
-    ``ds_engine`` None: before an engine exists (the Hugging Face Trainer's resume), not universal."""
-    universal = ds_engine is not None and ds_engine.load_universal_checkpoint()
+    named in ``<directory>/latest`` (``latest_universal`` for an engine that loads universal
+    checkpoints, ``ds_engine.load_universal_checkpoint()``); None if absent."""
     latest = os.path.join(directory, "latest_universal" if universal else "latest")
     if not os.path.isfile(latest):
         return None
@@ -175,7 +174,7 @@ def load_checkpoint(ds_engine: Any, controller: Any, load: Callable[..., Any], l
     # Every rank takes the same branches below: DeepSpeed's own load needs every rank to see the
     # checkpoint folder, so the tag, DeepSpeed's result and load_module_only agree on all ranks,
     # and restore()'s broadcast (rank 0's LDB state) is reached by all or none.
-    tag = latest_tag(ds_engine, load_dir) if tag is None else tag
+    tag = latest_tag(load_dir, ds_engine.load_universal_checkpoint()) if tag is None else tag
     if tag is None:  # no 'latest' file: DeepSpeed warns and returns (None, None) itself
         return load(load_dir, None, *args, **kwargs), None
     args, kwargs = _zero3_weights_load(ds_engine, load, load_dir, tag, args, kwargs)
@@ -213,11 +212,12 @@ def _zero3_weights_load(ds_engine: Any, load: Callable[..., Any], load_dir: str,
     if bound.arguments.get("load_module_only"):
         bound.arguments["load_optimizer_states"] = False
         bound.arguments["load_lr_scheduler_states"] = False
-    if not bound.arguments.get("load_optimizer_states", True) and str(tag) != latest_tag(ds_engine, load_dir):
+    latest = latest_tag(load_dir)  # not universal (returned above)
+    if not bound.arguments.get("load_optimizer_states", True) and str(tag) != latest:
         raise ValueError(f"ldb_ds: at ZeRO-3, DeepSpeed (0.19.8) loads the weights of a load without "
                          f"optimizer states (a module-only load included) from the tag named in "
-                         f"{os.path.join(load_dir, 'latest')} ({latest_tag(ds_engine, load_dir)!r}), not from the "
-                         f"tag asked for ({tag!r}). Load tag {latest_tag(ds_engine, load_dir)!r}, or convert tag "
+                         f"{os.path.join(load_dir, 'latest')} ({latest!r}), not from the "
+                         f"tag asked for ({tag!r}). Load tag {latest!r}, or convert tag "
                          f"{tag!r} with DeepSpeed's zero_to_fp32.py (in {load_dir}) and load that state dict into "
                          "the model before ldb_ds.initialize")
     return bound.args[2:], bound.kwargs

@@ -41,7 +41,8 @@ class CheckpointedNet(nn.Module):
         return self.head(x)
 
 
-def _hook_count(model: nn.Module) -> int:
+def hook_count(model: nn.Module) -> int:
+    """Post-accumulate-grad hooks on ``model``'s parameters (torch keeps them in a private dict)."""
     return sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
 
 
@@ -63,7 +64,7 @@ def run(rank: int, stage: int, checkpointing: str, gas: int = 1, torch_style: bo
            "layer_drop_back": {"enabled": True, "drop_rate": 0.5, "sampling_rate": 1, "keep_first": 0,
                                "keep_last": 1, "granularity": "module", "batch_kappa": 1, "seed": 3}}
     engine, _, _, _ = ldb_ds.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
-    hooks_at_start = _hook_count(model)
+    hooks_at_start = hook_count(model)
     out: dict[str, Any] = {"masks": [], "error": None, "first_dropped_windows": 0}
 
     def one_step(step: int) -> None:
@@ -100,7 +101,7 @@ def run(rank: int, stage: int, checkpointing: str, gas: int = 1, torch_style: bo
             break
         out["first_dropped_windows"] += 0 in out["masks"][-1]
     out["weights"] = gathered_params(engine, list(model.parameters()))
-    out["hooks_left"] = _hook_count(model) - hooks_at_start  # DeepSpeed's own hooks go at destroy()
+    out["hooks_left"] = hook_count(model) - hooks_at_start  # DeepSpeed's own hooks go at destroy()
     engine.destroy()
     return out
 

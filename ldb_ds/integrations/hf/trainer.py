@@ -171,7 +171,7 @@ class LDBTrainer(Trainer):
             # groups (LDB off, another granularity) is made here, before anything is built or loaded;
             # DeepSpeed's own error would not say why. A universal checkpoint is remapped per parameter.
             state_file.refuse_other_layout(
-                str(resume), state_file.latest_tag(None, str(resume)), self.ldb_config.to_dict(),
+                str(resume), state_file.latest_tag(str(resume)), self.ldb_config.to_dict(),
                 warm_start=f"build the model from the weights in {resume} (from_pretrained, or DeepSpeed's "
                            "zero_to_fp32.py there at ZeRO-3) and call train() without resume_from_checkpoint")
         return super().train(resume_from_checkpoint, *args, **kwargs)
